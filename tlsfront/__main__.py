@@ -1,0 +1,5 @@
+import sys
+
+from tlsfront.cli import main
+
+sys.exit(main())

@@ -1,0 +1,219 @@
+"""Backends: a program exec'd per session (the qmail way) or a TCP server.
+
+Both look the same to the session: a byte stream with `send_all`,
+`receive_some`, `send_eof` and `aclose`. The exec backend gets the UCSPI
+environment `tcpserver` would give qmail-smtpd, built here from scratch so
+that nothing of tlsfront's own environment (a stray RELAYCLIENT above all)
+reaches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import subprocess
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from tlsfront.config import Profile, split_host_port
+
+DEFAULT_PATH = "/var/qmail/bin:/usr/local/bin:/usr/bin:/bin"
+# How long a backend may take to exit once its input is closed.
+EXIT_GRACE = 10.0
+
+
+class BackendError(Exception):
+    """The backend could not be started or reached."""
+
+
+@dataclass(frozen=True)
+class Address:
+    ip: str
+    port: int
+
+    @classmethod
+    def from_sockaddr(cls, sockaddr: object) -> Address:
+        if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+            return cls(unmap(str(sockaddr[0])), int(sockaddr[1]))
+        return cls("0.0.0.0", 0)
+
+
+def unmap(ip: str) -> str:
+    """`::ffff:1.2.3.4` is 1.2.3.4 to qmail and tcprules."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def ucspi_environment(
+    *,
+    client: Address,
+    local: Address,
+    hostname: str,
+    profile_env: Mapping[str, str],
+    rules_env: Mapping[str, str],
+    tls_env: Mapping[str, str],
+    relay: bool,
+) -> dict[str, str]:
+    """The environment of one backend session, lowest precedence first.
+
+    The profile's `env` and the tcprules variables come first; the UCSPI
+    variables follow so that neither can misstate the client's address; the
+    TLS variables and the relay decision come last. RELAYCLIENT is set only
+    by a rule or by a certificate that authorizes relaying.
+    """
+    env = {"PATH": DEFAULT_PATH}
+    env.update(profile_env)
+    env.update(rules_env)
+    env.update(
+        PROTO="TCP",
+        TCPLOCALIP=local.ip,
+        TCPLOCALPORT=str(local.port),
+        TCPLOCALHOST=hostname,
+        TCPREMOTEIP=client.ip,
+        TCPREMOTEPORT=str(client.port),
+    )
+    env.update(tls_env)
+    if relay:
+        env["RELAYCLIENT"] = ""
+    return env
+
+
+class ExecBackend:
+    """A backend program connected by pipes, like tcpserver runs qmail-smtpd."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        assert process.stdin is not None
+        assert process.stdout is not None
+        self._stdin = process.stdin
+        self._stdout = process.stdout
+        self._eof_sent = False
+
+    @classmethod
+    async def start(cls, argv: Sequence[str], env: Mapping[str, str]) -> ExecBackend:
+        try:
+            process = await trio.lowlevel.open_process(
+                list(argv),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=dict(env),
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise BackendError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
+        return cls(process)
+
+    @property
+    def description(self) -> str:
+        return f"pid {self.process.pid}"
+
+    async def send_all(self, data: bytes) -> None:
+        await self._stdin.send_all(data)
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        return bytes(await self._stdout.receive_some(max_bytes))
+
+    async def send_eof(self) -> None:
+        if not self._eof_sent:
+            self._eof_sent = True
+            await self._stdin.aclose()
+
+    async def aclose(self) -> int | None:
+        """Close its input, give it EXIT_GRACE to exit, then kill it.
+
+        Returns the exit status (negative: killed by that signal).
+        """
+        with trio.CancelScope(shield=True):
+            await self.send_eof()
+            with trio.move_on_after(EXIT_GRACE):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+            await self._stdout.aclose()
+        return self.process.returncode
+
+
+class TCPBackend:
+    """A plaintext SMTP server reached over TCP (qmail-smtpd under tcpserver)."""
+
+    def __init__(self, stream: trio.SocketStream, target: str) -> None:
+        self._stream = stream
+        self._eof_sent = False
+        self.description = target
+
+    @classmethod
+    async def connect(cls, target: str, source_address: str | None = None) -> TCPBackend:
+        host, port = split_host_port(target)
+        try:
+            if source_address is None:
+                stream = await trio.open_tcp_stream(host, port)
+            else:
+                stream = await _connect_from(host, port, source_address)
+        except OSError as exc:
+            raise BackendError(f"cannot connect to {target}: {exc}") from exc
+        return cls(stream, target)
+
+    async def send_all(self, data: bytes) -> None:
+        await self._stream.send_all(data)
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        if not self._eof_sent:
+            self._eof_sent = True
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._stream.send_eof()
+
+    async def aclose(self) -> int | None:
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()
+        return None
+
+
+async def _connect_from(host: str, port: int, source: str) -> trio.SocketStream:
+    family = trio.socket.AF_INET6 if ":" in source else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind((source, 0))
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+class Backend(Protocol):
+    """What a session needs of a backend connection."""
+
+    async def send_all(self, data: bytes) -> None: ...
+    async def receive_some(self, max_bytes: int = 65536) -> bytes: ...
+    async def send_eof(self) -> None: ...
+    async def aclose(self) -> int | None: ...
+
+
+BackendStarter = Callable[[Profile, Mapping[str, str], bool], Awaitable[Backend]]
+
+
+async def start_backend(profile: Profile, env: Mapping[str, str], relay: bool) -> Backend:
+    """Exec the profile's program, or connect to its TCP backend.
+
+    Over TCP the relay decision cannot travel in an environment: an
+    authorized session goes to `relay_backend_connect` and/or from
+    `relay_source_address`, whose tcprules at the backend grant RELAYCLIENT.
+    """
+    if profile.backend:
+        return await ExecBackend.start(profile.backend, env)
+    assert profile.backend_connect is not None
+    target = (profile.relay_backend_connect if relay else None) or profile.backend_connect
+    source = (profile.relay_source_address if relay else None) or profile.source_address
+    return await TCPBackend.connect(target, source)

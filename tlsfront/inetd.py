@@ -1,0 +1,53 @@
+"""`tlsfront inetd`: one connection on stdin/stdout.
+
+For inetd, systemd `Accept=yes` and tcpserver run scripts. When standard
+input is a socket its addresses are read from it; under tcpserver (or with
+pipes) the TCPREMOTEIP / TCPREMOTEPORT / TCPLOCALIP / TCPLOCALPORT variables
+tcpserver sets say who the client is. No other variable of tlsfront's own
+environment reaches the backend: tcprules variables come from the profile's
+`rules` file, read by tlsfront itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Mapping
+
+import trio
+
+from tlsfront.backend import Address, unmap
+from tlsfront.config import Profile
+from tlsfront.runtime import ProfileRuntime
+from tlsfront.server import ProfileServer
+
+
+def _from_env(environ: Mapping[str, str], prefix: str) -> Address | None:
+    ip = environ.get(f"TCP{prefix}IP")
+    port = environ.get(f"TCP{prefix}PORT", "0")
+    if not ip or not port.isdigit():
+        return None
+    return Address(unmap(ip), int(port))
+
+
+def _stdio_stream() -> tuple[trio.abc.Stream, Address | None, Address | None]:
+    if stat.S_ISSOCK(os.fstat(0).st_mode):
+        sock = socket.socket(fileno=os.dup(0))
+        client = Address.from_sockaddr(sock.getpeername())
+        local = Address.from_sockaddr(sock.getsockname())
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), client, local
+    stream = trio.StapledStream(
+        trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0))
+    )
+    return stream, None, None
+
+
+async def serve_inetd(profile: Profile, environ: Mapping[str, str]) -> int:
+    runtime = ProfileRuntime.build(profile, eager=False)
+    stream, client, local = _stdio_stream()
+    # tcpserver's variables, when present, are what tcpserver saw.
+    client = _from_env(environ, "REMOTE") or client or Address("0.0.0.0", 0)
+    local = _from_env(environ, "LOCAL") or local or Address("0.0.0.0", 0)
+    await ProfileServer(runtime).serve_stream(stream, client, local)
+    return 0

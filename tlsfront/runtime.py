@@ -1,0 +1,81 @@
+"""What a profile needs at run time, built from its configuration.
+
+A `ProfileRuntime` is made once per (re)load of the configuration and is
+read-only afterwards: sessions in progress keep the one they started with,
+new sessions take the newest. Files that change on their own, such as a
+certificate renewed by an ACME client, are watched (`tlsfront.watch`)
+and re-read for new sessions without any reload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tlsfront.certs import load_server_credentials
+from tlsfront.config import Profile
+from tlsfront.relay import RelayPolicy
+from tlsfront.tls import ServerTLS, TLSSettings
+from tlsfront.watch import FileWatch
+
+if TYPE_CHECKING:
+    from tlsfront.tcprules import Rules
+
+
+def tls_settings(profile: Profile) -> TLSSettings:
+    keys: list[Path | None] = list(profile.key) or [None] * len(profile.cert)
+    return TLSSettings(
+        credentials=tuple(
+            load_server_credentials(cert, key) for cert, key in zip(profile.cert, keys, strict=True)
+        ),
+        min_version=profile.min_tls_version,
+        ciphers=profile.ciphers,
+        ciphersuites=profile.ciphersuites,
+        dhparams=profile.dhparams,
+        client_cert=profile.client_cert,
+        client_ca=profile.client_ca,
+        client_crl=profile.client_crl,
+    )
+
+
+def tls_files(profile: Profile) -> list[Path]:
+    files = [*profile.cert, *profile.key]
+    files += [p for p in (profile.client_ca, profile.client_crl, profile.dhparams) if p]
+    return files
+
+
+@dataclass
+class ProfileRuntime:
+    profile: Profile
+    tls: FileWatch[ServerTLS] | None
+    relay: RelayPolicy
+    rules: FileWatch[Rules] | None  # tcprules
+
+    @classmethod
+    def build(cls, profile: Profile, *, eager: bool = True) -> ProfileRuntime:
+        """Eager: load every file now and raise on the first error."""
+        tls = None
+        if profile.mode == "inbound" and profile.tls != "none":
+            tls = FileWatch(
+                f"profile {profile.name}: TLS",
+                tls_files(profile),
+                lambda: ServerTLS(tls_settings(profile)),
+            )
+        rules = None
+        if profile.rules is not None:
+            from tlsfront.tcprules import Rules
+
+            path = profile.rules
+            rules = FileWatch(f"profile {profile.name}: rules", [path], lambda: Rules.load(path))
+        runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules)
+        if eager:
+            runtime.load_all()
+        return runtime
+
+    def load_all(self) -> None:
+        if self.tls is not None:
+            self.tls.load()
+        if self.rules is not None:
+            self.rules.load()
+        self.relay.load()

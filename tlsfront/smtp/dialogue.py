@@ -1,0 +1,498 @@
+"""The SMTP dialogue between a client and a backend, as tlsfront relays it.
+
+Theory of operation
+-------------------
+`Dialogue` is a sans-I/O state machine in the style of h11: the trio shell
+feeds it the bytes it reads from the client (`receive_client`) and from the
+backend (`receive_backend`), and sends whatever it then finds in the two
+outboxes (`take_client_output`, `take_backend_output`). It never touches a
+socket, a clock or a process, so every edge case is a short test.
+
+Replies must reach the client in the order of its commands, also when
+commands are pipelined (RFC 2920) and some are answered by tlsfront itself
+(a `530` on a TLS-only port, a `502` for BDAT). So each command the client
+sends becomes a `_Pending` entry in one queue. A command for the backend is
+written to the backend outbox and waits for the backend's next reply; a
+command tlsfront answers gets its reply at once. Replies leave the queue from
+the head only, when they are there: the order is kept by construction. The
+backend's greeting is the reply to the first, virtual, entry.
+
+Three commands change how client bytes are read:
+
+* `DATA` pauses the client side until the backend answers. Only the
+  backend's `354` starts the body (THREATS row 12); any other reply with
+  client bytes already waiting behind `DATA` is a synchronization error.
+* In the body, `BodyScanner` finds the one true end (CRLF.CRLF) and refuses
+  bare CR, bare LF and NUL rather than passing them to a lenient backend.
+  tlsfront's Received header is written to the backend before the body.
+* `STARTTLS` (tlsfront's own) throws away every byte pipelined behind it
+  (THREATS rows 1-3), waits until every reply owed before it has gone out,
+  then sets `phase` to `STARTTLS_READY`. The shell answers `220` through
+  `starttls_accept()` (or `454` through `starttls_refuse()` when TLS cannot
+  be had), and does the handshake. After TLS the shell builds a new
+  `Dialogue` with a fresh backend: nothing from before TLS survives.
+
+A phase change that the shell must act on is visible in `phase`,
+`client_wants_data`, `waiting_for` and `backend_should_close`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tlsfront.smtp.body import BodyScanner
+from tlsfront.smtp.command import Command, line_too_long, parse_command
+from tlsfront.smtp.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from tlsfront.smtp.reply import Reply, ReplyReader, rewrite_ehlo
+
+
+class Phase(enum.Enum):
+    COMMAND = "command"  # reading command lines
+    DATA_WAIT = "data-wait"  # DATA sent to the backend, client paused until its reply
+    BODY = "body"  # reading the message body
+    STARTTLS_WAIT = "starttls-wait"  # STARTTLS read, replies owed before it still out
+    STARTTLS_READY = "starttls-ready"  # the shell must accept or refuse STARTTLS now
+    HANDSHAKE = "handshake"  # 220 queued: the shell does the TLS handshake
+    CLOSING = "closing"  # send what the client outbox holds, then close both sides
+
+
+class _Kind(enum.Enum):
+    GREETING = enum.auto()
+    HELO = enum.auto()
+    EHLO = enum.auto()
+    DATA = enum.auto()
+    DOT = enum.auto()
+    QUIT = enum.auto()
+    STARTTLS = enum.auto()
+    OTHER = enum.auto()
+
+
+@dataclass(eq=False)
+class _Pending:
+    kind: _Kind
+    command: Command | None = None
+    reply: Reply | None = None
+    swallow: bool = False  # the fresh backend's greeting after TLS
+    close_after: bool = False  # a fatal local error: close once it is sent
+
+
+# Keywords tlsfront never passes on from the backend's EHLO reply: STARTTLS
+# is tlsfront's own, and the others would let a client speak to the backend
+# in a way this dialogue does not follow (BDAT chunks) or could abuse
+# (XCLIENT/XFORWARD overwrite the client's identity at the backend).
+DROPPED_KEYWORDS = frozenset({"STARTTLS", "CHUNKING", "BINARYMIME", "XCLIENT", "XFORWARD"})
+REFUSED_VERBS = frozenset({"BDAT", "XCLIENT", "XFORWARD"})
+# What a client may do before TLS on a port that requires it (RFC 3207 §4).
+ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
+
+
+def _local(code: int, status: str, text: str) -> Reply:
+    return Reply.make(code, f"{status} {text}")
+
+
+def _message_lost() -> Reply:
+    return _local(451, "4.3.0", "Error: backend failed, message not accepted")
+
+
+@dataclass
+class DialogueStats:
+    commands: int = 0  # command lines read from the client
+    messages: int = 0  # messages the backend accepted (2xx after the dot)
+    refused: int = 0  # messages the backend or tlsfront refused
+    body_bytes: int = 0
+    discarded_after_starttls: int = 0
+    helo: str | None = None
+    close_reason: str | None = None
+    events: list[str] = field(default_factory=list)  # notable protocol events, for the log
+
+
+class Dialogue:
+    """One client talking to one backend through tlsfront (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        tls_offered: bool,
+        tls_active: bool,
+        require_tls: bool = False,
+        max_command_line: int = 512,
+        max_text_line: int = 1000,
+        max_message_size: int = 0,
+        max_pipeline: int = 100,
+        received: Callable[[str | None, bool], bytes] | None = None,
+        swallow_greeting: bool = False,
+    ) -> None:
+        self.hostname = hostname
+        self.tls_offered = tls_offered
+        self.tls_active = tls_active
+        self.require_tls = require_tls
+        self._max_command_line = max_command_line
+        self._max_text_line = max_text_line
+        self._max_message_size = max_message_size
+        self._max_pipeline = max_pipeline
+        self._received = received
+        self.phase = Phase.COMMAND
+        self.stats = DialogueStats()
+        self._esmtp = False
+        self._replies = ReplyReader()
+        self._client_buffer = bytearray()
+        self._client_eof = False
+        self._to_client = bytearray()
+        self._to_backend = bytearray()
+        self._pending: deque[_Pending] = deque()
+        self._awaiting: deque[_Pending] = deque()  # entries waiting for a backend reply
+        self._body: BodyScanner | None = None
+        self._backend_dead: str | None = None
+        self.backend_should_close = False
+        self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting))
+
+    # ------------------------------------------------------------------ output
+
+    def take_client_output(self) -> bytes:
+        data = bytes(self._to_client)
+        self._to_client.clear()
+        return data
+
+    def take_backend_output(self) -> bytes:
+        data = bytes(self._to_backend)
+        self._to_backend.clear()
+        return data
+
+    @property
+    def backend_output_size(self) -> int:
+        return len(self._to_backend)
+
+    @property
+    def client_output_size(self) -> int:
+        return len(self._to_client)
+
+    @property
+    def closing(self) -> bool:
+        return self.phase is Phase.CLOSING
+
+    @property
+    def client_wants_data(self) -> bool:
+        """Whether the shell should read from the client now."""
+        if self._client_eof or any(p.close_after for p in self._pending):
+            return False
+        if self.phase is Phase.BODY:
+            return True
+        return self.phase is Phase.COMMAND and len(self._pending) < self._max_pipeline
+
+    @property
+    def waiting_for(self) -> str | None:
+        """'backend' while a reply is owed by it, 'client' while the client must speak."""
+        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE, Phase.STARTTLS_READY):
+            return None
+        if self._awaiting:
+            return "backend"
+        if self._client_eof:
+            return None
+        return "client"
+
+    # ------------------------------------------------------------------- input
+
+    def receive_client(self, data: bytes) -> None:
+        """Bytes read from the client; b"" when the client closed its side."""
+        if self.phase is Phase.CLOSING:
+            return
+        if not data:
+            self._client_eof = True
+            self.backend_should_close = True
+            if self.phase is Phase.BODY:
+                self._close("client closed the connection during DATA")
+            elif not self._pending:
+                self._close("client closed the connection")
+            return
+        if self.phase in (Phase.STARTTLS_WAIT, Phase.STARTTLS_READY, Phase.HANDSHAKE):
+            self.stats.discarded_after_starttls += len(data)
+            return
+        self._client_buffer += data
+        self._process_client()
+
+    def receive_backend(self, data: bytes) -> None:
+        """Bytes read from the backend; b"" when it closed its output."""
+        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE):
+            return  # the old backend is being shut down; nothing it says counts
+        if not data:
+            self.backend_failed("backend closed the connection")
+            return
+        try:
+            replies = self._replies.feed(data)
+        except ProtocolError as exc:
+            self.backend_failed(exc.text)
+            return
+        for reply in replies:
+            self._on_backend_reply(reply)
+            if self.closing:
+                return
+        self._process_client()
+
+    def timeout(self, side: str) -> None:
+        """The shell's timer for `waiting_for` ran out."""
+        if side == "backend":
+            self.backend_failed("backend did not answer in time")
+            return
+        self._to_client += _local(421, "4.4.2", f"{self.hostname} Error: timeout exceeded").raw
+        self._close("client timed out")
+
+    def backend_failed(self, why: str) -> None:
+        """The backend died, hung or spoke nonsense: 4xx to the client, never 250."""
+        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._backend_dead:
+            return
+        self._backend_dead = why
+        self.backend_should_close = True
+        self.stats.events.append(why)
+        if self.phase is Phase.BODY:
+            # The client is still sending the body and not reading: answer
+            # at its end of data, which _process_body waits for.
+            return
+        for p in self._pending:
+            if p.reply is None:
+                if p.kind is _Kind.DOT:
+                    p.reply = _message_lost()
+                    self.stats.refused += 1
+                else:
+                    p.reply = _local(
+                        421, "4.3.0", f"{self.hostname} Service not available, closing channel"
+                    )
+                p.close_after = True
+                break
+        else:
+            if not self._pending:
+                self._pending.append(
+                    _Pending(
+                        _Kind.OTHER,
+                        reply=_local(421, "4.3.0", f"{self.hostname} Service not available"),
+                        close_after=True,
+                    )
+                )
+        self._awaiting.clear()
+        self._deliver()
+
+    # ---------------------------------------------------------------- STARTTLS
+
+    def starttls_accept(self) -> None:
+        """Answer 220; the shell then sends it and does the handshake."""
+        if self.phase is not Phase.STARTTLS_READY:
+            raise LocalProtocolError(503, "5.5.1", "STARTTLS is not pending")
+        self._pending.popleft()
+        self._to_client += _local(220, "2.0.0", "Ready to start TLS").raw
+        self.phase = Phase.HANDSHAKE
+        self.backend_should_close = True
+
+    def starttls_refuse(self) -> None:
+        """TLS cannot be had now (the certificate did not load): 454, go on."""
+        if self.phase is not Phase.STARTTLS_READY:
+            raise LocalProtocolError(503, "5.5.1", "STARTTLS is not pending")
+        self._pending.popleft()
+        self._to_client += _local(454, "4.7.0", "TLS not available due to local problem").raw
+        self.phase = Phase.COMMAND
+
+    # --------------------------------------------------------------- internals
+
+    def _close(self, reason: str) -> None:
+        self.phase = Phase.CLOSING
+        self.backend_should_close = True
+        if self.stats.close_reason is None:
+            self.stats.close_reason = reason
+
+    def _forward(self, entry: _Pending) -> None:
+        self._pending.append(entry)
+        self._awaiting.append(entry)
+        if entry.command is not None:
+            self._to_backend += entry.command.raw
+
+    def _answer(self, entry: _Pending, reply: Reply, *, close: bool = False) -> None:
+        entry.reply = reply
+        entry.close_after = close
+        self._pending.append(entry)
+
+    def _on_backend_reply(self, reply: Reply) -> None:
+        if not self._awaiting:
+            # Unsolicited (a backend's timeout notice before it exits): the
+            # backend's word, passed on as it is.
+            self._to_client += reply.raw
+            return
+        entry = self._awaiting.popleft()
+        if entry.kind is _Kind.EHLO:
+            reply = self._rewrite_ehlo(reply)
+        entry.reply = reply
+        self._deliver()
+
+    def _rewrite_ehlo(self, reply: Reply) -> Reply:
+        drop = set(DROPPED_KEYWORDS)
+        if self.require_tls and not self.tls_active:
+            drop.add("AUTH")  # no passwords in clear where TLS is required
+        add = []
+        if self._max_message_size:
+            add.append(f"SIZE {self._max_message_size}")
+        if self.tls_offered and not self.tls_active:
+            add.append("STARTTLS")
+        return rewrite_ehlo(reply, drop=drop, add=add)
+
+    def _deliver(self) -> None:
+        """Send every reply at the head of the queue that is there."""
+        while self._pending and self._pending[0].reply is not None:
+            entry = self._pending.popleft()
+            assert entry.reply is not None
+            if not entry.swallow:
+                self._to_client += entry.reply.raw
+            self._after_reply(entry, entry.reply)
+            if self.closing:
+                return
+        if self._pending and self._pending[0].kind is _Kind.STARTTLS:
+            self.phase = Phase.STARTTLS_READY
+        elif not self._pending and self._client_eof:
+            self._close("client closed the connection")
+
+    def _after_reply(self, entry: _Pending, reply: Reply) -> None:
+        if entry.close_after:
+            self._close(reply.raw.decode("utf-8", "replace").strip())
+            return
+        kind = entry.kind
+        if kind in (_Kind.HELO, _Kind.EHLO) and reply.code == 250:
+            assert entry.command is not None
+            self.stats.helo = entry.command.args.decode("utf-8", "replace") or None
+            self._esmtp = kind is _Kind.EHLO
+        elif kind is _Kind.QUIT:
+            self._close("quit")
+        elif kind is _Kind.DOT:
+            if 200 <= reply.code < 300:
+                self.stats.messages += 1
+            else:
+                self.stats.refused += 1
+        elif kind is _Kind.DATA:
+            self._after_data(reply)
+
+    def _after_data(self, reply: Reply) -> None:
+        if reply.code == 354:
+            self.phase = Phase.BODY
+            self._body = BodyScanner(self._max_text_line, self._max_message_size)
+            if self._received is not None:
+                self._to_backend += self._received(self.stats.helo, self._esmtp)
+            return
+        self.phase = Phase.COMMAND
+        if self._client_buffer:
+            # The client sent more behind DATA before knowing its fate: if
+            # that was a body, reading it as commands would run it.
+            self._client_buffer.clear()
+            self._to_client += _local(554, "5.5.0", "Error: SMTP protocol synchronization").raw
+            self._close("pipelining after a refused DATA")
+
+    def _process_client(self) -> None:
+        while self._client_buffer and self.phase in (Phase.COMMAND, Phase.BODY):
+            if self.phase is Phase.BODY:
+                self._process_body()
+                continue
+            if len(self._pending) >= self._max_pipeline:
+                return  # resumed as replies come back
+            end = self._client_buffer.find(b"\n", 0, self._max_command_line)
+            if end < 0:
+                if len(self._client_buffer) >= self._max_command_line:
+                    self._client_buffer.clear()
+                    self._fatal(line_too_long())
+                return
+            line = bytes(self._client_buffer[: end + 1])
+            del self._client_buffer[: end + 1]
+            self._command_line(line)
+            if any(p.close_after for p in self._pending):
+                self._client_buffer.clear()
+                return
+
+    def _fatal(self, error: ProtocolError) -> None:
+        self.stats.events.append(error.text)
+        self._answer(
+            _Pending(_Kind.OTHER),
+            Reply.make(error.code, f"{error.status} {error.text}"),
+            close=True,
+        )
+        self._deliver()
+
+    def _command_line(self, line: bytes) -> None:
+        self.stats.commands += 1
+        try:
+            command = parse_command(line)
+        except RemoteProtocolError as exc:
+            self.stats.events.append(exc.text)
+            self._answer(_Pending(_Kind.OTHER), _local(exc.code, exc.status, exc.text))
+            self._deliver()
+            return
+        self._command(command)
+        self._deliver()
+
+    def _command(self, command: Command) -> None:
+        verb = command.verb
+        entry = _Pending(_Kind.OTHER, command)
+        if self.require_tls and not self.tls_active and verb not in ALLOWED_BEFORE_TLS:
+            self._answer(entry, _local(530, "5.7.0", "Must issue a STARTTLS command first"))
+        elif verb == "STARTTLS":
+            self._starttls(entry, command)
+        elif verb in REFUSED_VERBS:
+            self._answer(entry, _local(502, "5.5.1", "Error: command not implemented"))
+        elif verb == "MAIL" and self._too_big(command):
+            self._answer(entry, _local(552, "5.3.4", "Error: message size exceeds fixed limit"))
+        else:
+            entry.kind = {
+                "EHLO": _Kind.EHLO,
+                "HELO": _Kind.HELO,
+                "DATA": _Kind.DATA,
+                "QUIT": _Kind.QUIT,
+            }.get(verb, _Kind.OTHER)
+            self._forward(entry)
+            if entry.kind is _Kind.DATA:
+                self.phase = Phase.DATA_WAIT
+
+    def _too_big(self, command: Command) -> bool:
+        size = command.size_param
+        return bool(self._max_message_size and size is not None and size > self._max_message_size)
+
+    def _starttls(self, entry: _Pending, command: Command) -> None:
+        if command.args:
+            self._answer(entry, _local(501, "5.5.4", "Syntax: STARTTLS"))
+        elif self.tls_active:
+            self._answer(entry, _local(554, "5.5.1", "Error: TLS already active"))
+        elif not self.tls_offered:
+            self._answer(entry, _local(502, "5.5.1", "Error: command not implemented"))
+        else:
+            entry.kind = _Kind.STARTTLS
+            self._pending.append(entry)
+            discarded = len(self._client_buffer)
+            if discarded:
+                self.stats.discarded_after_starttls += discarded
+                self.stats.events.append(f"discarded {discarded} bytes pipelined after STARTTLS")
+            self._client_buffer.clear()
+            self.phase = Phase.STARTTLS_WAIT
+
+    def _process_body(self) -> None:
+        assert self._body is not None
+        data = bytes(self._client_buffer)
+        self._client_buffer.clear()
+        try:
+            result = self._body.feed(data)
+        except RemoteProtocolError as exc:
+            self.stats.refused += 1
+            self.stats.events.append(exc.text)
+            self._to_client += exc.reply
+            self._close(exc.text)
+            return
+        self.stats.body_bytes += len(result.forward)
+        if self._backend_dead is None:
+            self._to_backend += result.forward
+        if not result.done:
+            return
+        self._body = None
+        self.phase = Phase.COMMAND
+        self._client_buffer += result.rest
+        if self._backend_dead is not None:
+            self.stats.refused += 1
+            self._to_client += _message_lost().raw
+            self._close(self._backend_dead)
+            return
+        dot = _Pending(_Kind.DOT)
+        self._pending.append(dot)
+        self._awaiting.append(dot)
