@@ -209,3 +209,34 @@ async def test_injection_behind_starttls_never_reaches_a_backend(
     plain, fresh = front.sessions()
     assert plain["stdin"] == b""
     assert fresh["stdin"] == b"NOOP\r\nQUIT\r\n"
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_ipv6_listener_gives_the_backend_the_v6_address(
+    start_front: Any, client_context: ssl.SSLContext
+) -> None:
+    front: Front = await start_front(STARTTLS_PROFILE.replace('"127.0.0.1:0"', '"[::1]:0"'))
+
+    def session() -> None:
+        with smtplib.SMTP("::1", front.port("smtp"), timeout=20) as smtp:
+            smtp.starttls(context=client_context)
+            smtp.sendmail("a@example.net", ["b@example.org"], MESSAGE)
+
+    await in_thread(session)
+    _, tls = front.sessions()
+    assert tls["env"]["TCPREMOTEIP"] == "::1"
+    assert tls["env"]["TCPLOCALIP"] == "::1"
+    (body,) = tls["messages"]
+    assert body.startswith(b"Received: from ")
+    assert b"([IPv6:::1])" in body.split(b"\r\n")[0]
