@@ -1,0 +1,209 @@
+"""Where a domain's mail goes: static routes, MX records, A/AAAA records.
+
+Routes work like qmail's `smtproutes`: the recipient domain is looked up
+whole, then as `.parent` suffixes (`.example.com`, `.com`), then `""` (the
+default route). A value is `host`, `host:port`, `[address]:port`; an empty
+value means "use the MX records". A route host is an address or a name
+looked up by A/AAAA (no MX), as qmail does.
+
+Otherwise MX records in preference order (equal preferences shuffled, RFC
+5321 §5.1); no MX record means the domain itself (implicit MX); a lone
+`MX 0 .` (RFC 7505) or a domain that does not exist is permanent, as it is
+for qmail-remote; any other DNS failure is temporary.
+
+DNS goes through dnspython's async resolver, which runs on trio (it picks
+its backend by asking sniffio which library is running).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.flags
+import dns.name
+import dns.nameserver
+import dns.rdata
+import dns.rdatatype
+import dns.resolver
+
+MAX_HOPS = 10
+MAX_ADDRESSES = 4  # per host
+
+
+class DnsFailure(Exception):
+    """A look-up that failed; `permanent` when the answer is final (NXDOMAIN)."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Answer:
+    records: tuple[dns.rdata.Rdata, ...]
+    secure: bool  # the resolver set AD (validated by DNSSEC)
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """`ip`, `ip:port`, `[v6]:port` or a bare IPv6 address."""
+    if text.startswith("["):
+        address, _, port = text[1:].partition("]")
+        return address, int(port.lstrip(":") or 53)
+    if text.count(":") == 1:
+        address, port = text.split(":")
+        return address, int(port)
+    return text, 53
+
+
+def make_resolver(servers: Sequence[str], *, dnssec: bool) -> dns.asyncresolver.Resolver:
+    """A resolver for the profile's `dns_servers`, else the system's
+    (`/etc/resolv.conf`; a resolver on localhost when there is none).
+
+    With `dnssec` the queries carry DO and AD so that a validating resolver
+    says in its answer whether it validated it.
+    """
+    if servers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        nameservers: list[str | dns.nameserver.Nameserver] = []
+        for text in servers:
+            address, port = parse_server(text)
+            nameservers.append(dns.nameserver.Do53Nameserver(address, port))
+        resolver.nameservers = nameservers
+    else:
+        try:
+            resolver = dns.asyncresolver.Resolver()
+        except dns.resolver.NoResolverConfiguration:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = ["127.0.0.1", "::1"]
+    resolver.lifetime = 20.0
+    resolver.timeout = 5.0
+    if dnssec:
+        resolver.use_edns(0, dns.flags.DO, 1232)
+        resolver.flags = dns.flags.RD | dns.flags.AD
+    return resolver
+
+
+class Dns:
+    """Look-ups that say whether the answer was validated."""
+
+    def __init__(self, resolver: dns.asyncresolver.Resolver) -> None:
+        self.resolver = resolver
+
+    async def query(self, name: str, rdtype: str) -> Answer:
+        """Records of one type; no records is an empty answer, NXDOMAIN permanent."""
+        try:
+            answer = await self.resolver.resolve(
+                name, rdtype, search=False, raise_on_no_answer=False
+            )
+        except dns.resolver.NXDOMAIN:
+            raise DnsFailure(f"{name}: no such domain", permanent=True) from None
+        except dns.resolver.NoNameservers:
+            raise DnsFailure(f"{name} {rdtype}: DNS servers failed") from None
+        except dns.exception.Timeout:
+            raise DnsFailure(f"{name} {rdtype}: DNS timeout") from None
+        except dns.exception.DNSException as err:
+            raise DnsFailure(f"{name} {rdtype}: {err.__class__.__name__}") from None
+        secure = bool(answer.response.flags & dns.flags.AD)
+        records = tuple(answer.rrset) if answer.rrset is not None else ()
+        return Answer(records, secure)
+
+    async def addresses(self, host: str) -> list[str]:
+        """IPv4 then IPv6 addresses of a host (a literal is returned as is)."""
+        literal = ip_literal(host)
+        if literal is not None:
+            return [literal]
+        found: list[str] = []
+        errors: list[DnsFailure] = []
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = await self.query(host, rdtype)
+            except DnsFailure as err:
+                errors.append(err)
+                if err.permanent:
+                    break
+                continue
+            found.extend(r.to_text() for r in answer.records)
+        if not found and errors:
+            raise errors[0]
+        return found[:MAX_ADDRESSES]
+
+
+def ip_literal(host: str) -> str | None:
+    """The address when `host` is an IP address or `[address]`, else None."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]").removeprefix("IPv6:")))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Hop:
+    host: str  # MX name, route host or address; names the tlshosts file
+    port: int
+    preference: int = 0
+
+
+@dataclass(frozen=True)
+class Destination:
+    domain: str
+    hops: tuple[Hop, ...]
+    source: str  # "route", "mx", "implicit" or "literal"
+    secure: bool = False  # the MX answer was validated
+
+
+def lookup_route(routes: Mapping[str, str], domain: str) -> str | None:
+    """The smtproutes-style entry for a domain, or None."""
+    domain = domain.lower().rstrip(".")
+    keys = {k.lower(): v for k, v in routes.items()}
+    if domain in keys:
+        return keys[domain]
+    for i, char in enumerate(domain):
+        if char == "." and domain[i:] in keys:
+            return keys[domain[i:]]
+    return keys.get("")
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]:port`, `[v4]`."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, default_port
+
+
+async def find_hops(
+    domain: str, routes: Mapping[str, str], dns_: Dns, default_port: int
+) -> Destination:
+    """The hosts to try for a domain, best first; raises DnsFailure."""
+    route = lookup_route(routes, domain)
+    if route:
+        host, port = parse_hostport(route, default_port)
+        return Destination(domain, (Hop(host.lower().rstrip("."), port),), "route")
+    literal = ip_literal(domain) if domain.startswith("[") else None
+    if literal is not None:
+        return Destination(domain, (Hop(literal, default_port),), "literal")
+    answer = await dns_.query(domain, "MX")
+    if not answer.records:
+        return Destination(domain, (Hop(domain, default_port),), "implicit", answer.secure)
+    records: list[tuple[int, float, str]] = []
+    for record in answer.records:
+        if record.exchange == dns.name.root:  # type: ignore[attr-defined]
+            continue
+        exchange = record.exchange.to_text(omit_final_dot=True).lower()  # type: ignore[attr-defined]
+        preference = int(record.preference)  # type: ignore[attr-defined]
+        records.append((preference, random.random(), exchange))
+    if not records:
+        raise DnsFailure(f"{domain}: does not accept mail (null MX)", permanent=True)
+    records.sort()
+    hops = tuple(Hop(name, default_port, pref) for pref, _, name in records[:MAX_HOPS])
+    return Destination(domain, hops, "mx", answer.secure)

@@ -1,0 +1,324 @@
+"""The relay's server side: qmail-remote talks to it as to any SMTP server.
+
+Theory of operation: qmail-remote sends one message a session: HELO, MAIL,
+the RCPTs of one host, DATA, the body, QUIT, each command waiting for its
+reply. MAIL is answered here (the destination is not known yet). The first
+RCPT names the destination domain: the `Dialer` opens a session with that
+domain's servers and sends MAIL there. From then on every RCPT, DATA and
+final-dot reply qmail-remote sees is the remote server's own reply, byte
+for byte, except when the remote side fails: then the answer is a 4xx (the
+message stays in qmail's queue), never a 250. A RCPT for another domain in
+the same transaction gets `451 4.5.3` (qmail-remote never sends one).
+
+The body is passed on as it comes (qmail-remote has dot-stuffed it); the
+final dot goes to the remote server only when the whole body arrived clean.
+A body with a bare CR or LF is refused with `554 5.6.0` without a final dot
+(the remote server discards it). A body sent before the `354` it needed,
+behind a DATA the remote server refused, is never read as commands: the
+session ends with `421 4.5.0`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import trio
+
+from tlsfront.config import Profile
+from tlsfront.outbound import stats
+from tlsfront.outbound.client import RemoteError
+from tlsfront.outbound.control import control_dirs
+from tlsfront.outbound.dialer import Dialer, RemoteSession
+from tlsfront.outbound.protocol import (
+    DataReader,
+    LineReader,
+    Reply,
+    SmtpSyntaxError,
+    address_domain,
+    parse_path,
+    split_command,
+)
+from tlsfront.outbound.runtime import Runtime, default_runtime
+
+log = logging.getLogger("tlsfront.outbound")
+
+
+class _ClientGone(Exception):
+    """qmail-remote closed the connection, timed out or broke the protocol."""
+
+
+def client_allowed(client_ip: str, allow_from: tuple[str, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(client_ip.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for network in allow_from:
+        try:
+            if address in ipaddress.ip_network(network, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+async def serve_outbound(
+    stream: trio.abc.Stream,
+    client_ip: str,
+    profile: Profile,
+    *,
+    runtime: Runtime | None = None,
+) -> None:
+    """Serve one qmail-remote connection on an outbound profile."""
+    relay = Relay(stream, profile, runtime or default_runtime())
+    try:
+        if not client_allowed(client_ip, profile.allow_from):
+            log.warning("outbound client=%s refused: not in allow_from", client_ip)
+            await relay.reply(Reply.make(554, "5.7.1 relaying not permitted from this address"))
+            return
+        await relay.run()
+    except _ClientGone:
+        pass
+    finally:
+        await relay.close()
+
+
+class Relay:
+    def __init__(self, stream: trio.abc.Stream, profile: Profile, runtime: Runtime) -> None:
+        self.stream = stream
+        self.profile = profile
+        self.dialer = Dialer(profile, runtime, control_dirs(profile))
+        self.lines = LineReader(profile.max_command_line)
+        self.name = profile.hostname or "localhost"
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sender: bytes | None = None
+        self.domain: str | None = None
+        self.remote: RemoteSession | None = None
+        self.failure: Reply | None = None  # the answer for every RCPT once dialing failed
+        self.accepted = 0
+        self.last: Reply | None = None  # the last RCPT / DATA reply given
+        self.final: Reply | None = None  # the reply given after the final dot
+
+    # -- the client side -------------------------------------------------
+
+    async def reply(self, reply: Reply) -> None:
+        try:
+            with trio.fail_after(self.profile.timeout_command):
+                await self.stream.send_all(reply.encode())
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as err:
+            raise _ClientGone from err
+
+    async def _receive(self, *, data: bool = False) -> bytes:
+        """Bytes from qmail-remote (b"" at its end), within the command or DATA timeout."""
+        profile = self.profile
+        with trio.move_on_after(profile.timeout_data if data else profile.timeout_command):
+            try:
+                return bytes(await self.stream.receive_some(65536))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _ClientGone from None
+        await self.reply(Reply.make(421, "4.4.2 timeout, closing connection"))
+        raise _ClientGone
+
+    async def _line(self) -> bytes:
+        while True:
+            try:
+                line = self.lines.next_line()
+            except SmtpSyntaxError as err:
+                await self.reply(Reply.make(500, f"5.5.2 {err}, closing connection"))
+                raise _ClientGone from None
+            if line is not None:
+                return line
+            data = await self._receive()
+            if not data:
+                raise _ClientGone
+            self.lines.receive_data(data)
+
+    async def run(self) -> None:
+        await self.reply(Reply.make(220, f"{self.name} ESMTP tlsfront outbound relay"))
+        while True:
+            verb, argument = split_command(await self._line())
+            if verb in ("HELO", "EHLO"):
+                await self._end_transaction()
+                await self.reply(Reply.make(250, self.name))
+            elif verb == "MAIL":
+                await self._mail(argument)
+            elif verb == "RCPT":
+                await self._rcpt(argument)
+            elif verb == "DATA":
+                await self._data()
+            elif verb == "RSET":
+                await self._end_transaction()
+                await self.reply(Reply.make(250, "2.0.0 ok"))
+            elif verb == "NOOP":
+                await self.reply(Reply.make(250, "2.0.0 ok"))
+            elif verb == "VRFY":
+                await self.reply(Reply.make(252, "2.5.0 send some mail, I'll try my best"))
+            elif verb == "QUIT":
+                await self._end_transaction()
+                await self.reply(Reply.make(221, f"2.0.0 {self.name} closing connection"))
+                return
+            else:
+                await self.reply(Reply.make(502, "5.5.1 command not implemented"))
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(10):
+                await self._end_transaction()
+            await trio.aclose_forcefully(self.stream)
+
+    # -- the transaction -------------------------------------------------
+
+    async def _mail(self, argument: bytes) -> None:
+        if self.sender is not None:
+            await self.reply(Reply.make(503, "5.5.1 nested MAIL command"))
+            return
+        try:
+            self.sender = parse_path(argument, b"FROM")
+        except SmtpSyntaxError as err:
+            await self.reply(Reply.make(501, f"5.5.4 {err}"))
+            return
+        await self.reply(Reply.make(250, "2.1.0 sender ok"))
+
+    async def _rcpt(self, argument: bytes) -> None:
+        if self.sender is None:
+            await self.reply(Reply.make(503, "5.5.1 MAIL first"))
+            return
+        try:
+            recipient = parse_path(argument, b"TO")
+        except SmtpSyntaxError as err:
+            await self.reply(Reply.make(501, f"5.5.4 {err}"))
+            return
+        domain = address_domain(recipient)
+        if domain is None:
+            await self.reply(Reply.make(501, "5.1.3 recipient address has no domain"))
+            return
+        if self.domain is None:
+            self.domain = domain
+            opened = await self.dialer.open(domain, self.sender)
+            if isinstance(opened, Reply):
+                self.failure = opened
+            else:
+                self.remote = opened
+                if not (200 <= opened.mail_reply.code < 300):
+                    self.failure = opened.mail_reply
+        elif domain != self.domain:
+            await self.reply(
+                Reply.make(451, "4.5.3 one destination domain per transaction, try again later")
+            )
+            return
+        reply = self.failure or await self._remote_command(b"RCPT TO:<" + recipient + b">")
+        if 200 <= reply.code < 300:
+            self.accepted += 1
+        self.last = reply
+        await self.reply(reply)
+
+    async def _remote_command(self, line: bytes) -> Reply:
+        """The remote server's reply, or a 451 when the remote session broke."""
+        assert self.remote is not None
+        try:
+            return await self.remote.client.command(line)
+        except RemoteError as err:
+            return await self._remote_broken(err)
+
+    async def _remote_broken(self, err: RemoteError) -> Reply:
+        assert self.remote is not None
+        where = self.remote.where
+        await self.remote.client.aclose()
+        self.failure = Reply.make(451, f"4.4.2 {where}: {err.reason}")
+        return self.failure
+
+    async def _data(self) -> None:
+        if self.sender is None:
+            await self.reply(Reply.make(503, "5.5.1 MAIL first"))
+            return
+        if self.accepted == 0:
+            await self.reply(Reply.make(554, "5.5.1 no valid recipients"))
+            return
+        reply = self.failure or await self._remote_command(b"DATA")
+        if reply.code != 354:
+            if 200 <= reply.code < 300:  # a server that skips 354 is broken
+                assert self.remote is not None
+                reply = await self._remote_broken(RemoteError("DATA answered without 354"))
+            self.last = reply
+            await self.reply(reply)
+            if self.lines.pending:
+                # the body came before the 354 it needed: never run it as commands
+                await self.reply(Reply.make(421, "4.5.0 SMTP protocol synchronization error"))
+                raise _ClientGone
+            return
+        await self.reply(reply)
+        self.last = self.final = await self._body()
+        await self.reply(self.final)
+        await self._end_transaction()
+
+    async def _body(self) -> Reply:
+        """Pass the body on; the reply for qmail-remote after its final dot."""
+        assert self.remote is not None
+        reader = DataReader()
+        problem: Reply | None = None
+        data = self.lines.take_buffer()
+        while True:
+            if not data:
+                try:
+                    data = await self._receive(data=True)
+                    if not data:
+                        raise _ClientGone
+                except _ClientGone:
+                    # no final dot: the remote server discards the message
+                    await self.remote.client.aclose()
+                    raise
+            try:
+                chunk = reader.feed(data)
+            except SmtpSyntaxError as err:
+                problem = problem or Reply.make(554, f"5.6.0 {err}, message refused")
+                await self.remote.client.aclose()
+                reader = DataReader(strict=False)
+                continue
+            data = b""
+            if problem is None and chunk.forward:
+                try:
+                    await self.remote.client.send(chunk.forward)
+                except RemoteError as err:
+                    problem = await self._remote_broken(err)
+            if chunk.done:
+                self.lines.receive_data(chunk.rest)
+                break
+        if problem is not None:
+            return problem
+        try:
+            return await self.remote.client.read_reply(final=True)
+        except RemoteError as err:
+            return await self._remote_broken(err)
+
+    async def _end_transaction(self) -> None:
+        """Log and count a finished transaction, close its remote session."""
+        if self.domain is not None:
+            self._log()
+        if self.remote is not None:
+            await self.remote.client.quit()
+        self._reset()
+
+    def _log(self) -> None:
+        remote, reply = self.remote, self.final or self.last
+        if self.final is not None and 200 <= self.final.code < 300:
+            result = "delivered"
+        elif reply is None or 200 <= reply.code < 400:
+            result = "abandoned"  # qmail-remote stopped before the end of DATA
+        elif reply.code >= 500:
+            result = "bounced"
+        else:
+            result = "deferred"
+        tls = remote.tls.label if remote is not None else "none"
+        stats.record_outcome(result, tls)
+        log.info(
+            "outbound domain=%s mx=%s %s result=%s reply=%r",
+            self.domain,
+            remote.where if remote is not None else "-",
+            remote.tls.describe() if remote is not None else "tls=none",
+            result,
+            reply.first_line if reply is not None else "-",
+        )
