@@ -8,7 +8,6 @@ import os
 import shutil
 import ssl
 import sys
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +95,15 @@ class Front:
 
 
 def capture_backend(capture: Path, *extra: str) -> str:
-    argv = [sys.executable, str(CAPTURE), "--dir", str(capture), "--rcpthost", "example.org",
-            *extra]
+    argv = [
+        sys.executable,
+        str(CAPTURE),
+        "--dir",
+        str(capture),
+        "--rcpthost",
+        "example.org",
+        *extra,
+    ]
     return "[" + ", ".join(toml_str(a) for a in argv) + "]"
 
 
@@ -108,9 +114,7 @@ def write_config(tmp_path: Path, body: str) -> Path:
 
 
 @pytest.fixture
-async def start_front(
-    nursery: trio.Nursery, tmp_path: Path, tls_dir: Path
-) -> AsyncIterator[Any]:
+async def start_front(nursery: trio.Nursery, tmp_path: Path, tls_dir: Path) -> Any:
     """`await start_front(profiles_toml)`: load a config, serve it, return a Front.
 
     The TOML may use {cert}, {ca}, {backend} and {capture}: the server
@@ -120,9 +124,7 @@ async def start_front(
     capture.mkdir()
 
     async def start(profiles: str, defaults: str = "") -> Front:
-        text = (
-            "[defaults]\nhostname = \"front.example.org\"\n" + defaults + "\n" + profiles
-        ).format(
+        text = ('[defaults]\nhostname = "front.example.org"\n' + defaults + "\n" + profiles).format(
             cert=toml_str(tls_dir / "servercert.pem"),
             ca=toml_str(tls_dir / "ca.pem"),
             backend=capture_backend(capture),
@@ -132,12 +134,11 @@ async def start_front(
         server = await nursery.start(Server(config).run)
         return Front(server, config, capture)
 
-    yield start
+    return start
 
 
 @pytest.fixture
-def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     """tlsfront's own environment holds a stray RELAYCLIENT (THREATS row 8)."""
     monkeypatch.setenv("RELAYCLIENT", "")
     monkeypatch.setenv("TCPREMOTEIP", "10.66.66.66")
-    yield

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import trio
-
 from conftest import capture_backend
 
 
@@ -21,13 +20,15 @@ async def test_starttls_with_a_broken_certificate_gets_454(tmp_path: Path) -> No
     config = tmp_path / "tlsfront.toml"
     config.write_text(
         f'[profile.smtp]\nlisten = ["127.0.0.1:0"]\ncert = "{broken}"\n'
-        f"hostname = \"front.example.org\"\nbackend = {capture_backend(capture)}\n"
+        f'hostname = "front.example.org"\nbackend = {capture_backend(capture)}\n'
     )
     ours, theirs = socket.socketpair()
     with theirs:
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # noqa: ASYNC220 (started once, before any I/O)
             [sys.executable, "-m", "tlsfront", "inetd", "-p", "smtp", "-c", str(config)],
-            stdin=theirs, stdout=theirs, stderr=subprocess.PIPE,
+            stdin=theirs.fileno(),
+            stdout=theirs.fileno(),
+            stderr=subprocess.PIPE,
         )
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
     replies = b""
@@ -38,7 +39,9 @@ async def test_starttls_with_a_broken_certificate_gets_454(tmp_path: Path) -> No
             replies += await stream.receive_some()
         assert b"250-STARTTLS\r\n" in replies
         await stream.send_all(b"STARTTLS\r\n")
-        assert await stream.receive_some() == b"454 4.7.0 TLS not available due to local problem\r\n"
+        assert (
+            await stream.receive_some() == b"454 4.7.0 TLS not available due to local problem\r\n"
+        )
         await stream.send_all(b"QUIT\r\n")
         assert (await stream.receive_some()).startswith(b"221 ")
         await stream.aclose()

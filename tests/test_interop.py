@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-
 from conftest import Front, need_tool
 
 PROFILES = """
@@ -27,21 +27,36 @@ backend = {backend}
 pytestmark = pytest.mark.interop
 
 
-async def run(argv: list[str], stdin: bytes = b"") -> trio.CompletedProcess[bytes]:
+async def run(argv: list[str], stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(60):
-        return await trio.run_process(argv, stdin=stdin, capture_stdout=True,
-                                      capture_stderr=True, check=False)
+        return await trio.run_process(
+            argv, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
+        )
 
 
 def swaks(port: int, *extra: str) -> list[str]:
-    return [need_tool("swaks"), "--server", "127.0.0.1", "--port", str(port),
-            "--from", "sender@example.net", "--to", "rcpt@example.org",
-            "--helo", "swaks.example.net", "--header", "Subject: interop", *extra]
+    return [
+        need_tool("swaks"),
+        "--server",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--from",
+        "sender@example.net",
+        "--to",
+        "rcpt@example.org",
+        "--helo",
+        "swaks.example.net",
+        "--header",
+        "Subject: interop",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize(("profile", "flags"), [("smtp", ["--tls"]),
-                                                ("smtps", ["--tls-on-connect"]),
-                                                ("smtp", ["--tls", "--pipeline"])])
+@pytest.mark.parametrize(
+    ("profile", "flags"),
+    [("smtp", ["--tls"]), ("smtps", ["--tls-on-connect"]), ("smtp", ["--tls", "--pipeline"])],
+)
 async def test_swaks(start_front: Any, profile: str, flags: list[str]) -> None:
     front: Front = await start_front(PROFILES)
     result = await run(swaks(front.port(profile), *flags))
@@ -73,9 +88,20 @@ async def test_openssl_s_client_starttls(start_front: Any, tls_dir: Path) -> Non
     # s_client sends its stdin line by line; DATA's body follows the 354.
     body = b"Subject: via s_client\r\n\r\nhello\r\n.\r\nQUIT\r\n"
     result = await run(
-        [need_tool("openssl"), "s_client", "-starttls", "smtp", "-quiet",
-         "-connect", f"127.0.0.1:{front.port('smtp')}", "-CAfile", str(tls_dir / "ca.pem"),
-         "-verify_return_error", "-servername", "localhost"],
+        [
+            need_tool("openssl"),
+            "s_client",
+            "-starttls",
+            "smtp",
+            "-quiet",
+            "-connect",
+            f"127.0.0.1:{front.port('smtp')}",
+            "-CAfile",
+            str(tls_dir / "ca.pem"),
+            "-verify_return_error",
+            "-servername",
+            "localhost",
+        ],
         stdin=dialogue + body,
     )
     assert b"verify return:1" in result.stderr

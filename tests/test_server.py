@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import trio
-
 from conftest import Front
 
 STARTTLS_PROFILE = """
@@ -76,8 +75,11 @@ async def test_starttls_session(
     assert "RELAYCLIENT" not in env
     assert tls["stdin"].startswith(b"ehlo client.example.net\r\nmail FROM:<a@example.net>")
     (body,) = tls["messages"]
-    assert body.startswith(b"Received: from client.example.net ([127.0.0.1])\r\n\tby front.example.org (tlsfront) with ESMTPS\r\n\t(using TLSv1.")
-    received, rest = body.split(b"\r\nFrom:", 1)
+    assert body.startswith(
+        b"Received: from client.example.net ([127.0.0.1])\r\n"
+        b"\tby front.example.org (tlsfront) with ESMTPS\r\n\t(using TLSv1."
+    )
+    received, _ = body.split(b"\r\nFrom:", 1)
     # One header, folded lines start with white space, CRLF endings (THREATS row 21).
     assert all(line.startswith(b"\t") for line in received.split(b"\r\n")[1:])
     assert b"\n" not in received.replace(b"\r\n", b"")
@@ -119,10 +121,14 @@ def plaintext_dialogue(port: int, lines: list[bytes]) -> list[tuple[int, bytes]]
 
 
 async def test_require_tls(start_front: Any) -> None:
-    front: Front = await start_front(STARTTLS_PROFILE.replace('tls = "starttls"',
-                                                              'tls = "starttls"\nrequire_tls = true'))
-    replies = await in_thread(lambda: plaintext_dialogue(
-        front.port("smtp"), [b"MAIL FROM:<a@b>", b"RCPT TO:<b@example.org>", b"DATA"]))
+    front: Front = await start_front(
+        STARTTLS_PROFILE.replace('tls = "starttls"', 'tls = "starttls"\nrequire_tls = true')
+    )
+    replies = await in_thread(
+        lambda: plaintext_dialogue(
+            front.port("smtp"), [b"MAIL FROM:<a@b>", b"RCPT TO:<b@example.org>", b"DATA"]
+        )
+    )
     for code, text in replies:
         assert (code, text) == (530, b"5.7.0 Must issue a STARTTLS command first")
 

@@ -114,7 +114,7 @@ async def run_session(
 
 async def trickle(stream: trio.abc.Stream, data: bytes) -> None:
     """One byte a second until tlsfront closes the connection."""
-    with pytest.raises(trio.BrokenResourceError):
+    with pytest.raises(trio.BrokenResourceError):  # noqa: PT012 (the loop is the point)
         for byte in data:
             await stream.send_all(bytes([byte]))
             await trio.sleep(1)
@@ -133,9 +133,7 @@ async def test_idle_client_after_greeting(
     client, _ = await run_session(nursery, profile(tls_dir))
     start = trio.current_time()
     data = await read_until_closed(client)
-    assert data == (
-        b"220 backend ESMTP\r\n421 4.4.2 front.example.org Error: timeout exceeded\r\n"
-    )
+    assert data == (b"220 backend ESMTP\r\n421 4.4.2 front.example.org Error: timeout exceeded\r\n")
     assert 300 <= trio.current_time() - start < 301
 
 
