@@ -65,6 +65,20 @@ def _first_line(path: Path) -> str | None:
     return line or None
 
 
+def _cipher_list(path: Path) -> str | None:
+    """tlsserverciphers as the patch reads it: lines joined by ':', comments skipped."""
+    found = _existing(path)
+    if found is None:
+        return None
+    try:
+        text = found.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise QmailControlError(path, exc.strerror or str(exc)) from exc
+    parts = [line.strip() for line in text.splitlines()]
+    joined = ":".join(p for p in parts if p and not p.startswith("#"))
+    return joined or None
+
+
 def read_control(
     directory: Path, environ: Mapping[str, str] | None = None
 ) -> QmailControl:
@@ -73,7 +87,7 @@ def read_control(
     if not directory.is_dir():
         raise QmailControlError(directory, "is not a directory")
     d = directory
-    ciphers = environ.get("TLSCIPHERS") or _first_line(d / "tlsserverciphers")
+    ciphers = environ.get("TLSCIPHERS") or _cipher_list(d / "tlsserverciphers")
     databytes_text = _first_line(d / "databytes")
     databytes: int | None = None
     if databytes_text is not None:
