@@ -83,16 +83,6 @@ def _path_text(path: Path) -> str:
     return text
 
 
-def _control_lines(path: Path) -> list[str]:
-    """A control file as qmail's control_readfile reads it: no blanks, no # lines."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise QmailControlError(path, exc.strerror or str(exc)) from exc
-    stripped = (line.rstrip() for line in text.split("\n"))
-    return [line for line in stripped if line and not line.startswith("#")]
-
-
 def _rules_source(rules: Path) -> tuple[Path, list[str]]:
     """The tcprules source to name, with a note when the compiled .cdb was given."""
     if rules.suffix != ".cdb":
