@@ -7,24 +7,48 @@ client certificate
   the TLS engine records without failing the handshake), is fit for client
   use (key usage), and carries an address listed in `relay_clients` (the
   subject emailAddress the qmail patch reads, or a SAN rfc822Name); or
-* has a SHA-256 fingerprint listed in `relay_fingerprints`, and is within its
-  validity dates (a pinned certificate needs no CA, but may not be expired).
+* has a SHA-256 fingerprint listed in `relay_fingerprints`, is within its
+  validity dates and is not revoked by `client_crl` (a pinned certificate
+  needs no CA, but may not be expired).
 
-Nothing else grants relaying here. The lists are files that the admin edits
-while tlsfront runs; they are re-read for new sessions when they change.
+Nothing else grants relaying here (a resumed session never does). The
+verdict has Postfix's words: Anonymous (no certificate), Untrusted (did not
+verify), Trusted (verified, not authorized), Verified (authorized to relay).
+
+The lists are files the admin edits while tlsfront runs; new sessions see
+the change (`tlsfront.watch`). At start-up and reload a missing or malformed
+list is an error. Later, a list that disappears is empty and a malformed line
+is skipped with a log line: a mistake while editing never widens who may
+relay, and never keeps an address the admin has just removed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
 from tlsfront.certs import PeerCertificate, normalize_fingerprint, peer_certificate, sanitize
 from tlsfront.config import Profile
+from tlsfront.smtp.received import ClientCertTrace
 from tlsfront.tls import TLSInfo
 from tlsfront.watch import FileWatch
+
+__all__ = [
+    "RelayDecision",
+    "RelayListError",
+    "RelayPolicy",
+    "read_fingerprints",
+    "read_relay_clients",
+    "unverified_reason",
+]
+
+log = logging.getLogger("tlsfront.relay")
 
 
 class RelayListError(Exception):
@@ -32,78 +56,151 @@ class RelayListError(Exception):
         super().__init__(f"{path}:{line}: {message}")
 
 
-def _lines(path: Path) -> list[tuple[int, str]]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+# ----------------------------------------------------------------------------
+# The list files
+
+
+def _lines(path: Path, strict: bool) -> list[tuple[int, str]]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        if strict:
+            raise
+        return []
     result = []
-    for number, raw in enumerate(text.splitlines(), 1):
+    # lines end at LF only, as qmail reads control files (not at VT, FF, U+2028)
+    for number, raw in enumerate(text.split("\n"), 1):
         line = raw.split("#", 1)[0].strip()
         if line:
             result.append((number, line))
     return result
 
 
-def read_relay_clients(path: Path) -> frozenset[str]:
-    """A qmail `tlsclients` file: one address a line, compared case-insensitively."""
+def _bad_line(strict: bool, path: Path, number: int, message: str) -> None:
+    if strict:
+        raise RelayListError(path, number, message)
+    log.error("%s:%d: %s; line skipped", path, number, message)
+
+
+def read_relay_clients(path: Path, *, strict: bool = True) -> frozenset[str]:
+    """A qmail `tlsclients` file: one address a line, compared case-insensitively.
+
+    strict=False (a list re-read while running): a missing file is empty and
+    a malformed line is logged and skipped instead of raising.
+    """
     addresses = set()
-    for number, line in _lines(path):
-        if "@" not in line or " " in line:
-            raise RelayListError(path, number, f"not an e-mail address: {line!r}")
+    for number, line in _lines(path, strict):
+        if "@" not in line or any(ch.isspace() or not ch.isprintable() for ch in line):
+            _bad_line(strict, path, number, f"not an e-mail address: {sanitize(line)!r}")
+            continue
         addresses.add(line.lower())
     return frozenset(addresses)
 
 
-def read_fingerprints(path: Path) -> frozenset[str]:
+def read_fingerprints(path: Path, *, strict: bool = True) -> frozenset[str]:
     """A Postfix `relay_clientcerts` style file: a fingerprint first on each line."""
     prints = set()
-    for number, line in _lines(path):
+    for number, line in _lines(path, strict):
         try:
             prints.add(normalize_fingerprint(line.split()[0]))
         except ValueError as exc:
-            raise RelayListError(path, number, str(exc)) from exc
+            _bad_line(strict, path, number, str(exc))
     return frozenset(prints)
+
+
+# ----------------------------------------------------------------------------
+# The decision
 
 
 @dataclass(frozen=True)
 class RelayDecision:
     relay: bool
-    # Postfix's words: Anonymous (no certificate), Untrusted (did not
-    # verify), Trusted (verified), Verified (verified and authorized)
-    status: str
-    reason: str | None  # why it may not relay, when a certificate was shown
+    status: str  # Anonymous, Untrusted, Trusted or Verified (see the module doc)
+    reason: str | None  # why a certificate did not authorize relaying
     address: str | None = None  # the listed address (or fingerprint) that authorized it
     cert: PeerCertificate | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)  # SSL_CLIENT_*, sanitized
+    verified: bool = False  # the certificate verified against client_ca
+    issuer_cn: str = ""
 
     @property
-    def trace(self) -> str | None:
-        """The Received header comment about the client certificate."""
+    def trace(self) -> ClientCertTrace | None:
+        """The client-certificate comment of the Received header."""
         if self.cert is None:
             return None
-        verdict = "verified OK" if self.status in ("Trusted", "Verified") else "not verified"
-        return (
-            f'Client CN "{sanitize(self.cert.common_name or "")}", '
-            f'Issuer "{sanitize(self.cert.issuer_dn)}" ({verdict})'
-        )
+        return ClientCertTrace(self.cert.common_name or "", self.issuer_cn, self.verified)
 
 
-def _cert_env(cert: PeerCertificate | None, verify: str) -> dict[str, str]:
+def _name_values(get_name: Callable[[], x509.Name], oid: x509.ObjectIdentifier) -> list[str]:
+    try:
+        attrs = get_name().get_attributes_for_oid(oid)
+    except ValueError:  # a name cryptography parses lazily and rejects
+        return []
+    return [a.value if isinstance(a.value, str) else a.value.decode("latin-1") for a in attrs]
+
+
+def _asn1_time(when: datetime) -> str:
+    """OpenSSL's ASN1_TIME_print form, as mod_ssl puts it in SSL_CLIENT_V_*."""
+    return f"{when:%b} {when.day:2d} {when:%H:%M:%S %Y} GMT"
+
+
+def _cert_env(
+    cert: PeerCertificate | None, raw: x509.Certificate | None, verify: str
+) -> dict[str, str]:
+    """mod_ssl / ucspi-ssl style variables. SSL_CLIENT_CERT keeps PEM's newlines."""
     env = {"SSL_CLIENT_VERIFY": verify}
-    if cert is None:
+    if cert is None or raw is None:
         return env
     env.update(
         SSL_CLIENT_S_DN=sanitize(cert.subject_dn, 1024),
         SSL_CLIENT_I_DN=sanitize(cert.issuer_dn, 1024),
         SSL_CLIENT_M_SERIAL=cert.serial,
-        SSL_CLIENT_V_START=cert.not_before.strftime("%b %d %H:%M:%S %Y GMT"),
-        SSL_CLIENT_V_END=cert.not_after.strftime("%b %d %H:%M:%S %Y GMT"),
+        SSL_CLIENT_V_START=_asn1_time(cert.not_before),
+        SSL_CLIENT_V_END=_asn1_time(cert.not_after),
         SSL_CLIENT_CERT=cert.pem,
         SSL_CLIENT_FINGERPRINT=cert.fingerprint,
     )
     if cert.common_name:
         env["SSL_CLIENT_S_DN_CN"] = sanitize(cert.common_name)
-    if cert.emails:
-        env["SSL_CLIENT_S_DN_Email"] = sanitize(cert.emails[0])
+    issuer_cns = _name_values(lambda: raw.issuer, NameOID.COMMON_NAME)
+    if issuer_cns:
+        env["SSL_CLIENT_I_DN_CN"] = sanitize(issuer_cns[0])
+    subject_emails = _name_values(lambda: raw.subject, NameOID.EMAIL_ADDRESS)
+    if subject_emails:
+        env["SSL_CLIENT_S_DN_Email"] = sanitize(subject_emails[0])
+    san_emails = [e for e in cert.emails if e not in subject_emails]
+    for n, address in enumerate(san_emails[:8]):
+        env[f"SSL_CLIENT_SAN_Email_{n}"] = sanitize(address)
     return env
+
+
+# OpenSSL's verify errors, in the words of the qmail patch's log line
+_NOT_SIGNED = frozenset(
+    {
+        "unable to get local issuer certificate",
+        "unable to get issuer certificate",
+        "unable to verify the first certificate",
+        "self-signed certificate",
+        "self-signed certificate in certificate chain",
+        "certificate signature failure",
+        "certificate not trusted",
+        "invalid CA certificate",
+    }
+)
+_PLAIN_WORDS = {
+    "certificate revoked": "revoked",
+    "certificate has expired": "expired",
+    "certificate is not yet valid": "not yet valid",
+}
+
+
+def unverified_reason(verify_error: str | None) -> str:
+    """'not signed by client_ca (...)', 'revoked', 'expired', ... for the log."""
+    if verify_error is None:
+        return "not verified"
+    if verify_error in _NOT_SIGNED:
+        return f"not signed by client_ca ({verify_error})"
+    return _PLAIN_WORDS.get(verify_error, verify_error)
 
 
 class RelayPolicy:
@@ -116,12 +213,14 @@ class RelayPolicy:
         fingerprints: frozenset[str],
         fingerprints_file: Path | None,
     ) -> None:
-        self._inline = fingerprints
+        self._inline = frozenset(normalize_fingerprint(p) for p in fingerprints)
+        self._clients_file = clients_file
+        self._prints_file = fingerprints_file
         self._clients = (
             FileWatch(
                 f"profile {name}: relay_clients",
                 [clients_file],
-                lambda: read_relay_clients(clients_file),
+                lambda: read_relay_clients(clients_file, strict=False),
             )
             if clients_file is not None
             else None
@@ -130,7 +229,7 @@ class RelayPolicy:
             FileWatch(
                 f"profile {name}: relay_fingerprints",
                 [fingerprints_file],
-                lambda: read_fingerprints(fingerprints_file),
+                lambda: read_fingerprints(fingerprints_file, strict=False),
             )
             if fingerprints_file is not None
             else None
@@ -146,42 +245,60 @@ class RelayPolicy:
         )
 
     def load(self) -> None:
-        for watch in (self._clients, self._prints):
-            if watch is not None:
-                watch.load()
+        """Read the lists now (start-up, reload): raise on a missing file or a bad line."""
+        if self._clients_file is not None and self._clients is not None:
+            read_relay_clients(self._clients_file)
+            self._clients.load()
+        if self._prints_file is not None and self._prints is not None:
+            read_fingerprints(self._prints_file)
+            self._prints.load()
+
+    def _listed_fingerprints(self) -> frozenset[str]:
+        from_file = self._prints.get() if self._prints is not None else None
+        return self._inline | (from_file or frozenset())
+
+    def _listed_clients(self) -> frozenset[str]:
+        return (self._clients.get() if self._clients is not None else None) or frozenset()
 
     def decide(self, info: TLSInfo | None, now: datetime | None = None) -> RelayDecision:
         if info is None or info.peer_cert is None:
-            return RelayDecision(False, "Anonymous", None, env=_cert_env(None, "NONE"))
+            return RelayDecision(False, "Anonymous", None, env=_cert_env(None, None, "NONE"))
         now = now or datetime.now(UTC)
-        cert = peer_certificate(info.peer_cert)
-        verify = "SUCCESS" if info.verified else f"FAILED:{info.verify_error or 'unknown'}"
-        env = _cert_env(cert, verify)
-        status = "Trusted" if info.verified else "Untrusted"
-        prints = self._inline | ((self._prints.get() if self._prints else None) or frozenset())
-        if cert.fingerprint in prints:
-            if cert.not_before <= now <= cert.not_after:
-                return RelayDecision(True, "Verified", None, cert.fingerprint, cert, env)
-            return RelayDecision(
-                False,
-                status,
-                "listed fingerprint, but expired or not yet valid",
-                cert=cert,
-                env=env,
-            )
-        if not info.verified:
-            reason = info.verify_error or "not signed by client_ca"
-            return RelayDecision(False, status, reason, cert=cert, env=env)
+        raw = info.peer_cert
+        cert = peer_certificate(raw)
+        verified = info.verified
+        verify = "SUCCESS" if verified else f"FAILED:{info.verify_error or 'not verified'}"
+        issuer_cns = _name_values(lambda: raw.issuer, NameOID.COMMON_NAME)
+        issuer_cn = issuer_cns[0] if issuer_cns else cert.issuer_dn
+
+        def refuse(reason: str) -> RelayDecision:
+            status = "Trusted" if verified else "Untrusted"
+            env = _cert_env(cert, raw, verify)
+            return RelayDecision(False, status, reason, None, cert, env, verified, issuer_cn)
+
+        def allow(by: str) -> RelayDecision:
+            env = _cert_env(cert, raw, verify)
+            return RelayDecision(True, "Verified", None, by, cert, env, verified, issuer_cn)
+
+        if info.resumed:  # nothing was verified in this handshake (resumption is off anyway)
+            return refuse("resumed session")
+        if cert.fingerprint in self._listed_fingerprints():
+            if info.verify_error == "certificate revoked":
+                return refuse("listed fingerprint, but revoked")
+            if now < cert.not_before:
+                return refuse("listed fingerprint, but not yet valid")
+            if now > cert.not_after:
+                return refuse("listed fingerprint, but expired")
+            return allow(cert.fingerprint)
+        if not verified:
+            return refuse(unverified_reason(info.verify_error))
         if not cert.has_client_auth_usage:
-            return RelayDecision(
-                False, status, "key usage does not allow client authentication", cert=cert, env=env
-            )
-        clients = (self._clients.get() if self._clients else None) or frozenset()
+            return refuse("key usage does not allow client authentication")
         if not cert.emails:
-            return RelayDecision(False, status, "no address in certificate", cert=cert, env=env)
+            return refuse("no address in certificate")
+        clients = self._listed_clients()
         for address in cert.emails:
             if address.lower() in clients:
-                return RelayDecision(True, "Verified", None, sanitize(address), cert, env)
-        return RelayDecision(
-            False, status, f"address {sanitize(cert.emails[0])} not listed", cert=cert, env=env
-        )
+                return allow(sanitize(address))
+        shown = ", ".join(sanitize(a, 100) for a in cert.emails[:4])
+        return refuse(f"address not listed: {shown}")

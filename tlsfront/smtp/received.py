@@ -33,6 +33,27 @@ def address_literal(ip: str) -> str:
 
 
 @dataclass(frozen=True)
+class ClientCertTrace:
+    """The client-certificate result, as Postfix puts it in its Received header."""
+
+    common_name: str  # the client certificate's subject CN (raw; made safe here)
+    issuer: str  # its issuer's CN (raw; made safe here)
+    verified: bool  # the chain verified against client_ca
+
+    def comment(self) -> str:
+        """'Client CN "x", Issuer "y" (verified OK)': the inside of one comment."""
+        verdict = "verified OK" if self.verified else "not verified"
+        return (
+            f'Client CN "{_quoted(self.common_name)}", '
+            f'Issuer "{_quoted(self.issuer)}" ({verdict})'
+        )
+
+
+def _quoted(text: str) -> str:
+    return comment_text(text, 100).replace('"', "?")
+
+
+@dataclass(frozen=True)
 class TraceInfo:
     """What the Received header says about a session."""
 
@@ -43,8 +64,8 @@ class TraceInfo:
     tls_cipher: str | None = None
     tls_bits: int = 0
     tls_alg_bits: int = 0
-    # e.g. 'Client CN "x", Issuer "y" (verified OK)'; built and sanitized by the caller
-    client_cert: str | None = None
+    # (Client CN "x", Issuer "y" (verified OK)) when the client showed a certificate
+    client_cert: ClientCertTrace | None = None
     # the qmail patch's "(cert user@example.com)" when a certificate authorized relaying
     relay_cert: str | None = None
 
@@ -70,7 +91,7 @@ def build_received(info: TraceInfo, helo: str | None, esmtp: bool, when: datetim
             f"({info.tls_bits}/{info.tls_alg_bits} bits))"
         )
         if info.client_cert:
-            clauses.append(f"({comment_text(info.client_cert)})")
+            clauses.append(f"({info.client_cert.comment()})")
         if info.relay_cert:
             clauses.append(f"(cert {comment_text(info.relay_cert)})")
     else:
