@@ -210,10 +210,13 @@ async def start_backend(profile: Profile, env: Mapping[str, str], relay: bool) -
     Over TCP the relay decision cannot travel in an environment: an
     authorized session goes to `relay_backend_connect` and/or from
     `relay_source_address`, whose tcprules at the backend grant RELAYCLIENT.
+    A session is authorized when an exec backend would have had RELAYCLIENT:
+    by its certificate, or by a RELAYCLIENT line of the profile's own `rules`.
     """
     if profile.backend:
         return await ExecBackend.start(profile.backend, env)
     assert profile.backend_connect is not None
+    relay = relay or "RELAYCLIENT" in env
     target = (profile.relay_backend_connect if relay else None) or profile.backend_connect
     source = (profile.relay_source_address if relay else None) or profile.source_address
     return await TCPBackend.connect(target, source)

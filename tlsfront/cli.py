@@ -104,6 +104,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_import_qmail(args: argparse.Namespace) -> int:
     from tlsfront.importqmail import render_config
     from tlsfront.qmail import QmailControlError
+    from tlsfront.tcprules import RulesError
 
     try:
         sys.stdout.write(
@@ -111,7 +112,7 @@ def cmd_import_qmail(args: argparse.Namespace) -> int:
                 Path(args.control), Path(args.rules) if args.rules else None, smtps=args.smtps
             )
         )
-    except QmailControlError as exc:
+    except (QmailControlError, RulesError) as exc:
         log.error("%s", exc)
         return 1
     return 0

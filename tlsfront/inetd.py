@@ -3,9 +3,13 @@
 For inetd, systemd `Accept=yes` and tcpserver run scripts. When standard
 input is a socket its addresses are read from it; under tcpserver (or with
 pipes) the TCPREMOTEIP / TCPREMOTEPORT / TCPLOCALIP / TCPLOCALPORT variables
-tcpserver sets say who the client is. No other variable of tlsfront's own
-environment reaches the backend: tcprules variables come from the profile's
-`rules` file, read by tlsfront itself.
+tcpserver sets say who the client is, and TCPREMOTEHOST, when tcpserver
+looked it up, is the name `=host` rules match, as it was for tcpserver's own
+rules (tcpserver -p confirms it; with -H tlsfront looks the name up itself,
+confirmed, when its rules need one). No other variable of tlsfront's own
+environment reaches the backend: RELAYCLIENT or any variable that
+tcpserver's own -x rules set stays with tlsfront; tcprules variables for the
+backend come from the profile's `rules` file, read by tlsfront itself.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import trio
 
 from tlsfront.backend import Address, unmap
 from tlsfront.config import Profile
+from tlsfront.remotehost import safe_host
 from tlsfront.runtime import ProfileRuntime
 from tlsfront.server import ProfileServer
 
@@ -49,5 +54,6 @@ async def serve_inetd(profile: Profile, environ: Mapping[str, str]) -> int:
     # tcpserver's variables, when present, are what tcpserver saw.
     client = _from_env(environ, "REMOTE") or client or Address("0.0.0.0", 0)
     local = _from_env(environ, "LOCAL") or local or Address("0.0.0.0", 0)
-    await ProfileServer(runtime).serve_stream(stream, client, local)
+    host = safe_host(environ.get("TCPREMOTEHOST", ""))
+    await ProfileServer(runtime).serve_stream(stream, client, local, host)
     return 0

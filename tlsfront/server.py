@@ -17,6 +17,8 @@ import trio
 
 from tlsfront.backend import Address
 from tlsfront.config import Config, Profile, split_host_port
+from tlsfront.ratelimit import TLSRateLimiter
+from tlsfront.remotehost import lookup_host, needs_host
 from tlsfront.runtime import ProfileRuntime
 from tlsfront.session import Session
 
@@ -43,6 +45,7 @@ class Limits:
 
     active: int = 0
     per_ip: Counter[str] = field(default_factory=Counter)
+    tls_rate: TLSRateLimiter = field(default_factory=TLSRateLimiter)  # tls_rate_limit
 
     def admit(self, profile: Profile, ip: str) -> str | None:
         if profile.max_connections and self.active >= profile.max_connections:
@@ -72,7 +75,10 @@ class ProfileServer:
     async def handle(self, stream: trio.SocketStream) -> None:
         await self.serve_stream(stream, _peer(stream, True), _peer(stream, False))
 
-    async def serve_stream(self, stream: trio.abc.Stream, client: Address, local: Address) -> None:
+    async def serve_stream(
+        self, stream: trio.abc.Stream, client: Address, local: Address, host: str | None = None
+    ) -> None:
+        """One client. `host`: its name when already known (tcpserver's TCPREMOTEHOST)."""
         runtime = self.runtime  # this session keeps it, whatever reloads come
         profile = runtime.profile
         refusal = self.limits.admit(profile, client.ip)
@@ -84,13 +90,17 @@ class ProfileServer:
             rules_env: dict[str, str] = {}
             rules = runtime.rules.get() if runtime.rules is not None else None
             if rules is not None:
-                rule = rules.match(client.ip)
+                if host is None and needs_host(rules):
+                    host = await lookup_host(client.ip, profile.dns_servers)
+                rule = rules.match(client.ip, host)
                 if rule is not None and not rule.allow:
                     log.info("profile %s: [%s] denied by %s", profile.name, client.ip, rule.source)
                     await stream.aclose()
                     return
                 if rule is not None:
                     rules_env = dict(rule.env)
+            if host is not None:  # after the rule's variables: they cannot misstate it
+                rules_env["TCPREMOTEHOST"] = host
             if profile.mode == "outbound":
                 from tlsfront.outbound.relay import serve_outbound
 
@@ -99,7 +109,9 @@ class ProfileServer:
                 finally:
                     await stream.aclose()
                 return
-            await Session(runtime, stream, client, local, rules_env).run()
+            await Session(
+                runtime, stream, client, local, rules_env, tls_rate=self.limits.tls_rate
+            ).run()
         finally:
             self.limits.release(client.ip)
 

@@ -44,6 +44,7 @@ from tlsfront.backend import (
     start_backend,
     ucspi_environment,
 )
+from tlsfront.ratelimit import TLSRateLimiter
 from tlsfront.relay import RelayDecision
 from tlsfront.runtime import ProfileRuntime
 from tlsfront.smtp import Dialogue, Phase, TraceInfo, build_received
@@ -121,6 +122,7 @@ class Session:
         local: Address,
         rules_env: dict[str, str] | None = None,
         backend_starter: BackendStarter = start_backend,
+        tls_rate: TLSRateLimiter | None = None,
     ) -> None:
         self.runtime = runtime
         self.profile = runtime.profile
@@ -133,6 +135,7 @@ class Session:
         self._decision: RelayDecision | None = None
         self._next_tls: ServerTLS | None = None
         self._backend_starter = backend_starter
+        self._tls_rate = tls_rate
 
     # ------------------------------------------------------------- the whole
 
@@ -148,6 +151,9 @@ class Session:
     async def _run(self) -> None:
         if self.profile.tls == "implicit":
             server_tls = self.runtime.tls.get() if self.runtime.tls else None
+            if not self.tls_allowed():
+                self.record.reason = "too many new TLS sessions"
+                return
             if server_tls is None or not await self._handshake(server_tls):
                 self.record.reason = self.record.reason or "TLS unavailable"
                 return
@@ -203,6 +209,21 @@ class Session:
 
     # ------------------------------------------------------------------ TLS
 
+    def tls_allowed(self) -> bool:
+        """The profile's `tls_rate_limit`: may this client start one more TLS session?"""
+        limit = self.profile.tls_rate_limit
+        if self._tls_rate is None or self._tls_rate.allow(
+            self.client.ip, limit, trio.current_time()
+        ):
+            return True
+        log.warning(
+            "profile %s: [%s] more than %d new TLS sessions a minute",
+            self.profile.name,
+            self.client.ip,
+            limit,
+        )
+        return False
+
     async def _handshake(self, server_tls: ServerTLS) -> bool:
         tls_stream = server_tls.wrap(self._stream)
         try:
@@ -224,8 +245,9 @@ class Session:
         self.record.tls_version, self.record.tls_cipher = info.version, info.cipher
         self.record.cert_status = decision.status
         self.record.relay = "yes" if decision.relay else "no"
+        # Postfix's words; "unknown": tlsfront does no reverse lookup
         log.info(
-            "%s TLS connection established from [%s]: %s with cipher %s (%d/%d bits)",
+            "%s TLS connection established from unknown[%s]: %s with cipher %s (%d/%d bits)",
             decision.status,
             self.client.ip,
             info.version,
@@ -233,8 +255,12 @@ class Session:
             info.bits,
             info.alg_bits,
         )
-        if decision.cert is not None and not decision.relay:
-            log.info("[%s] no valid cert for gatewaying: %s", self.client.ip, decision.reason)
+        if decision.relay:
+            log.info("unknown[%s]: relaying allowed for cert %s", self.client.ip, decision.address)
+        elif decision.cert is not None:
+            log.info(
+                "unknown[%s]: no valid cert for gatewaying: %s", self.client.ip, decision.reason
+            )
         return True
 
     # -------------------------------------------------------------- backend
@@ -408,6 +434,9 @@ class _Phase:
         server_tls = watch.get() if watch is not None else None
         if server_tls is None:
             self.d.starttls_refuse()
+            return
+        if not self.s.tls_allowed():
+            self.d.starttls_refuse(f"Error: too many new TLS sessions from {self.s.client.ip}")
             return
         self.s._next_tls = server_tls
         self.d.starttls_accept()

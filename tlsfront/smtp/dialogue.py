@@ -230,6 +230,9 @@ class Dialogue:
             self._on_backend_reply(reply)
             if self.closing:
                 return
+        if self._replies.failure is not None:
+            self.backend_failed(self._replies.failure.text)
+            return
         self._process_client()
 
     def timeout(self, side: str) -> None:
@@ -247,6 +250,8 @@ class Dialogue:
         self._backend_dead = why
         self.backend_should_close = True
         self.stats.events.append(why)
+        if self.stats.close_reason is None:
+            self.stats.close_reason = why  # the cause, not the 4xx it becomes, for the log
         if self.phase is Phase.BODY:
             # The client is still sending the body and not reading: answer
             # at its end of data, which _process_body waits for.
@@ -285,12 +290,12 @@ class Dialogue:
         self.phase = Phase.HANDSHAKE
         self.backend_should_close = True
 
-    def starttls_refuse(self) -> None:
-        """TLS cannot be had now (the certificate did not load): 454, go on."""
+    def starttls_refuse(self, text: str = "TLS not available due to local problem") -> None:
+        """TLS cannot be had now (no certificate, a rate limit): 454, go on."""
         if self.phase is not Phase.STARTTLS_READY:
             raise LocalProtocolError(503, "5.5.1", "STARTTLS is not pending")
         self._pending.popleft()
-        self._to_client += _local(454, "4.7.0", "TLS not available due to local problem").raw
+        self._to_client += _local(454, "4.7.0", text).raw
         self.phase = Phase.COMMAND
 
     # --------------------------------------------------------------- internals
@@ -353,6 +358,11 @@ class Dialogue:
     def _after_reply(self, entry: _Pending, reply: Reply) -> None:
         if entry.close_after:
             self._close(reply.raw.decode("utf-8", "replace").strip())
+            return
+        if reply.code == 421 and not entry.swallow:
+            # The backend is closing the channel (RFC 5321 §3.8): so does the session.
+            first = reply.lines[0].decode("utf-8", "replace")
+            self._close(f"backend closed the session: 421 {first}")
             return
         kind = entry.kind
         if kind in (_Kind.HELO, _Kind.EHLO) and reply.code == 250:

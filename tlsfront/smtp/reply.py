@@ -48,13 +48,17 @@ class ReplyReader:
 
     Lines end in LF (a CR before it is dropped); qmail always writes CRLF.
     A line that is not `ddd` followed by ` `, `-` or the end is a backend
-    failure, as is a line or a reply beyond the bounds above.
+    failure, as is a line or a reply beyond the bounds above. Replies that
+    came complete before the failure in the same `feed` are still returned
+    (a `250` for a queued message must not be lost to garbage behind it);
+    the failure is then in `failure`, and every later `feed` raises it.
     """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._lines: list[bytes] = []
         self._code: int | None = None
+        self.failure: RemoteProtocolError | None = None
 
     @property
     def partial(self) -> bool:
@@ -62,14 +66,26 @@ class ReplyReader:
         return bool(self._buffer) or bool(self._lines)
 
     def feed(self, data: bytes) -> list[Reply]:
-        self._buffer += data
+        if self.failure is not None:
+            raise self.failure
         replies: list[Reply] = []
+        try:
+            self._parse(data, replies)
+        except RemoteProtocolError as exc:
+            self.failure = exc
+            self._buffer.clear()
+            if not replies:
+                raise
+        return replies
+
+    def _parse(self, data: bytes, replies: list[Reply]) -> None:
+        self._buffer += data
         while True:
             end = self._buffer.find(b"\n")
             if end < 0:
                 if len(self._buffer) > MAX_REPLY_LINE:
                     raise _backend_error("reply line too long")
-                return replies
+                return
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
             if len(line) > MAX_REPLY_LINE:
