@@ -297,6 +297,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "relay_backend_connect": ('"::1:25"', "in brackets"),
     "source_address": ('"127.0.0.256"', "not an IP address"),
     "relay_source_address": ("1", "must be a string"),
+    "backend_rules": ("5", "must be a path"),
     "env": ('{ "A-B" = "1" }', "not an environment variable name"),
     "rules": ("1979-05-27", "not a date"),
     "received_header": ("1", "must be true or false, not 1"),

@@ -7,13 +7,25 @@ days, a rules line that makes a TCP backend an open relay) do not.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tlsfront.certs import CertError, load_ca_bundle, load_crls, load_server_credentials
-from tlsfront.config import Config, ConfigError, Profile, find_config, load_config
+from tlsfront.config import (
+    Config,
+    ConfigError,
+    Profile,
+    find_config,
+    load_config,
+    split_host_port,
+)
+
+if TYPE_CHECKING:
+    from tlsfront.tcprules import Rules
 
 EXPIRY_WARNING = datetime.timedelta(days=21)
 
@@ -113,16 +125,129 @@ def _check_backend(profile: Profile, report: Report) -> None:
         report.warn(f"profile {profile.name}: env sets RELAYCLIENT: every client may relay")
 
 
-def _check_rules(profile: Profile, report: Report) -> None:
-    if profile.rules is None:
-        return
+def _load_rules(path: Path, profile: Profile, report: Report) -> Rules | None:
     from tlsfront.tcprules import Rules, RulesError
 
     try:
-        Rules.load(profile.rules)
-        report.note(f"profile {profile.name}: rules {profile.rules} read")
+        rules = Rules.load(path)
     except (OSError, RulesError) as exc:
         report.error(f"profile {profile.name}: {exc}")
+        return None
+    for warning in rules.warnings:
+        report.warn(f"profile {profile.name}: {warning}")
+    return rules
+
+
+def _check_rules(profile: Profile, report: Report) -> Rules | None:
+    if profile.rules is None:
+        return None
+    rules = _load_rules(profile.rules, profile, report)
+    if rules is None:
+        return None
+    report.note(f"profile {profile.name}: rules {profile.rules} read")
+    from tlsfront.remotehost import needs_host
+
+    if needs_host(rules):
+        report.note(
+            f"profile {profile.name}: rules have host name (=host) keys: tlsfront looks up"
+            " each client's name, confirmed as tcpserver -p does"
+        )
+    return rules
+
+
+def backend_sources(profile: Profile) -> list[str]:
+    """The addresses tlsfront connects to `backend_connect` from, for sessions
+    that may not relay; empty when the system picks one that cannot be known."""
+    if profile.source_address is not None:
+        return [profile.source_address]
+    if profile.backend_connect is None:
+        return []
+    host, _ = split_host_port(profile.backend_connect)
+    if host == "localhost":
+        return ["127.0.0.1", "::1"]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return []
+    if address.is_loopback:  # Linux answers from 127.0.0.1 whatever 127.x is called
+        return ["127.0.0.1"] if address.version == 4 else ["::1"]
+    return []
+
+
+def check_tcp_backend(
+    profile: Profile,
+    report: Report,
+    own_rules: Rules | None,
+    backend_rules: Path | None = None,
+) -> None:
+    """THREATS row 10: a TCP backend that lets every session tlsfront forwards relay.
+
+    `backend_rules` is the tcprules source of the backend's own tcpserver.
+    Without it, the profile's own `rules` stand in: they are tlsfront's rules,
+    not the backend's, but a host often gives both tcpservers one file.
+    """
+    if profile.backend_connect is None:
+        return
+    where = f"profile {profile.name}"
+    target = profile.backend_connect
+    split = profile.relay_backend_connect is not None or profile.relay_source_address is not None
+    by_rule = own_rules is not None and any(r.allow and "RELAYCLIENT" in r.env for r in own_rules)
+    if not split and (profile.client_cert != "none" or by_rule):
+        report.warn(
+            f"{where}: sessions allowed to relay reach the TCP backend {target} as every"
+            " other session does, so it cannot let them relay: set relay_backend_connect"
+            " or relay_source_address"
+        )
+    if "RELAYCLIENT" in profile.env:
+        report.warn(
+            f"{where}: env sets RELAYCLIENT: every session is sent the relay way: every"
+            " client may relay"
+        )
+    names = set(profile.env) | {n for r in own_rules or () for n in r.env}
+    if passed_over := sorted(names - {"RELAYCLIENT"}):
+        report.warn(
+            f"{where}: {', '.join(passed_over)} never reach a TCP backend:"
+            " over TCP only RELAYCLIENT travels (by the address used)"
+        )
+    sources = backend_sources(profile)
+    if not sources:
+        report.warn(
+            f"{where}: cannot tell which address tlsfront connects to {target} from: set"
+            " source_address, and make sure the backend's tcprules do not grant"
+            " RELAYCLIENT to it"
+        )
+        return
+    if backend_rules is not None:
+        rules = _load_rules(backend_rules, profile, report)
+        named = "the backend's rules"
+    else:
+        rules, named = own_rules, "rules"
+    if rules is None:
+        return
+    for source in sources:
+        hosts = [None, "localhost"] if ipaddress.ip_address(source).is_loopback else [None]
+        granted = next(
+            (g for h in hosts if (g := rules.relay_granted(source, h)) is not None), None
+        )
+        if granted is None:
+            continue
+        text = (
+            f"{where}: {named} line {granted.source} grants RELAYCLIENT to {source}, the address"
+            f" tlsfront connects to the TCP backend {target} from for sessions that may"
+            " not relay"
+        )
+        if backend_rules is None:
+            text += (
+                ". These are tlsfront's own rules; if the backend's tcpserver reads them"
+                " too (-x with the same file compiled), every client may relay through"
+                " tlsfront: an open relay"
+            )
+        else:
+            text += ": every client may relay through tlsfront: an open relay"
+        report.warn(
+            text + f". Remove RELAYCLIENT for {source} at the backend and let authorized"
+            " sessions use relay_backend_connect or relay_source_address"
+        )
 
 
 def check_config(config: Config, now: datetime.datetime | None = None) -> Report:
@@ -134,7 +259,10 @@ def check_config(config: Config, now: datetime.datetime | None = None) -> Report
         _check_certs(profile, report, now)
         _check_client_files(profile, report)
         _check_backend(profile, report)
-        _check_rules(profile, report)
+        own_rules = _check_rules(profile, report)
+        # the backend tcpserver's own rules file, once the configuration names it
+        backend_rules = profile.backend_rules
+        check_tcp_backend(profile, report, own_rules, backend_rules)
     return report
 
 

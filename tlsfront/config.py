@@ -131,6 +131,7 @@ class Profile:
     relay_backend_connect: str | None = None  # TCP backend for sessions allowed to relay
     source_address: str | None = None  # local IP to connect to the TCP backend from
     relay_source_address: str | None = None  # same, for sessions allowed to relay
+    backend_rules: Path | None = None  # the TCP backend's own tcprules source, for `check`
     env: Mapping[str, str] = field(default_factory=_empty_map)  # extra backend environment
     rules: Path | None = None  # tcprules source file (/etc/tcp.smtp)
     received_header: bool = True  # add tlsfront's Received header to each message
@@ -157,7 +158,7 @@ class Profile:
     tls_policy: Mapping[str, TlsPolicy] = field(default_factory=_empty_map)  # domain -> policy
     mta_sts: bool = False  # honour MTA-STS policies (RFC 8461)
     dane: bool = False  # honour DANE TLSA records (RFC 7672)
-    dns_servers: tuple[str, ...] = ()  # "ip[:port]" resolvers to use
+    dns_servers: tuple[str, ...] = ()  # "ip[:port]" resolvers (outbound; =host rules inbound)
     helo_name: str | None = None  # EHLO name outbound; default hostname
     timeout_connect: float = 30.0  # seconds to connect to a remote server
 
@@ -174,14 +175,14 @@ _INBOUND_ONLY = frozenset(
         *("tls", "require_tls", "cert", "key", "dhparams", "received_header", "tls_rate_limit"),
         *("client_cert", "client_ca", "client_crl", "relay_clients", "relay_fingerprints"),
         *("relay_fingerprints_file", "backend", "backend_connect", "relay_backend_connect"),
-        *("source_address", "relay_source_address", "env", "rules"),
+        *("source_address", "relay_source_address", "backend_rules", "env", "rules"),
         *("proxy_protocol", "proxy_trusted"),
     }
 )
 _OUTBOUND_ONLY = frozenset(
     {
         *("allow_from", "routes", "tlshosts", "notlshosts", "client_cert_file", "tls_policy"),
-        *("mta_sts", "dane", "dns_servers", "helo_name", "timeout_connect"),
+        *("mta_sts", "dane", "helo_name", "timeout_connect"),
     }
 )
 # keys that take a single string as well as a list
@@ -628,7 +629,12 @@ _INBOUND_RULES: tuple[_Rule, ...] = (
             lambda p, name=name: getattr(p, name) is not None and p.backend_connect is None,
             "works only with backend_connect (an exec backend gets RELAYCLIENT instead)",
         )
-        for name in ("relay_backend_connect", "source_address", "relay_source_address")
+        for name in (
+            "relay_backend_connect",
+            "source_address",
+            "relay_source_address",
+            "backend_rules",
+        )
     ),
     (
         "relay_backend_connect",

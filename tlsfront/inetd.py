@@ -14,6 +14,7 @@ backend come from the profile's `rules` file, read by tlsfront itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
@@ -27,6 +28,8 @@ from tlsfront.remotehost import safe_host
 from tlsfront.runtime import ProfileRuntime
 from tlsfront.server import ProfileServer
 
+log = logging.getLogger("tlsfront")
+
 
 def _from_env(environ: Mapping[str, str], prefix: str) -> Address | None:
     ip = environ.get(f"TCP{prefix}IP")
@@ -39,8 +42,13 @@ def _from_env(environ: Mapping[str, str], prefix: str) -> Address | None:
 def _stdio_stream() -> tuple[trio.abc.Stream, Address | None, Address | None]:
     if stat.S_ISSOCK(os.fstat(0).st_mode):
         sock = socket.socket(fileno=os.dup(0))
-        client = Address.from_sockaddr(sock.getpeername())
-        local = Address.from_sockaddr(sock.getsockname())
+        client: Address | None = None
+        local: Address | None = None
+        try:
+            client = Address.from_sockaddr(sock.getpeername())
+            local = Address.from_sockaddr(sock.getsockname())
+        except OSError:  # the client is already gone
+            pass
         return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), client, local
     stream = trio.StapledStream(
         trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0))
@@ -51,6 +59,17 @@ def _stdio_stream() -> tuple[trio.abc.Stream, Address | None, Address | None]:
 async def serve_inetd(profile: Profile, environ: Mapping[str, str]) -> int:
     runtime = ProfileRuntime.build(profile, eager=False)
     stream, client, local = _stdio_stream()
+    if runtime.rules is not None:
+        # A process per connection has no earlier rules to fall back on: a
+        # rules file that does not load closes the connection, as tcpserver
+        # does without its cdb, rather than letting everyone in.
+        try:
+            runtime.rules.load()
+        except Exception as exc:
+            log.error("profile %s: %s: connection closed", profile.name, exc)
+            with trio.move_on_after(5):
+                await stream.aclose()
+            return 1
     # tcpserver's variables, when present, are what tcpserver saw.
     client = _from_env(environ, "REMOTE") or client or Address("0.0.0.0", 0)
     local = _from_env(environ, "LOCAL") or local or Address("0.0.0.0", 0)
