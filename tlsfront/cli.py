@@ -9,22 +9,26 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
-from tlsfront import __version__
+from tlsfront import __version__, logs
 from tlsfront.config import Config, ConfigError, find_config, load_config
+from tlsfront.systemd import SystemdError
+
+if TYPE_CHECKING:
+    from tlsfront.server import Server
+    from tlsfront.systemd import Notifier, PassedSocket
 
 log = logging.getLogger("tlsfront")
 
+# How often STATUS= is refreshed (when it changed) under systemd.
+STATUS_EVERY = 5.0
 
-def setup_logging(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    root = logging.getLogger("tlsfront")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    logs.setup(level, fmt)
 
 
 def load(path: str | None) -> Config:
@@ -43,48 +47,150 @@ def load(path: str | None) -> Config:
     return config
 
 
-async def _serve(config: Config, config_arg: str | None) -> None:
-    from tlsfront.server import Server, StartupError
+def _startup_errors(exc: BaseException) -> list[BaseException] | None:
+    """The errors inside `exc` (an exception group from a nursery, maybe) when
+    all of them are start-up errors that deserve a line, not a traceback."""
+    from tlsfront.server import StartupError
 
+    if isinstance(exc, BaseExceptionGroup):
+        found: list[BaseException] = []
+        for inner in exc.exceptions:
+            errors = _startup_errors(inner)
+            if errors is None:
+                return None
+            found += errors
+        return found
+    if isinstance(exc, ConfigError | StartupError | SystemdError):
+        return [exc]
+    return None
+
+
+def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
+    """SIGHUP: the configuration and every file it names, read again."""
+    from tlsfront import metrics
+    from tlsfront.server import StartupError
+    from tlsfront.systemd import session_status
+
+    notifier.reloading()
+    old = server.config.settings
+    status = ""
+    try:
+        config = load(config_arg)
+        server.reload(config)
+    except (ConfigError, StartupError) as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        metrics.RELOADS.labels("failed").inc()
+        status = "reload failed, old configuration serving; "
+    except Exception:
+        log.exception("reload failed, keeping the running configuration")
+        metrics.RELOADS.labels("failed").inc()
+        status = "reload failed, old configuration serving; "
+    else:
+        new = config.settings
+        setup_logging(new.log_level, new.log_format)
+        for key in ("metrics_listen", "workers"):
+            if getattr(old, key) != getattr(new, key):
+                log.warning("reload: %s changed: restart to apply", key)
+        log.info("reloaded the configuration%s", f" from {config.path}" if config.path else "")
+        metrics.RELOADS.labels("ok").inc()
+    notifier.ready(status + session_status(server.session_counts()))
+
+
+async def _heartbeat(server: Server, notifier: Notifier, watchdog: float | None) -> None:
+    """STATUS= with the live session counts, and WATCHDOG=1 when asked for."""
+    from tlsfront.systemd import session_status
+
+    step = min(watchdog, STATUS_EVERY) if watchdog else STATUS_EVERY
+    last = ""
+    while True:
+        status = session_status(server.session_counts(), server.stopping)
+        if status != last:
+            notifier.status(status)
+            last = status
+        if watchdog:
+            notifier.watchdog()
+        await trio.sleep(step)
+
+
+async def _serve(config: Config, config_arg: str | None, passed: list[PassedSocket]) -> None:
+    from tlsfront.metrics import serve_metrics
+    from tlsfront.server import Server
+    from tlsfront.systemd import (
+        Notifier,
+        listeners_by_profile,
+        session_status,
+        watchdog_interval,
+    )
+
+    notifier = Notifier.from_environ()
+    watchdog = watchdog_interval()
+    listeners = listeners_by_profile(config, passed)
     server = Server(config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run_server(task_status: trio.TaskStatus[Server]) -> None:
+                await server.run(listeners, task_status=task_status)
+                nursery.cancel_scope.cancel()  # stopped: metrics and signals too
+
+            await nursery.start(run_server)
+            if config.settings.metrics_listen:
+                await nursery.start(serve_metrics, config.settings.metrics_listen, server)
+            notifier.ready(session_status(server.session_counts()))
+            if notifier.enabled:
+                nursery.start_soon(_heartbeat, server, notifier, watchdog)
             async for signum in signals:
+                name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
-                    try:
-                        server.reload(load(config_arg))
-                        log.info("reloaded the configuration")
-                    except (ConfigError, StartupError) as exc:
-                        log.error("reload failed, keeping the running configuration: %s", exc)
-                    continue
-                log.info("stopping on %s", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                return
+                    _reload(server, config_arg, notifier)
+                elif server.stopping:
+                    log.warning("%s again: stopping now", name)
+                    nursery.cancel_scope.cancel()
+                else:
+                    log.info(
+                        "stopping on %s (shutdown_grace %gs)",
+                        name,
+                        server.config.settings.shutdown_grace,
+                    )
+                    notifier.stopping(session_status(server.session_counts(), stopping=True))
+                    server.stop()
+    notifier.close()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tlsfront.server import StartupError
+    from tlsfront.systemd import passed_sockets
 
     try:
+        passed = passed_sockets()
         config = load(args.config)
-        setup_logging(config.settings.log_level)
-        trio.run(_serve, config, args.config)
-    except (ConfigError, StartupError) as exc:
-        log.error("%s", exc)
+        settings = config.settings
+        setup_logging(settings.log_level, settings.log_format)
+        trio.run(_serve, config, args.config, passed)
+    except BaseException as exc:
+        errors = _startup_errors(exc)
+        if errors is None:
+            raise
+        for error in errors:
+            log.error("%s", error)
         return 1
     return 0
 
 
 def cmd_inetd(args: argparse.Namespace) -> int:
     from tlsfront.inetd import serve_inetd
+    from tlsfront.systemd import passed_sockets, take_connection
 
     try:
+        # systemd Accept=yes without StandardInput=socket: the connection is fd 3
+        fd = take_connection(passed_sockets())
+        if fd is not None:
+            os.dup2(fd, 0)
+            os.close(fd)
         config = load(args.config)
-    except ConfigError as exc:
+    except (ConfigError, SystemdError) as exc:
         log.error("%s", exc)
         return 1
-    setup_logging(config.settings.log_level)
+    setup_logging(config.settings.log_level, config.settings.log_format)
     if args.profile not in config.profiles:
         log.error(
             "no profile %r in the configuration (have: %s)",
@@ -98,7 +204,36 @@ def cmd_inetd(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from tlsfront.check import run_check
 
-    return run_check(args.config)
+    status = run_check(args.config)
+    if args.units is None:
+        return status
+    return max(status, _check_units(args.config, Path(args.units)))
+
+
+def _check_units(config_arg: str | None, directory: Path) -> int:
+    """`check --units DIR`: the unit files against the configuration."""
+    from tlsfront.systemd import check_units
+
+    path = find_config(Path(config_arg) if config_arg else None)
+    if path is None:
+        print("no configuration file: no profile to check the units against")
+        return 0
+    try:
+        config = load_config(path)
+    except ConfigError:
+        return 1  # run_check has said why
+    if not directory.is_dir():
+        print(f"error: {directory} is not a directory of unit files")
+        return 1
+    errors, warnings = check_units(config, directory)
+    print(f"systemd units: {directory}")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    for error in errors:
+        print(f"error: {error}")
+    verdict = "FAILED" if errors else "OK"
+    print(f"{verdict}: {len(errors)} error(s), {len(warnings)} warning(s)")
+    return 1 if errors else 0
 
 
 def cmd_import_qmail(args: argparse.Namespace) -> int:
@@ -146,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate the configuration and every file it names")
     config_option(p)
+    p.add_argument(
+        "--units",
+        metavar="DIR",
+        help="also check the systemd unit files in DIR against the configuration "
+        "(e.g. /etc/systemd/system)",
+    )
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser(

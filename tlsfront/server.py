@@ -1,9 +1,21 @@
-"""Listening: one `ProfileServer` per profile, connection limits, reload.
+"""Listening: one `ProfileServer` per profile, connection limits, reload, stop.
 
 The server holds, per profile, the newest `ProfileRuntime`. A reload builds
 a complete new set first (every file read and checked); only when all of it
 loads does it replace the old set, so a failed reload changes nothing.
 Sessions keep the runtime they started with.
+
+Stopping (`stop`, on SIGTERM) is graceful, in three steps:
+
+1. the listeners close at once and sessions go on undisturbed for
+   `shutdown_grace` seconds; most end on their own;
+2. then `shutdown` is set: each session that is idle in the command phase
+   answers `421 4.3.2 <host> Service shutting down` and closes, and a
+   session in the middle of a message keeps going until the backend has
+   answered its end of data, and closes the same way at that idle point;
+3. sessions still busy another `shutdown_grace` seconds later are cut: the
+   backend sees its input close without a final dot and queues nothing, and
+   the client, never told 250 for that message, sends it again later.
 """
 
 from __future__ import annotations
@@ -12,11 +24,14 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
+from tlsfront import metrics
 from tlsfront.backend import Address
 from tlsfront.config import Config, Profile, split_host_port
+from tlsfront.proxyproto import accept_proxied
 from tlsfront.ratelimit import TLSRateLimiter
 from tlsfront.remotehost import lookup_host, needs_host
 from tlsfront.runtime import ProfileRuntime
@@ -64,16 +79,24 @@ class Limits:
 
 
 class ProfileServer:
-    def __init__(self, runtime: ProfileRuntime) -> None:
+    def __init__(self, runtime: ProfileRuntime, shutdown: trio.Event | None = None) -> None:
         self.runtime = runtime
         self.limits = Limits()
+        self.shutdown = shutdown  # set when the server stops (see the module doc)
 
     @property
     def name(self) -> str:
         return self.runtime.profile.name
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        await self.serve_stream(stream, _peer(stream, True), _peer(stream, False))
+        client, local = _peer(stream, True), _peer(stream, False)
+        profile = self.runtime.profile
+        if profile.proxy_protocol:  # the client's address comes in a PROXY header
+            proxied = await accept_proxied(stream, client, local, profile)
+            if proxied is not None:
+                await self.serve_stream(*proxied)
+            return
+        await self.serve_stream(stream, client, local)
 
     async def serve_stream(
         self, stream: trio.abc.Stream, client: Address, local: Address, host: str | None = None
@@ -84,6 +107,7 @@ class ProfileServer:
         refusal = self.limits.admit(profile, client.ip)
         if refusal is not None:
             log.warning("profile %s: refused [%s]: %s", profile.name, client.ip, refusal)
+            metrics.connection_refused(profile.name, "refused")
             await _refuse(stream, profile, refusal)
             return
         try:
@@ -95,6 +119,7 @@ class ProfileServer:
                 rule = rules.match(client.ip, host)
                 if rule is not None and not rule.allow:
                     log.info("profile %s: [%s] denied by %s", profile.name, client.ip, rule.source)
+                    metrics.connection_refused(profile.name, "denied")
                     await stream.aclose()
                     return
                 if rule is not None:
@@ -110,7 +135,13 @@ class ProfileServer:
                     await stream.aclose()
                 return
             await Session(
-                runtime, stream, client, local, rules_env, tls_rate=self.limits.tls_rate
+                runtime,
+                stream,
+                client,
+                local,
+                rules_env,
+                tls_rate=self.limits.tls_rate,
+                shutdown=self.shutdown,
             ).run()
         finally:
             self.limits.release(client.ip)
@@ -156,21 +187,65 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Set at the end of the grace: sessions close at their next idle point.
+        self.shutdown = trio.Event()
         self.profiles = {
-            name: ProfileServer(runtime) for name, runtime in build_runtimes(config).items()
+            name: ProfileServer(runtime, self.shutdown)
+            for name, runtime in build_runtimes(config).items()
         }
         self.addresses: dict[str, list[Address]] = {}
+        self.active = 0  # connections being handled, refused ones included
+        self.stopping = False
+        self._stop = trio.Event()
+        self._ended = trio.Event()  # pulsed when a connection ends
+        metrics.declare_profiles(self.profiles)
+
+    def session_counts(self) -> dict[str, int]:
+        """Sessions in progress, per profile."""
+        return {name: server.limits.active for name, server in self.profiles.items()}
 
     def reload(self, config: Config) -> None:
-        """Take a new configuration for new sessions; raise and change nothing on error."""
-        if set(config.profiles) != set(self.profiles) or any(
-            config.profiles[n].listen != self.config.profiles[n].listen for n in self.profiles
-        ):
-            raise StartupError("profiles or listen addresses changed: restart to apply")
+        """Take a new configuration for new sessions; raise and change nothing on error.
+
+        Every file is read again (new runtimes, loaded eagerly), also the
+        ones that did not change. Profiles, `listen` and `systemd` are
+        fixed while running: changing them needs a restart.
+        """
+        changed = sorted(set(config.profiles) ^ set(self.profiles))
+        if changed:
+            raise StartupError(
+                f"profiles added or removed ({', '.join(changed)}): restart to apply"
+            )
+        for name in self.profiles:
+            old, new = self.config.profiles[name], config.profiles[name]
+            if (old.listen, old.systemd) != (new.listen, new.systemd):
+                raise StartupError(f"profile {name}: listen or systemd changed: restart to apply")
         runtimes = build_runtimes(config)
         for name, runtime in runtimes.items():
             self.profiles[name].runtime = runtime
         self.config = config
+
+    def stop(self) -> None:
+        """Stop gracefully (see the module doc); `run` returns when it is done."""
+        self.stopping = True
+        self._stop.set()
+
+    async def _handle(self, server: ProfileServer, stream: trio.SocketStream) -> None:
+        self.active += 1
+        try:
+            await server.handle(stream)
+        except Exception:
+            # One session's bug must not take every other session down.
+            log.exception("profile %s: internal error in a session", server.name)
+            metrics.connection_refused(server.name, "error")
+        finally:
+            self.active -= 1
+            self._ended.set()
+            self._ended = trio.Event()
+
+    async def _quiet(self) -> None:
+        while self.active:
+            await self._ended.wait()
 
     async def run(
         self,
@@ -178,19 +253,53 @@ class Server:
         *,
         task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled. `listeners` (e.g. from systemd) replace `listen`."""
-        opened: dict[str, Sequence[trio.SocketListener]] = {}
-        for name, server in self.profiles.items():
-            if listeners is not None and name in listeners:
-                opened[name] = listeners[name]
-            else:
-                opened[name] = await open_listeners(server.runtime.profile)
-            self.addresses[name] = [
-                Address.from_sockaddr(ln.socket.getsockname()) for ln in opened[name]
-            ]
-            for address in self.addresses[name]:
-                log.info("profile %s: listening on [%s]:%d", name, address.ip, address.port)
-        async with trio.open_nursery() as nursery:
+        """Serve until `stop()` has run its course, or until cancelled.
+
+        `listeners` (e.g. from systemd) replace a profile's `listen`.
+        """
+        opened: dict[str, list[trio.SocketListener]] = {}
+        try:
             for name, server in self.profiles.items():
-                nursery.start_soon(trio.serve_listeners, server.handle, list(opened[name]))
-            task_status.started(self)
+                if listeners is not None and name in listeners:
+                    opened[name] = list(listeners[name])
+                else:
+                    opened[name] = await open_listeners(server.runtime.profile)
+                self.addresses[name] = [
+                    Address.from_sockaddr(ln.socket.getsockname()) for ln in opened[name]
+                ]
+                for address in self.addresses[name]:
+                    log.info("profile %s: listening on [%s]:%d", name, address.ip, address.port)
+        except BaseException:
+            for ls in opened.values():
+                for listener in ls:
+                    await trio.aclose_forcefully(listener)
+            raise
+        async with trio.open_nursery() as sessions:
+            async with trio.open_nursery() as accepting:
+                for name, server in self.profiles.items():
+                    serve = partial(
+                        trio.serve_listeners,
+                        partial(self._handle, server),
+                        opened[name],
+                        handler_nursery=sessions,
+                    )
+                    await accepting.start(serve)
+                task_status.started(self)
+                await self._stop.wait()
+                accepting.cancel_scope.cancel()  # closes the listeners
+            await self._drain(sessions)
+
+    async def _drain(self, sessions: trio.Nursery) -> None:
+        grace = self.config.settings.shutdown_grace
+        log.info("stopping: no new connections; %d in progress", self.active)
+        with trio.move_on_after(grace):
+            await self._quiet()
+        if not self.active:
+            return
+        log.info("stopping: closing %d idle session(s) with 421", self.active)
+        self.shutdown.set()
+        with trio.move_on_after(grace):
+            await self._quiet()
+        if self.active:
+            log.warning("stopping: cutting %d session(s) still busy", self.active)
+            sessions.cancel_scope.cancel()

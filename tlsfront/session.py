@@ -11,17 +11,21 @@ Within a phase five tasks share the dialogue (its methods are synchronous,
 so no two ever interleave inside it):
 
 * the client reader reads only while `client_wants_data` says so: after
-  STARTTLS or DATA it stops, so bytes behind them stay in the kernel until
-  the dialogue knows what they are (the ClientHello must not be eaten);
+  STARTTLS it stops, so bytes behind it stay in the kernel (the ClientHello
+  must not be eaten); while DATA waits for its reply it reads on, bounded
+  (`client_read_ahead`), so that a body sent too early is seen as one;
 * the backend reader feeds the backend's replies;
 * one writer per direction is the only sender on its stream, and sends
   whatever the dialogue's outbox holds, in order;
 * the supervisor (the phase's own task) runs the timers, answers the
   dialogue's STARTTLS question, and ends the phase once the dialogue is
-  closing or ready for the handshake and the client writer has flushed.
+  closing or ready for the handshake and the client writer has flushed;
+  when the server's `shutdown` event is set it has the dialogue answer
+  `421 4.3.2` at the first idle point (`Dialogue.shutdown`), never mid-DATA.
 
-Every change to the dialogue pulses one `_Signal`; every task that waits for
-a condition re-checks it after each pulse. Reading stops while the other
+Every change to the dialogue pulses one `_Signal`; each waiting task hands
+it the condition it waits for, and a pulse wakes only the tasks whose
+condition holds (and each re-checks it when it runs). Reading stops while the other
 side's outbox is above a high-water mark, so a slow peer slows its partner
 down instead of filling memory.
 """
@@ -31,11 +35,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import trio
 
+from tlsfront import logs, metrics
 from tlsfront.backend import (
     Address,
     Backend,
@@ -58,17 +64,36 @@ STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class _Signal:
-    """Wakes every waiting task at each pulse."""
+    """Wakes, at each pulse, the waiting tasks whose condition now holds.
+
+    The conditions are evaluated by `pulse` itself, so a task whose
+    condition a change did not make true is not scheduled at all: a task
+    switch costs far more than a few attribute reads.
+    """
 
     def __init__(self) -> None:
-        self._event = trio.Event()
+        self._waiters: list[tuple[Callable[[], bool], trio.Event]] = []
 
     def pulse(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
+        if not self._waiters:
+            return
+        waiting: list[tuple[Callable[[], bool], trio.Event]] = []
+        for condition, event in self._waiters:
+            if condition():
+                event.set()
+            else:
+                waiting.append((condition, event))
+        self._waiters = waiting
 
-    async def wait(self) -> None:
-        await self._event.wait()
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Wait until a pulse finds `condition()` true (the caller saw it false)."""
+        entry = (condition, trio.Event())
+        self._waiters.append(entry)
+        try:
+            await entry[1].wait()
+        finally:
+            if not entry[1].is_set():
+                self._waiters.remove(entry)
 
 
 @dataclass
@@ -88,6 +113,38 @@ class SessionRecord:
     backend_exit: int | None = None
     reason: str = ""
     events: list[str] = field(default_factory=list)
+    tls_failure: str | None = None  # the handshake's short failure reason
+    backend_failure: str | None = None  # start, timeout, exited, protocol
+
+    @property
+    def outcome(self) -> str:
+        """One word for how the session ended (logs and metrics)."""
+        if self.tls_failure is not None:
+            return "tls_failed"
+        if self.backend_failure is not None:
+            return "backend_failed"
+        if self.reason.startswith("backend closed the session: 421"):
+            return "backend_closed"
+        return _OUTCOMES.get(self.reason, "protocol_error")
+
+    def fields(self, now: float) -> dict[str, object]:
+        """The end line's fields, by name (the JSON log's keys)."""
+        return {
+            "client_ip": self.client.ip,
+            "client_port": self.client.port,
+            "profile": self.profile,
+            "tls_version": self.tls_version,
+            "tls_cipher": self.tls_cipher,
+            "cert": self.cert_status,
+            "relay": self.relay,
+            "messages": self.messages,
+            "refused": self.refused,
+            "bytes": self.bytes,
+            "backend_exit": self.backend_exit,
+            "duration": round(now - self.started, 3),
+            "outcome": self.outcome,
+            "reason": self.reason,
+        }
 
     def line(self, now: float) -> str:
         tls = f"{self.tls_version}/{self.tls_cipher}" if self.tls_version else "none"
@@ -96,8 +153,22 @@ class SessionRecord:
             f"session end: client={self.client.ip}:{self.client.port} profile={self.profile} "
             f"tls={tls} cert={self.cert_status} relay={self.relay} messages={self.messages} "
             f"refused={self.refused} bytes={self.bytes} backend_exit={exit_status} "
-            f"duration={now - self.started:.3f}s reason={self.reason!r}"
+            f"duration={now - self.started:.3f}s outcome={self.outcome} reason={self.reason!r}"
         )
+
+
+# How a session that ended for one of these reasons ended; others are the
+# client's protocol errors (too long a line, a bare LF, pipelining ...).
+_OUTCOMES = {
+    "quit": "ok",
+    "client closed the connection": "ok",
+    "client closed the connection during DATA": "client_lost",
+    "client timed out": "timeout",
+    "TLS unavailable": "tls_failed",
+    "too many new TLS sessions": "rate_limited",
+    "shutting down": "shutdown",
+    "cancelled": "cancelled",
+}
 
 
 def tls_environment(info: TLSInfo) -> dict[str, str]:
@@ -123,6 +194,7 @@ class Session:
         rules_env: dict[str, str] | None = None,
         backend_starter: BackendStarter = start_backend,
         tls_rate: TLSRateLimiter | None = None,
+        shutdown: trio.Event | None = None,
     ) -> None:
         self.runtime = runtime
         self.profile = runtime.profile
@@ -136,17 +208,24 @@ class Session:
         self._next_tls: ServerTLS | None = None
         self._backend_starter = backend_starter
         self._tls_rate = tls_rate
+        self.shutdown = shutdown  # set: close at the next idle point (421 4.3.2)
 
     # ------------------------------------------------------------- the whole
 
     async def run(self) -> None:
         try:
             await self._run()
+        except trio.Cancelled:
+            self.record.reason = self.record.reason or "cancelled"
+            raise
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(5):
                     await self._stream.aclose()
-            log.info("%s", self.record.line(trio.current_time()))
+            now = trio.current_time()
+            record = self.record
+            log.info("%s", record.line(now), extra=logs.fields("session_end", record.fields(now)))
+            metrics.session_ended(record)
 
     async def _run(self) -> None:
         if self.profile.tls == "implicit":
@@ -172,6 +251,10 @@ class Session:
                 self.record.bytes += dialogue.stats.body_bytes
                 self.record.events += dialogue.stats.events
                 self.record.reason = dialogue.stats.close_reason or self.record.reason
+                if dialogue.backend_error is not None:
+                    self.record.backend_failure = metrics.backend_failure_kind(
+                        dialogue.backend_error
+                    )
             if dialogue.phase is not Phase.HANDSHAKE:
                 return
             assert self._next_tls is not None
@@ -231,13 +314,16 @@ class Session:
                 await tls_stream.do_handshake()
         except TLSHandshakeError as exc:
             self.record.reason = f"TLS handshake failed: {exc.reason}"
+            self.record.tls_failure = exc.reason
             log.info("TLS handshake failed from [%s]: %s", self.client.ip, exc)
             return False
         except trio.TooSlowError:
             self.record.reason = "TLS handshake timed out"
+            self.record.tls_failure = "timeout"
             return False
         except STREAM_ERRORS:
             self.record.reason = "client closed the connection during the TLS handshake"
+            self.record.tls_failure = "connection lost"
             return False
         self._stream = tls_stream
         info = self._tls_info = tls_stream.info()
@@ -254,6 +340,17 @@ class Session:
             info.cipher,
             info.bits,
             info.alg_bits,
+            extra=logs.fields(
+                "tls",
+                {
+                    "client_ip": self.client.ip,
+                    "profile": self.profile.name,
+                    "tls_version": info.version,
+                    "tls_cipher": info.cipher,
+                    "cert": decision.status,
+                    "relay": "yes" if decision.relay else "no",
+                },
+            ),
         )
         if decision.relay:
             log.info("unknown[%s]: relaying allowed for cert %s", self.client.ip, decision.address)
@@ -286,6 +383,7 @@ class Session:
                 return await self._backend_starter(p, env, relay)
         except (BackendError, trio.TooSlowError) as exc:
             self.record.reason = f"backend failure: {exc}"
+            self.record.backend_failure = "start"
             log.error("profile %s: %s", p.name, exc)
             reply = f"421 4.3.0 {p.hostname} Service temporarily unavailable\r\n".encode()
             with trio.move_on_after(10), contextlib.suppress(*STREAM_ERRORS):
@@ -301,6 +399,8 @@ class Session:
             nursery.start_soon(phase.backend_reader)
             nursery.start_soon(phase.client_writer)
             nursery.start_soon(phase.backend_writer)
+            if self.shutdown is not None:
+                nursery.start_soon(phase.watch_shutdown)
             await phase.supervise()
             nursery.cancel_scope.cancel()
 
@@ -316,18 +416,36 @@ class _Phase:
         self.changed = _Signal()
         self.client_sending = False
         self.client_broken = False
+        self.backend_eof_sent = False
         self.last_client_read = self.last_backend_read = trio.current_time()
 
     def _terminal(self) -> bool:
         return self.d.phase in (Phase.CLOSING, Phase.HANDSHAKE)
 
+    def _may_read_client(self) -> bool:
+        d = self.d
+        wants = d.client_wants_data or d.client_read_ahead
+        return self._terminal() or (wants and d.backend_output_size <= HIGH_WATER)
+
+    def _client_output(self) -> bool:
+        return self.d.client_output_size > 0
+
+    def _backend_work(self) -> bool:
+        d = self.d
+        return d.backend_output_size > 0 or (d.backend_should_close and not self.backend_eof_sent)
+
+    def _client_not_full(self) -> bool:
+        return self.d.client_output_size <= HIGH_WATER
+
     async def client_reader(self) -> None:
         d = self.d
         while True:
-            while not d.client_wants_data or d.backend_output_size > HIGH_WATER:
+            while not (d.client_wants_data or d.client_read_ahead) or (
+                d.backend_output_size > HIGH_WATER
+            ):
                 if self._terminal():
                     return
-                await self.changed.wait()
+                await self.changed.wait_until(self._may_read_client)
             try:
                 data = bytes(await self.client.receive_some(READ_SIZE))
             except STREAM_ERRORS:
@@ -342,7 +460,7 @@ class _Phase:
         d = self.d
         while True:
             while d.client_output_size > HIGH_WATER:
-                await self.changed.wait()
+                await self.changed.wait_until(self._client_not_full)
             try:
                 data = await self.backend.receive_some(READ_SIZE)
             except STREAM_ERRORS:
@@ -357,32 +475,37 @@ class _Phase:
         while True:
             data = self.d.take_client_output()
             if not data:
-                await self.changed.wait()
+                await self.changed.wait_until(self._client_output)
                 continue
             self.client_sending = True
             try:
-                await self.client.send_all(data)
+                # A client that stops reading must not hold the session
+                # forever: it has timeout_command to take each write.
+                with trio.move_on_after(self.s.profile.timeout_command) as stalled:
+                    await self.client.send_all(data)
             except STREAM_ERRORS:
                 self.client_broken = True
                 self.d.receive_client(b"")
             finally:
                 self.client_sending = False
+            if stalled.cancelled_caught:
+                self.client_broken = True
+                self.d.timeout("client")
             self.changed.pulse()
             if self.client_broken:
                 return
 
     async def backend_writer(self) -> None:
-        eof_sent = False
         while True:
             data = self.d.take_backend_output()
             try:
                 if data:
                     await self.backend.send_all(data)
-                elif self.d.backend_should_close and not eof_sent:
-                    eof_sent = True
+                elif self.d.backend_should_close and not self.backend_eof_sent:
+                    self.backend_eof_sent = True
                     await self.backend.send_eof()
                 else:
-                    await self.changed.wait()
+                    await self.changed.wait_until(self._backend_work)
                     continue
             except STREAM_ERRORS:
                 self.d.backend_failed("backend closed its input")
@@ -405,6 +528,39 @@ class _Phase:
             return self.mark + p.timeout_command, side
         return math.inf, None
 
+    async def watch_shutdown(self) -> None:
+        assert self.s.shutdown is not None
+        await self.s.shutdown.wait()
+        self.changed.pulse()
+
+    def _shutdown_due(self) -> bool:
+        """The server is stopping and the client may speak: time for 421."""
+        shutdown, d = self.s.shutdown, self.d
+        return (
+            shutdown is not None
+            and shutdown.is_set()
+            and d.phase is Phase.COMMAND
+            and d.waiting_for == "client"
+        )
+
+    def _key(self) -> tuple[str | None, Phase, int]:
+        """What the timers depend on: a new key restarts the current one."""
+        d = self.d
+        return d.waiting_for, d.phase, d.stats.commands
+
+    def _needs_supervisor(self, key: object) -> Callable[[], bool]:
+        def check() -> bool:
+            d = self.d
+            return (
+                self.client_broken
+                or d.phase is Phase.STARTTLS_READY
+                or (self._terminal() and not self.client_sending and not d.client_output_size)
+                or self._key() != key
+                or self._shutdown_due()
+            )
+
+        return check
+
     async def supervise(self) -> None:
         d = self.d
         key: object = None
@@ -418,12 +574,15 @@ class _Phase:
                 self._answer_starttls()
                 self.changed.pulse()
                 continue
-            new_key = (d.waiting_for, d.phase, d.stats.commands)
+            if self._shutdown_due() and d.shutdown():
+                self.changed.pulse()  # 421 4.3.2 queued; the phase ends once it is sent
+                continue
+            new_key = self._key()
             if new_key != key:
                 key, self.mark = new_key, trio.current_time()
             deadline, side = self._deadline()
             with trio.move_on_at(deadline):
-                await self.changed.wait()
+                await self.changed.wait_until(self._needs_supervisor(key))
                 continue
             if side is not None and self._deadline()[0] <= trio.current_time():
                 d.timeout(side)

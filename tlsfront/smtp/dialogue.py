@@ -19,9 +19,13 @@ backend's greeting is the reply to the first, virtual, entry.
 
 Three commands change how client bytes are read:
 
-* `DATA` pauses the client side until the backend answers. Only the
+* `DATA` holds the client's bytes until the backend answers. Only the
   backend's `354` starts the body (THREATS row 12); any other reply with
   client bytes already waiting behind `DATA` is a synchronization error.
+  The shell keeps reading meanwhile (`client_read_ahead`, up to
+  `DATA_WAIT_BUFFER`), so that a body sent without waiting for the reply is
+  seen as such, as Postfix sees input pending when its reply goes out, and
+  not run as commands.
 * In the body, `BodyScanner` finds the one true end (CRLF.CRLF) and refuses
   bare CR, bare LF and NUL rather than passing them to a lenient backend.
   tlsfront's Received header is written to the backend before the body.
@@ -33,7 +37,8 @@ Three commands change how client bytes are read:
   `Dialogue` with a fresh backend: nothing from before TLS survives.
 
 A phase change that the shell must act on is visible in `phase`,
-`client_wants_data`, `waiting_for` and `backend_should_close`.
+`client_wants_data`, `client_read_ahead`, `waiting_for` and
+`backend_should_close`.
 """
 
 from __future__ import annotations
@@ -85,6 +90,10 @@ class _Pending:
 # (XCLIENT/XFORWARD overwrite the client's identity at the backend).
 DROPPED_KEYWORDS = frozenset({"STARTTLS", "CHUNKING", "BINARYMIME", "XCLIENT", "XFORWARD"})
 REFUSED_VERBS = frozenset({"BDAT", "XCLIENT", "XFORWARD"})
+# How much a client may send behind DATA before the backend's reply: read
+# and held, it is the start of the body after a 354, a synchronization error
+# after anything else.
+DATA_WAIT_BUFFER = 65536
 # What a client may do before TLS on a port that requires it (RFC 3207 §4).
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
 
@@ -184,6 +193,20 @@ class Dialogue:
         return self.phase is Phase.COMMAND and len(self._pending) < self._max_pipeline
 
     @property
+    def client_read_ahead(self) -> bool:
+        """Whether the shell should read on while DATA waits for its reply.
+
+        The dialogue takes nothing from those bytes yet; it holds them (up
+        to `DATA_WAIT_BUFFER`) until the reply says whether they are a body
+        (354) or a synchronization error (anything else).
+        """
+        return (
+            self.phase is Phase.DATA_WAIT
+            and not self._client_eof
+            and len(self._client_buffer) < DATA_WAIT_BUFFER
+        )
+
+    @property
     def waiting_for(self) -> str | None:
         """'backend' while a reply is owed by it, 'client' while the client must speak."""
         if self.phase in (Phase.CLOSING, Phase.HANDSHAKE, Phase.STARTTLS_READY):
@@ -194,6 +217,11 @@ class Dialogue:
             return None
         return "client"
 
+    @property
+    def backend_error(self) -> str | None:
+        """Why the backend failed (died, hung, spoke nonsense), or None."""
+        return self._backend_dead
+
     # ------------------------------------------------------------------- input
 
     def receive_client(self, data: bytes) -> None:
@@ -202,7 +230,8 @@ class Dialogue:
             return
         if not data:
             self._client_eof = True
-            self.backend_should_close = True
+            if self.phase is not Phase.DATA_WAIT:  # there, a body may still be to pass on
+                self.backend_should_close = True
             if self.phase is Phase.BODY:
                 self._close("client closed the connection during DATA")
             elif not self._pending:
@@ -234,6 +263,9 @@ class Dialogue:
             self.backend_failed(self._replies.failure.text)
             return
         self._process_client()
+        if self._client_eof and self.phase is Phase.BODY:
+            # The client closed while DATA was pending and sent no end of data.
+            self._close("client closed the connection during DATA")
 
     def timeout(self, side: str) -> None:
         """The shell's timer for `waiting_for` ran out."""
@@ -297,6 +329,22 @@ class Dialogue:
         self._pending.popleft()
         self._to_client += _local(454, "4.7.0", text).raw
         self.phase = Phase.COMMAND
+
+    # ---------------------------------------------------------------- shutdown
+
+    def shutdown(self) -> bool:
+        """tlsfront is stopping: when idle, answer 421 4.3.2 and close.
+
+        Idle is the command phase with no reply owed, so a message in
+        progress is never cut: during DATA (or while the backend has yet to
+        answer anything) this returns False and the shell asks again later.
+        """
+        if self.phase is not Phase.COMMAND or self._pending:
+            return False
+        self._client_buffer.clear()  # a command not yet complete is never run
+        self._to_client += _local(421, "4.3.2", f"{self.hostname} Service shutting down").raw
+        self._close("shutting down")
+        return True
 
     # --------------------------------------------------------------- internals
 
