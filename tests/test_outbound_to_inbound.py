@@ -15,6 +15,11 @@ from typing import Any
 import trio
 from conftest import Front
 from outbound_fakes import qmail_remote
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tlsfront.metrics import outbound_metrics
+from tlsfront.outbound import stats
 
 INBOUND = """
 [profile.smtp]
@@ -38,6 +43,7 @@ routes = {{{{ "example.org" = "127.0.0.1:{port}" }}}}
 async def test_qmail_remote_through_both_halves(
     start_front: Any, tls_dir: Path, tmp_path: Path
 ) -> None:
+    stats.reset()
     inbound: Front = await start_front(INBOUND)
     tlshosts = tmp_path / "tlshosts"
     tlshosts.mkdir()
@@ -56,3 +62,19 @@ async def test_qmail_remote_through_both_halves(
     (body,) = tls["messages"]
     assert b"(tlsfront) with ESMTPS" in body
     assert b"Subject: both" in body
+    # The metrics count the delivery by its TLS outcome (issue: outbound trace).
+    text = generate_latest(_Registry(list(outbound_metrics()))).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    (sample,) = families["tlsfront_outbound_deliveries"].samples
+    assert sample.labels == {"result": "delivered", "tls": "verified"}
+    assert sample.value == 1
+
+
+class _Registry:
+    """Just enough of a registry for generate_latest: fixed metric families."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self._families = families
+
+    def collect(self) -> Any:
+        return iter(self._families)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import trio
 from prometheus_client import CollectorRegistry, Counter, ProcessCollector
 from prometheus_client import disable_created_metrics as _disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -199,6 +199,30 @@ class ServerCollector(Collector):
         yield active
         yield expiry
         yield broken
+        yield from outbound_metrics()
+
+
+def outbound_metrics() -> Iterator[Metric]:
+    """The outbound relay's deliveries, by result and TLS outcome (tlsfront.outbound.stats)."""
+    from tlsfront.outbound import stats
+
+    deliveries = CounterMetricFamily(
+        "tlsfront_outbound_deliveries",
+        "Outbound transactions, by result (delivered, deferred, bounced, abandoned) and TLS "
+        "(verified, encrypted, cleartext, none)",
+        labels=["result", "tls"],
+    )
+    for (result, tls), count in sorted(stats.outcomes.items()):
+        deliveries.add_metric([result, tls], count)
+    attempts = CounterMetricFamily(
+        "tlsfront_outbound_connections",
+        "Outbound connection attempts, by how they ended",
+        labels=["tls"],
+    )
+    for tls, count in sorted(stats.attempts.items()):
+        attempts.add_metric([tls], count)
+    yield deliveries
+    yield attempts
 
 
 class _Exposed(Collector):
