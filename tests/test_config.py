@@ -270,7 +270,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "log_format": ('"xml"', "must be one of 'text', 'json', not 'xml'"),
     "log_level": ('"verbose"', "must be one of 'debug'"),
     "metrics_listen": ('"localhost"', "missing ':port'"),
-    "workers": ("0", "at least 1"),
+    "workers": ("-1", "must not be negative"),
     "shutdown_grace": ("-1", "must not be negative"),
     # profile
     "mode": ('"both"', "must be one of 'inbound', 'outbound', not 'both'"),

@@ -23,6 +23,7 @@ from hostile import Client, code
 CONFIG = """
 [defaults]
 hostname = "{hostname}"
+workers = 1  # one process: these tests watch its own notifications
 state_dir = {state}
 
 [profile.smtp]

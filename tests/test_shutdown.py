@@ -25,6 +25,7 @@ PROFILE = """
 [defaults]
 hostname = "front.example.org"
 shutdown_grace = {grace}
+workers = 1  # one process: these tests watch its own notifications
 
 [profile.smtp]
 listen = ["127.0.0.1:0"]

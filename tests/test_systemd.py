@@ -52,6 +52,7 @@ TWO_PROFILES = """
 [defaults]
 hostname = "front.example.org"
 log_format = "json"
+workers = 1  # one process: these tests watch its own notifications
 shutdown_grace = 5
 state_dir = {state}
 

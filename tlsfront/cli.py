@@ -6,8 +6,9 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ import trio
 from tlsfront import __version__, logs
 from tlsfront.config import Config, ConfigError, find_config, load_config
 from tlsfront.systemd import SystemdError
+from tlsfront.workers import metrics_address
 
 if TYPE_CHECKING:
     from tlsfront.server import Server
@@ -112,7 +114,14 @@ async def _heartbeat(server: Server, notifier: Notifier, watchdog: float | None)
         await trio.sleep(step)
 
 
-async def _serve(config: Config, config_arg: str | None, passed: list[PassedSocket]) -> None:
+async def _serve(
+    config: Config,
+    config_arg: str | None,
+    passed: list[PassedSocket],
+    sockets: Mapping[str, Sequence[socket.socket]] | None = None,
+    worker: int = 0,
+) -> None:
+    """One server process: all of it, or one of `workers` (then on `sockets`)."""
     from tlsfront.metrics import serve_metrics
     from tlsfront.server import Server
     from tlsfront.systemd import (
@@ -124,7 +133,13 @@ async def _serve(config: Config, config_arg: str | None, passed: list[PassedSock
 
     notifier = Notifier.from_environ()
     watchdog = watchdog_interval()
-    listeners = listeners_by_profile(config, passed)
+    if sockets is None:
+        listeners = listeners_by_profile(config, passed)
+    else:
+        listeners = {
+            name: [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
+            for name, socks in sockets.items()
+        }
     server = Server(config)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -135,7 +150,8 @@ async def _serve(config: Config, config_arg: str | None, passed: list[PassedSock
 
             await nursery.start(run_server)
             if config.settings.metrics_listen:
-                await nursery.start(serve_metrics, config.settings.metrics_listen, server)
+                address = metrics_address(config.settings.metrics_listen, worker)
+                await nursery.start(serve_metrics, address, server)
             notifier.ready(session_status(server.session_counts()))
             if notifier.enabled:
                 nursery.start_soon(_heartbeat, server, notifier, watchdog)
@@ -165,6 +181,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load(args.config)
         settings = config.settings
         setup_logging(settings.log_level, settings.log_format)
+        count = settings.workers or os.cpu_count() or 1
+        if count > 1:
+            return _run_workers(config, args.config, passed, count)
         trio.run(_serve, config, args.config, passed)
     except BaseException as exc:
         errors = _startup_errors(exc)
@@ -174,6 +193,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.error("%s", error)
         return 1
     return 0
+
+
+def _run_workers(
+    config: Config, config_arg: str | None, passed: list[PassedSocket], count: int
+) -> int:
+    """`workers` processes on shared sockets (tlsfront.workers)."""
+    from tlsfront.server import build_runtimes
+    from tlsfront.workers import Supervisor, open_sockets
+
+    build_runtimes(config)  # a broken configuration is refused before any fork
+    sockets = open_sockets(config, passed)
+
+    def worker_main(index: int, sockets: Mapping[str, Sequence[socket.socket]]) -> int:
+        trio.run(_serve, config, config_arg, [], sockets, index)
+        return 0
+
+    log.info("starting %d workers", count)
+    return Supervisor(count, sockets, worker_main).run()
 
 
 def cmd_inetd(args: argparse.Namespace) -> int:

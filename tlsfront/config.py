@@ -96,7 +96,7 @@ class Settings:
     log_format: LogFormat = "text"  # log lines as text or one JSON object each
     log_level: LogLevel = "info"  # least severe level logged
     metrics_listen: str | None = None  # "host:port" of the metrics endpoint
-    workers: int = 1  # worker processes
+    workers: int = 0  # processes sharing the listening sockets; 0 = one per core
     shutdown_grace: float = 30.0  # seconds sessions get to finish on shutdown
 
 
@@ -538,7 +538,7 @@ def _each(check: Callable[[str], str]) -> Callable[[tuple[str, ...]], tuple[str,
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "hostname": _hostname,
     "metrics_listen": _listen_address,
-    "workers": _at_least(1),
+    "workers": _at_least(0),
     "listen": _each(_listen_address),
     "systemd": _fd_name,
     "relay_fingerprints": _each(_fingerprint),

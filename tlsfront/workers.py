@@ -1,0 +1,170 @@
+"""`workers = N`: N processes serving the same listening sockets.
+
+Theory of operation
+-------------------
+The parent opens every listening socket (or takes systemd's), checks that the
+configuration loads, and forks N workers. Each worker runs a complete trio
+server on the inherited sockets: the kernel hands each new connection to one
+of the workers waiting in accept(). The parent runs no event loop; it only
+supervises:
+
+* SIGHUP goes to every worker, and each re-reads the configuration itself,
+  exactly as a single process does (a worker whose reload fails keeps its
+  old configuration and logs why);
+* SIGTERM / SIGINT go to every worker (graceful stop); the parent exits when
+  the last one has;
+* a worker that dies unexpectedly is started again, no more than once a
+  second; if workers keep dying within a second of starting, the parent stops;
+* systemd hears READY / RELOADING / STOPPING / WATCHDOG from the parent only
+  (the service's main process, as NotifyAccess=main wants).
+
+Limits (`max_connections`, `max_per_ip`, `tls_rate_limit`) are counted by each
+worker for its own sessions. Worker i serves `metrics_listen` on its port + i.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from tlsfront.config import Config, split_host_port
+from tlsfront.systemd import Notifier, PassedSocket, match_sockets, watchdog_interval
+
+log = logging.getLogger("tlsfront")
+
+BACKLOG = 1024
+SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+# A worker that dies within this many seconds of starting counts as a crash loop.
+QUICK_DEATH = 1.0
+MAX_QUICK_DEATHS = 5
+
+WorkerMain = Callable[[int, Mapping[str, Sequence[socket.socket]]], int]
+
+
+def open_sockets(config: Config, passed: Sequence[PassedSocket]) -> dict[str, list[socket.socket]]:
+    """Every profile's listening sockets: systemd's when passed, else bound here."""
+    if passed:
+        assigned = match_sockets(config, [p.name for p in passed])
+        return {
+            name: [socket.socket(fileno=passed[i].fd) for i in indexes]
+            for name, indexes in assigned.items()
+        }
+    opened: dict[str, list[socket.socket]] = {}
+    for name, profile in config.profiles.items():
+        opened[name] = []
+        for spec in profile.listen:
+            host, port = split_host_port(spec)
+            hosts = ["0.0.0.0", "::"] if host == "*" else [host]
+            for address in hosts:
+                family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                try:
+                    sock = socket.create_server((address, port), family=family, backlog=BACKLOG)
+                except OSError as exc:
+                    raise OSError(f"profile {name}: cannot listen on {spec}: {exc}") from exc
+                sock.set_inheritable(False)  # workers get it by fork, backends never
+                opened[name].append(sock)
+    return opened
+
+
+def metrics_address(listen: str, worker: int) -> str:
+    host, port = split_host_port(listen)
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port + worker}"
+
+
+class Supervisor:
+    def __init__(
+        self, count: int, sockets: Mapping[str, Sequence[socket.socket]], worker_main: WorkerMain
+    ) -> None:
+        self.count = count
+        self.sockets = sockets
+        self.worker_main = worker_main
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started)
+        self.stopping = False
+        self.quick_deaths = 0
+        self.notifier = Notifier.from_environ()
+
+    def spawn(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+                    os.environ.pop(key, None)
+                for signum in SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+                code = self.worker_main(index, self.sockets)
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                os._exit(code)
+        self.children[pid] = (index, time.monotonic())
+        log.info("worker %d started (pid %d)", index, pid)
+
+    def signal_all(self, signum: int) -> None:
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            index, started = self.children.pop(pid, (-1, 0.0))
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                log.info("worker %d (pid %d) stopped", index, pid)
+                continue
+            log.error("worker %d (pid %d) died with status %d", index, pid, code)
+            if time.monotonic() - started < QUICK_DEATH:
+                self.quick_deaths += 1
+                if self.quick_deaths >= MAX_QUICK_DEATHS:
+                    log.error("workers keep dying at start: stopping")
+                    self.stop(signal.SIGTERM)
+                    continue
+                time.sleep(QUICK_DEATH)
+            else:
+                self.quick_deaths = 0
+            self.spawn(index)
+
+    def stop(self, signum: int) -> None:
+        if self.stopping:
+            log.warning("%s again: workers stop now", signal.Signals(signum).name)
+        else:
+            log.info("stopping %d workers on %s", len(self.children), signal.Signals(signum).name)
+            self.notifier.stopping("stopping")
+        self.stopping = True
+        self.signal_all(signal.SIGTERM)
+
+    def run(self) -> int:
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        for index in range(self.count):
+            self.spawn(index)
+        self.notifier.ready(f"{self.count} workers")
+        watchdog = watchdog_interval()
+        while self.children:
+            info = signal.sigtimedwait(SIGNALS, watchdog or 3600.0)
+            if watchdog:
+                self.notifier.watchdog()
+            if info is None:
+                continue
+            if info.si_signo == signal.SIGCHLD:
+                self.reap()
+            elif info.si_signo == signal.SIGHUP:
+                self.notifier.reloading()
+                self.signal_all(signal.SIGHUP)
+                self.notifier.ready(f"{self.count} workers")
+            else:
+                self.stop(info.si_signo)
+        self.notifier.close()
+        return 1 if self.quick_deaths >= MAX_QUICK_DEATHS else 0
