@@ -154,7 +154,7 @@ class TCPBackend:
     async def connect(cls, target: str, source_address: str | None = None) -> TCPBackend:
         host, port = split_host_port(target)
         try:
-            if source_address is None:
+            if source_address is None and not _is_ip(host):
                 stream = await trio.open_tcp_stream(host, port)
             else:
                 stream = await _connect_from(host, port, source_address)
@@ -180,11 +180,22 @@ class TCPBackend:
         return None
 
 
-async def _connect_from(host: str, port: int, source: str) -> trio.SocketStream:
-    family = trio.socket.AF_INET6 if ":" in source else trio.socket.AF_INET
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _connect_from(host: str, port: int, source: str | None) -> trio.SocketStream:
+    """One plain connect (from `source` when given): no happy-eyeballs tasks
+    for a single address, which costs a session measurable CPU."""
+    family = trio.socket.AF_INET6 if ":" in (source or host) else trio.socket.AF_INET
     sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
     try:
-        await sock.bind((source, 0))
+        if source is not None:
+            await sock.bind((source, 0))
         await sock.connect((host, port))
     except BaseException:
         sock.close()

@@ -88,6 +88,7 @@ _VERSIONS = {
 }
 
 _CHUNK = 65536  # bytes per transport read and per SSL_write
+_PULL = 4 * _CHUNK  # bytes per read of OpenSSL's outgoing BIO
 _CLOSE_NOTIFY_TIMEOUT = 5.0  # seconds aclose() spends on a best-effort close_notify
 _FULL_HANDSHAKE_STATE = b"SSLv3/TLS write certificate"
 
@@ -397,6 +398,9 @@ class ServerTLS:
             _configure_client_auth(ctx, settings)
         ctx.set_session_id(_session_id_context(settings))
         ctx.set_info_callback(_info_callback)
+        # Free a connection's read and write buffers (about 34 KB) while it
+        # idles: most of a mail server's connections wait for the next command.
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         return ctx
 
     def wrap(self, transport: trio.abc.Stream) -> TLSStream:
@@ -469,20 +473,29 @@ class TLSStream(trio.abc.Stream):
         """Move everything OpenSSL has written into the outgoing queue."""
         while True:
             try:
-                self._outgoing.append(self._conn.bio_read(4 * _CHUNK))
+                data = self._conn.bio_read(_PULL)
             except SSL.WantReadError:
                 return
+            self._outgoing.append(data)
+            if len(data) < _PULL:
+                return  # a memory BIO reads short only when it is empty
 
     async def _flush(self, *, wait: bool = True) -> None:
         """Send the outgoing queue. With wait=False, leave it to a current sender."""
         self._pull()
-        if not self._outgoing or (not wait and self._send_lock.locked()):
+        if not self._outgoing:
             return
-        async with self._send_lock:
-            while True:
-                self._pull()
-                if not self._outgoing:
-                    return
+        if not self._send_lock.locked():
+            # Uncontended: take the lock without a checkpoint of its own;
+            # the transport send below is one.
+            self._send_lock.acquire_nowait()
+        elif wait:
+            await self._send_lock.acquire()
+            self._pull()
+        else:
+            return
+        try:
+            while self._outgoing:
                 if self._send_broken:
                     self._outgoing.clear()
                     raise trio.BrokenResourceError("an earlier send failed")
@@ -499,6 +512,9 @@ class TLSStream(trio.abc.Stream):
                     # Part of a record may be out: nothing more can follow it.
                     self._send_broken = True
                     raise
+                self._pull()
+        finally:
+            self._send_lock.release()
 
     async def _receive_transport(self) -> bytes | bytearray:
         try:
@@ -635,6 +651,8 @@ class TLSStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_usable()
             await self._ensure_handshake()
+            # A transport read is a checkpoint; without one, take a checkpoint.
+            awaited = False
             while not self._eof:
                 try:
                     data = self._conn.recv(max_bytes)
@@ -647,16 +665,19 @@ class TLSStream(trio.abc.Stream):
                     self._broken = True
                     raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
                 else:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    if not awaited:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
                 with contextlib.suppress(trio.BrokenResourceError):
                     await self._flush(wait=False)  # e.g. a KeyUpdate response
                 ciphertext = await self._receive_transport()
+                awaited = True
                 if not ciphertext:
                     self._eof = True
                     break
                 self._conn.bio_write(ciphertext)
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not awaited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return b""
         finally:
             self._receiving = False

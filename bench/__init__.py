@@ -1,0 +1,1 @@
+"""tlsfront's benchmarks: `python -m bench` (see bench/README.md)."""
