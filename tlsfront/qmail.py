@@ -52,29 +52,30 @@ def _existing(path: Path) -> Path | None:
     return path
 
 
-def _first_line(path: Path) -> str | None:
-    """The first line of a control file, as qmail's control_rldef reads it."""
+def _read(path: Path) -> str | None:
+    """A control file's text, or None when it does not exist."""
     found = _existing(path)
     if found is None:
         return None
     try:
-        text = found.read_text(encoding="utf-8", errors="replace")
+        return found.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise QmailControlError(path, exc.strerror or str(exc)) from exc
-    line = text.split("\n", 1)[0].strip()
+
+
+def _first_line(path: Path) -> str | None:
+    """The first line of a control file, as qmail's control_rldef reads it."""
+    text = _read(path)
+    line = text.split("\n", 1)[0].strip() if text is not None else ""
     return line or None
 
 
 def _cipher_list(path: Path) -> str | None:
     """tlsserverciphers as the patch reads it: lines joined by ':', comments skipped."""
-    found = _existing(path)
-    if found is None:
+    text = _read(path)
+    if text is None:
         return None
-    try:
-        text = found.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise QmailControlError(path, exc.strerror or str(exc)) from exc
-    parts = [line.strip() for line in text.splitlines()]
+    parts = [line.strip() for line in text.split("\n")]
     joined = ":".join(p for p in parts if p and not p.startswith("#"))
     return joined or None
 
