@@ -1,0 +1,281 @@
+"""Broken backends (THREATS row 19): real misbehaving processes behind tlsfront.
+
+Each mode of tests/backends/faulty.py runs as the exec backend of a running
+tlsfront. For each: the client's reply to the step that failed is a 4xx
+(never a 250, RFC 5321 §6.1), the session's log line says what happened,
+the faulty process is gone afterwards (reaped, not left running), and
+tlsfront's tasks and memory are back where they were before the session.
+
+The backend is started through `sh -c 'echo $$ >> PIDFILE; exec ...'`, so
+the test learns each backend's pid without the backend's help.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import tracemalloc
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from conftest import FAULTY, Front, toml_str
+from hostile import Client, SessionLog, code, session_log, task_count
+
+import tlsfront.backend
+from tlsfront.backend import ExecBackend
+from tlsfront.session import Session
+from tlsfront.smtp import Dialogue
+
+PROFILE = """
+[profile.smtp]
+listen = ["127.0.0.1:0"]
+tls = "starttls"
+cert = {{cert}}
+backend = {backend}
+timeout_backend = {timeout}
+"""
+
+ENVELOPE = (
+    b"EHLO client.example\r\n",
+    b"MAIL FROM:<a@example.net>\r\n",
+    b"RCPT TO:<b@example.org>\r\n",
+)
+BODY = b"Subject: fault\r\n\r\nhello\r\n.\r\n"
+
+
+@pytest.fixture
+def log() -> Iterator[SessionLog]:
+    with session_log() as handler:
+        yield handler
+
+
+@pytest.fixture(autouse=True)
+def _short_exit_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung backend is killed after EXIT_GRACE; 10 s of it would only slow the tests."""
+    monkeypatch.setattr(tlsfront.backend, "EXIT_GRACE", 1.0)
+
+
+def faulty_profile(tmp_path: Path, mode: str, *, delay: float = 3.0, timeout: float = 1.0) -> str:
+    argv = [
+        "/bin/sh", "-c", 'echo $$ >> "$0"; exec "$@"', str(tmp_path / "pids"),
+        sys.executable, str(FAULTY), "--mode", mode, "--delay", str(delay),
+    ]
+    backend = "[" + ", ".join(toml_str(a) for a in argv) + "]"
+    return PROFILE.format(backend=backend, timeout=timeout)
+
+
+def pids(tmp_path: Path) -> list[int]:
+    return [int(line) for line in (tmp_path / "pids").read_text().split()]
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def up_to_data(client: Client) -> None:
+    """Greeting, EHLO, MAIL, RCPT (each 2xx from the backend), DATA answered 354."""
+    assert code(await client.reply()) == 220
+    for line in ENVELOPE:
+        await client.send(line)
+        assert code(await client.reply()) == 250
+    assert await client.command(b"DATA") == b"354 go ahead\r\n"
+
+
+async def fault_session(port: int, mode: str) -> list[bytes]:
+    """One client session against `mode`; returns every reply after the fault point."""
+    client = await Client.connect(port)
+    try:
+        if mode in ("hang-after-data", "die-after-dot", "half-reply"):
+            await up_to_data(client)
+            await client.send(BODY)
+        elif mode == "greeting-554":
+            replies = [await client.reply()]
+            replies.append(await client.command(b"EHLO client.example"))
+            replies.append(await client.command(b"MAIL FROM:<a@example.net>"))
+            replies.append(await client.command(b"QUIT"))
+            assert await client.rest() == b""
+            return replies
+        elif mode == "flood-output":
+            assert (await client.reply()).startswith(b"220 flood.invalid")
+        # exit-before-greeting, 421-at-connect, slow-reply: the fault is at once
+        replies = [await client.reply()]
+        replies += split_replies(await client.rest())
+        return replies
+    finally:
+        await client.aclose()
+
+
+def split_replies(data: bytes) -> list[bytes]:
+    return [line + b"\r\n" for line in data.split(b"\r\n") if line]
+
+
+# mode -> (the client's replies from the fault on, the log's reason)
+NOT_AVAILABLE = b"421 4.3.0 front.example.org Service not available"
+LOST = b"451 4.3.0 Error: backend failed, message not accepted\r\n"
+EXPECTED: dict[str, tuple[list[bytes], str]] = {
+    "exit-before-greeting": (
+        [NOT_AVAILABLE + b", closing channel\r\n"],
+        "reason='backend closed the connection'",
+    ),
+    "421-at-connect": (
+        [b"421 service unavailable\r\n"],
+        "reason='backend closed the session: 421 service unavailable'",
+    ),
+    "hang-after-data": ([LOST], "reason='backend did not answer in time'"),
+    "die-after-dot": ([LOST], "reason='backend closed the connection'"),
+    "half-reply": ([LOST], "reason='backend closed the connection'"),
+    "slow-reply": (
+        [NOT_AVAILABLE + b", closing channel\r\n"],
+        "reason='backend did not answer in time'",
+    ),
+    "flood-output": (
+        [NOT_AVAILABLE + b"\r\n"],
+        "reason='Backend failure: reply has too many lines'",
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(EXPECTED))
+async def test_fault_gives_a_4xx_and_leaves_nothing_behind(
+    start_front: Any,
+    tmp_path: Path,
+    log: SessionLog,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+) -> None:
+    front: Front = await start_front(faulty_profile(tmp_path, mode))
+    port = front.port("smtp")
+    await trio.testing.wait_all_tasks_blocked()
+    baseline = task_count()
+    with trio.fail_after(30):
+        replies = await fault_session(port, mode)
+        await log.wait_ends(1)
+        await trio.testing.wait_all_tasks_blocked()
+    expected_replies, reason = EXPECTED[mode]
+    assert replies == expected_replies
+    assert all(400 <= code(r) < 500 for r in replies)
+    (end,) = log.ends
+    assert reason in end
+    assert "messages=0" in end
+    assert any(reason in r.getMessage() for r in caplog.records if r.name == "tlsfront.session")
+    (pid,) = pids(tmp_path)
+    assert gone(pid)
+    assert task_count() == baseline
+    assert front.server.profiles["smtp"].limits.active == 0
+
+
+async def test_backend_refusal_at_connect_reaches_the_client(
+    start_front: Any, tmp_path: Path, log: SessionLog
+) -> None:
+    """rblsmtpd / a tcprules deny in the backend chain: its 554 and 553s, never a 250."""
+    front: Front = await start_front(faulty_profile(tmp_path, "greeting-554"))
+    with trio.fail_after(30):
+        replies = await fault_session(front.port("smtp"), "greeting-554")
+        await log.wait_ends(1)
+    assert replies == [
+        b"554 blocked\r\n",
+        b"553 sorry, blocked (#5.7.1)\r\n",
+        b"553 sorry, blocked (#5.7.1)\r\n",
+        b"221 blocked.invalid\r\n",
+    ]
+    (pid,) = pids(tmp_path)
+    assert gone(pid)
+    assert "reason='quit'" in log.ends[0]
+
+
+async def test_slow_backend_within_the_timeout_is_waited_for(
+    start_front: Any, tmp_path: Path, log: SessionLog
+) -> None:
+    """A slow reply is not a failure: the 250 is the backend's own, byte for byte."""
+    front: Front = await start_front(faulty_profile(tmp_path, "slow-reply", delay=0.2, timeout=10))
+    with trio.fail_after(30):
+        client = await Client.connect(front.port("smtp"))
+        await up_to_data(client)
+        await client.send(BODY)
+        reply = await client.reply()
+        (pid,) = pids(tmp_path)
+        assert reply.startswith(b"250 ok ")
+        assert reply.endswith(b" qp %d\r\n" % pid)
+        assert code(await client.command(b"QUIT")) == 221
+        await client.aclose()
+        await log.wait_ends(1)
+    assert "messages=1" in log.ends[0]
+
+
+SESSION_TYPES = (Session, Dialogue, ExecBackend, trio.Process, trio.SocketStream)
+ROUNDS = 5
+
+
+def census() -> Counter[str]:
+    """How many objects of each kind a session is made of are alive.
+
+    Not zero between sessions: trio's accept loop keeps the last stream it
+    accepted until the next connection comes.
+    """
+    gc.collect()
+    return Counter(type(o).__name__ for o in gc.get_objects() if isinstance(o, SESSION_TYPES))
+
+
+LEAK_MODES = ("exit-before-greeting", "421-at-connect", "die-after-dot", "half-reply",
+              "flood-output")
+
+
+async def test_faults_do_not_leak_memory(
+    start_front: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty-five failing sessions in a row leave tlsfront's memory and tasks as they were.
+
+    No session object survives its session, and memory grows by less than a few
+    KiB a session: trio drops the deadlines of finished cancel scopes lazily
+    (its heap is pruned when it gets large), which is the only growth there is.
+    No log handler here: captured log records would grow too. A session is over
+    once tlsfront has closed the connection (it does that last, after reaping
+    the backend) and its task has run to its end.
+    """
+    monkeypatch.setattr(tlsfront.backend, "EXIT_GRACE", 0.2)  # the flooder ignores EOF
+    profiles = "".join(
+        faulty_profile(tmp_path, mode).replace("[profile.smtp]", f"[profile.{mode}]")
+        for mode in LEAK_MODES
+    )
+    front: Front = await start_front(profiles)
+
+    async def round_of_faults() -> None:
+        for mode in LEAK_MODES:
+            replies = await fault_session(front.port(mode), mode)
+            assert replies == EXPECTED[mode][0]
+            await trio.testing.wait_all_tasks_blocked()
+
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    try:
+        with trio.fail_after(60):
+            await round_of_faults()  # warm-up: caches, lazy imports
+            objects = census()
+            before = tracemalloc.get_traced_memory()[0]
+            baseline = task_count()
+            for _ in range(ROUNDS):
+                await round_of_faults()
+            gc.collect()
+            after = tracemalloc.get_traced_memory()[0]
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+    assert task_count() == baseline
+    assert census() == objects
+    assert objects["Session"] == objects["Dialogue"] == objects["Process"] == 0
+    sessions = ROUNDS * len(LEAK_MODES)
+    # A session holds a dialogue, 64 KiB read buffers, a process and two streams.
+    assert (after - before) / sessions < 4096, after - before
+    assert len(pids(tmp_path)) == 6 * len(LEAK_MODES)
+    assert all(gone(pid) for pid in pids(tmp_path))
