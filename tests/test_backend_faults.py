@@ -239,8 +239,8 @@ async def test_faults_do_not_leak_memory(
     KiB a session: trio drops the deadlines of finished cancel scopes lazily
     (its heap is pruned when it gets large), which is the only growth there is.
     No log handler here: captured log records would grow too. A session is over
-    once tlsfront has closed the connection (it does that last, after reaping
-    the backend) and its task has run to its end.
+    once its task has run to its end (the client is let go first, the backend
+    reaped after).
     """
     monkeypatch.setattr(tlsfront.backend, "EXIT_GRACE", 0.2)  # the flooder ignores EOF
     profiles = "".join(
@@ -253,7 +253,7 @@ async def test_faults_do_not_leak_memory(
         for mode in LEAK_MODES:
             replies = await fault_session(front.port(mode), mode)
             assert replies == EXPECTED[mode][0]
-            await trio.testing.wait_all_tasks_blocked()
+            await front.server.wait_idle()  # the backend reaped, the session over
 
     tracing = tracemalloc.is_tracing()
     if not tracing:
@@ -279,3 +279,22 @@ async def test_faults_do_not_leak_memory(
     assert (after - before) / sessions < 4096, after - before
     assert len(pids(tmp_path)) == 6 * len(LEAK_MODES)
     assert all(gone(pid) for pid in pids(tmp_path))
+
+
+async def test_client_is_let_go_before_a_hung_backend_is_reaped(
+    start_front: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its 451 the client is closed at once, not after the backend's EXIT_GRACE."""
+    monkeypatch.setattr(tlsfront.backend, "EXIT_GRACE", 8.0)
+    front: Front = await start_front(faulty_profile(tmp_path, "hang-after-data"))
+    client = await Client.connect(front.port("smtp"))
+    try:
+        await up_to_data(client)
+        await client.send(BODY)
+        assert await client.reply() == LOST
+        with trio.fail_after(4):  # well inside EXIT_GRACE: the backend still hangs
+            assert await client.rest() == b""
+        (pid,) = pids(tmp_path)
+        assert not gone(pid)
+    finally:
+        await client.aclose()

@@ -243,7 +243,8 @@ class Server:
             self._ended.set()
             self._ended = trio.Event()
 
-    async def _quiet(self) -> None:
+    async def wait_idle(self) -> None:
+        """Until no connection is in progress."""
         while self.active:
             await self._ended.wait()
 
@@ -293,13 +294,13 @@ class Server:
         grace = self.config.settings.shutdown_grace
         log.info("stopping: no new connections; %d in progress", self.active)
         with trio.move_on_after(grace):
-            await self._quiet()
+            await self.wait_idle()
         if not self.active:
             return
         log.info("stopping: closing %d idle session(s) with 421", self.active)
         self.shutdown.set()
         with trio.move_on_after(grace):
-            await self._quiet()
+            await self.wait_idle()
         if self.active:
             log.warning("stopping: cutting %d session(s) still busy", self.active)
             sessions.cancel_scope.cancel()

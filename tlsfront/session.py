@@ -212,6 +212,10 @@ class Session:
 
     # ------------------------------------------------------------- the whole
 
+    async def _close_client(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await self._stream.aclose()
+
     async def run(self) -> None:
         try:
             await self._run()
@@ -219,9 +223,7 @@ class Session:
             self.record.reason = self.record.reason or "cancelled"
             raise
         finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(5):
-                    await self._stream.aclose()
+            await self._close_client()
             now = trio.current_time()
             record = self.record
             log.info("%s", record.line(now), extra=logs.fields("session_end", record.fields(now)))
@@ -245,6 +247,10 @@ class Session:
             try:
                 await self._run_phase(dialogue, backend)
             finally:
+                if dialogue.phase is not Phase.HANDSHAKE:
+                    # The client has had its last reply: it does not wait for
+                    # a hung backend to be reaped (up to EXIT_GRACE).
+                    await self._close_client()
                 self.record.backend_exit = await backend.aclose()
                 self.record.messages += dialogue.stats.messages
                 self.record.refused += dialogue.stats.refused
