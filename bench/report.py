@@ -82,18 +82,47 @@ def markdown(measures: list[Row], idle: list[Row], settings: dict[str, Any]) -> 
             ratio = ours / theirs
             met = ratio >= goal if better == "higher" else ratio <= goal
             sign = "≥" if better == "higher" else "≤"
-            rows.append([what, f"{_f(ours)} {unit}", f"{_f(theirs)} {unit}", f"{ratio:.2f}",
-                         f"{sign} {goal}", "yes" if met else "**no**"])
+            rows.append(
+                [
+                    what,
+                    f"{_f(ours)} {unit}",
+                    f"{_f(theirs)} {unit}",
+                    f"{ratio:.2f}",
+                    f"{sign} {goal}",
+                    "yes" if met else "**no**",
+                ]
+            )
         lines += _table(["target", "tlsfront", "nginx", "ratio", "goal", "met"], rows)
 
-    header = ["concurrency", "target", "sessions/s", "msgs/s", "MB/s", "p50 ms", "p99 ms",
-              "server CPU ms/session", "server core", "client core", "errors"]
+    header = [
+        "concurrency",
+        "target",
+        "sessions/s",
+        "msgs/s",
+        "MB/s",
+        "p50 ms",
+        "p99 ms",
+        "server CPU ms/session",
+        "server core",
+        "client core",
+        "errors",
+    ]
 
     def rows_of(selected: list[Row]) -> list[list[str]]:
         return [
-            [str(m["concurrency"]), m["target"], _f(m["sessions_s"]), _f(m["messages_s"]),
-             _f(m["mb_s"], 2), _f(m["p50_ms"]), _f(m["p99_ms"]), _f(m["server_cpu_ms"], 2),
-             f"{m['server_cpu_share']:.0%}", f"{m['client_cpu_share']:.0%}", str(m["errors"])]
+            [
+                str(m["concurrency"]),
+                m["target"],
+                _f(m["sessions_s"]),
+                _f(m["messages_s"]),
+                _f(m["mb_s"], 2),
+                _f(m["p50_ms"]),
+                _f(m["p99_ms"]),
+                _f(m["server_cpu_ms"], 2),
+                f"{m['server_cpu_share']:.0%}",
+                f"{m['client_cpu_share']:.0%}",
+                str(m["errors"]),
+            ]
             for m in selected
         ]
 
@@ -105,15 +134,22 @@ def markdown(measures: list[Row], idle: list[Row], settings: dict[str, Any]) -> 
         lines += [f"## Full sessions, {'STARTTLS' if mode == 'starttls' else 'implicit TLS'}", ""]
         merged = sorted(selected + plain, key=lambda m: (m["concurrency"], m["target"]))
         lines += _table(header, rows_of(merged))
-    lines += ["`plaintext` is the client talking straight to the sink (no proxy, no TLS); "
-              "its server CPU column is the sink's.", ""]
+    lines += [
+        "`plaintext` is the client talking straight to the sink (no proxy, no TLS); "
+        "its server CPU column is the sink's.",
+        "",
+    ]
     for phase, title in (("resumed", "Resumed TLS sessions"), ("bulk", "Bulk: large messages")):
         selected = _pick(measures, phase=phase)
         if selected:
             m0 = selected[0]
-            lines += [f"## {title}", "",
-                      f"{m0['size']}-byte messages, {m0['messages']} per session, "
-                      f"concurrency {m0['concurrency']}.", ""]
+            lines += [
+                f"## {title}",
+                "",
+                f"{m0['size']}-byte messages, {m0['messages']} per session, "
+                f"concurrency {m0['concurrency']}.",
+                "",
+            ]
             rows = rows_of(selected)
             for row, m in zip(rows, selected, strict=True):
                 row[1] = f"{m['target']} ({m['mode']})"
@@ -121,19 +157,36 @@ def markdown(measures: list[Row], idle: list[Row], settings: dict[str, Any]) -> 
                     row[-1] += f" (resumed {m['resumed_share']:.0%})"
             lines += _table(header, rows)
     if idle:
-        lines += ["## Memory per idle TLS session", "",
-                  "RSS of the server's processes with N sessions idle after TLS and EHLO, "
-                  "minus before, over N.", ""]
+        lines += [
+            "## Memory per idle TLS session",
+            "",
+            "RSS of the server's processes with N sessions idle after TLS and EHLO, "
+            "minus before, over N.",
+            "",
+        ]
         lines += _table(
             ["target", "mode", "N", "RSS before MiB", "RSS after MiB", "kB per session"],
-            [[i["target"], i["mode"], str(i["sessions"]), _f(i["rss_before"] / 2**20),
-              _f(i["rss_after"] / 2**20), _f(i["per_session"] / 1024)] for i in idle],
+            [
+                [
+                    i["target"],
+                    i["mode"],
+                    str(i["sessions"]),
+                    _f(i["rss_before"] / 2**20),
+                    _f(i["rss_after"] / 2**20),
+                    _f(i["per_session"] / 1024),
+                ]
+                for i in idle
+            ],
         )
     execs = _pick(measures, phase="exec")
     if execs:
-        lines += ["## Exec backend: a program started per session", "",
-                  "Server CPU includes the programs it started. Ratios are sessions/s "
-                  "against tcpserver with the same program, in the same round.", ""]
+        lines += [
+            "## Exec backend: a program started per session",
+            "",
+            "Server CPU includes the programs it started. Ratios are sessions/s "
+            "against tcpserver with the same program, in the same round.",
+            "",
+        ]
         rows = []
         base: dict[str, float] = {}
         for m in execs:
@@ -141,12 +194,31 @@ def markdown(measures: list[Row], idle: list[Row], settings: dict[str, Any]) -> 
             if m["target"].startswith("tcpserver"):
                 base[program] = m["sessions_s"]
             ref = base.get(program, 0.0)
-            rows.append([m["target"], m["mode"], str(m["concurrency"]), _f(m["sessions_s"]),
-                         _f(m["p99_ms"]), _f(m["server_cpu_ms"], 2),
-                         f"{m['client_cpu_share']:.0%}",
-                         f"{m['sessions_s'] / ref:.2f}" if ref else "-"])
-        lines += _table(["server+program", "mode", "concurrency", "sessions/s", "p99 ms",
-                         "server CPU ms/session", "client core", "ratio"], rows)
+            rows.append(
+                [
+                    m["target"],
+                    m["mode"],
+                    str(m["concurrency"]),
+                    _f(m["sessions_s"]),
+                    _f(m["p99_ms"]),
+                    _f(m["server_cpu_ms"], 2),
+                    f"{m['client_cpu_share']:.0%}",
+                    f"{m['sessions_s'] / ref:.2f}" if ref else "-",
+                ]
+            )
+        lines += _table(
+            [
+                "server+program",
+                "mode",
+                "concurrency",
+                "sessions/s",
+                "p99 ms",
+                "server CPU ms/session",
+                "client core",
+                "ratio",
+            ],
+            rows,
+        )
     return "\n".join(lines)
 
 
@@ -164,8 +236,9 @@ def plot(measures: list[Row], path: Path) -> bool:
     for ax, mode in zip(axes[0], modes, strict=True):
         selected = _pick(measures, phase="sweep", mode=mode)
         for name in sorted({m["target"] for m in selected}):
-            points = sorted((m["concurrency"], m["sessions_s"]) for m in selected
-                            if m["target"] == name)
+            points = sorted(
+                (m["concurrency"], m["sessions_s"]) for m in selected if m["target"] == name
+            )
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent sessions")

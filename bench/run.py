@@ -189,8 +189,9 @@ class Bench:
         return m
 
     def idle_memory(self, target: Target, mode: str, count: int) -> Idle:
-        spec = Spec(host="127.0.0.1", port=target.ports[mode], mode=mode, concurrency=count,
-                    idle=True)
+        spec = Spec(
+            host="127.0.0.1", port=target.ports[mode], mode=mode, concurrency=count, idle=True
+        )
         before = rss_bytes(target.proc.pid)
         proc = self._loadgen(spec, stdin=subprocess.PIPE)
         assert proc.popen.stdout is not None
@@ -234,9 +235,14 @@ class Bench:
             wanted = set(a.targets)
             if "tlsfront" in wanted:
                 targets.append(
-                    start_tlsfront(self.dir, self.server_cpus, cert, key,
-                                   backend_connect=f"127.0.0.1:{sink.smtp}",
-                                   log_level=a.log_level)
+                    start_tlsfront(
+                        self.dir,
+                        self.server_cpus,
+                        cert,
+                        key,
+                        backend_connect=f"127.0.0.1:{sink.smtp}",
+                        log_level=a.log_level,
+                    )
                 )
             for name, starter in (("nginx", start_nginx), ("stunnel", start_stunnel)):
                 if name in wanted:
@@ -246,12 +252,13 @@ class Bench:
                     else:
                         targets.append(found)
             plain = baseline(sink)
-            self.say(f"server cores {sorted(self.server_cpus)}, client cores "
-                     f"{sorted(self.client_cpus)}; results in {a.out}")
+            self.say(
+                f"server cores {sorted(self.server_cpus)}, client cores "
+                f"{sorted(self.client_cpus)}; results in {a.out}"
+            )
 
             for target in targets:  # warm-up: imports, caches, first allocations
-                self.measure("warmup", target, _modes(target)[0], 4,
-                             duration=min(1.0, a.duration))
+                self.measure("warmup", target, _modes(target)[0], 4, duration=min(1.0, a.duration))
             self.measures.clear()
             if a.idle:
                 for target in targets:
@@ -271,8 +278,14 @@ class Bench:
             if a.bulk_size:
                 for target in [plain, *targets]:
                     mode = "plain" if target is plain else _modes(target)[0]
-                    self.measure("bulk", target, mode, a.bulk_concurrency,
-                                 size=a.bulk_size, messages=a.bulk_messages)
+                    self.measure(
+                        "bulk",
+                        target,
+                        mode,
+                        a.bulk_concurrency,
+                        size=a.bulk_size,
+                        messages=a.bulk_messages,
+                    )
             for target in targets:
                 target.stop()
             targets = []
@@ -299,9 +312,16 @@ class Bench:
                 maildir = self.dir / "maildir"
                 program = [sys.executable, "-m", "tlsfront.sink", "--maildir", str(maildir)]
             cert, key = self.dir / "cert.pem", self.dir / "key.pem"
-            front = start_tlsfront(self.dir, self.server_cpus, cert, key, backend=program,
-                                   modes=("plain", "starttls", "implicit"),
-                                   log_level=a.log_level, name=f"tlsfront-exec-{label}")
+            front = start_tlsfront(
+                self.dir,
+                self.server_cpus,
+                cert,
+                key,
+                backend=program,
+                modes=("plain", "starttls", "implicit"),
+                log_level=a.log_level,
+                name=f"tlsfront-exec-{label}",
+            )
             front.name = f"tlsfront+{label}"
             started.append(front)
             tcpserver = start_tcpserver(self.dir, self.server_cpus, program)
@@ -350,34 +370,65 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Benchmark tlsfront against nginx's mail proxy and stunnel on loopback.",
     )
-    p.add_argument("--targets", type=lambda s: s.split(","),
-                   default=["tlsfront", "nginx", "stunnel"],
-                   help="comma-separated: tlsfront,nginx,stunnel (default: all installed)")
-    p.add_argument("--modes", type=lambda s: s.split(","), default=["starttls", "implicit"],
-                   help="client modes to sweep: starttls,implicit")
-    p.add_argument("--concurrency", type=_ints, default=[1, 8, 32, 128, 512],
-                   help="concurrent sessions to sweep (default 1,8,32,128,512)")
+    p.add_argument(
+        "--targets",
+        type=lambda s: s.split(","),
+        default=["tlsfront", "nginx", "stunnel"],
+        help="comma-separated: tlsfront,nginx,stunnel (default: all installed)",
+    )
+    p.add_argument(
+        "--modes",
+        type=lambda s: s.split(","),
+        default=["starttls", "implicit"],
+        help="client modes to sweep: starttls,implicit",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_ints,
+        default=[1, 8, 32, 128, 512],
+        help="concurrent sessions to sweep (default 1,8,32,128,512)",
+    )
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per point")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     p.add_argument("--size", type=int, default=10240, help="message size in bytes")
-    p.add_argument("--resume", type=int, default=128, metavar="C",
-                   help="measure resumed TLS sessions at concurrency C (0: skip)")
+    p.add_argument(
+        "--resume",
+        type=int,
+        default=128,
+        metavar="C",
+        help="measure resumed TLS sessions at concurrency C (0: skip)",
+    )
     p.add_argument("--bulk-size", type=int, default=1 << 20, help="bulk message size (0: skip)")
     p.add_argument("--bulk-concurrency", type=int, default=8)
     p.add_argument("--bulk-messages", type=int, default=5, help="bulk messages per session")
-    p.add_argument("--idle", type=int, default=1000, metavar="N",
-                   help="idle TLS sessions for the memory figure (0: skip)")
-    p.add_argument("--exec", type=lambda s: [x for x in s.split(",") if x],
-                   default=["perl", "sink"],
-                   help="exec-backend comparison with: perl (bench/smtpd.pl), sink "
-                   "(python -m tlsfront.sink); comma-separated, empty to skip")
+    p.add_argument(
+        "--idle",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="idle TLS sessions for the memory figure (0: skip)",
+    )
+    p.add_argument(
+        "--exec",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["perl", "sink"],
+        help="exec-backend comparison with: perl (bench/smtpd.pl), sink "
+        "(python -m tlsfront.sink); comma-separated, empty to skip",
+    )
     p.add_argument("--exec-concurrency", type=int, default=16)
     p.add_argument("--exec-rounds", type=int, default=1)
     p.add_argument("--log-level", default="warning", help="tlsfront's log_level")
-    p.add_argument("--out", type=Path, default=Path("bench/out"),
-                   help="directory for results.md, results.json, sessions.png")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run: c=1,8, 1 s each, 50 idle sessions, small bulk")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/out"),
+        help="directory for results.md, results.json, sessions.png",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: c=1,8, 1 s each, 50 idle sessions, small bulk",
+    )
     return p
 
 

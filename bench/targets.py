@@ -91,8 +91,7 @@ def start_tlsfront(
         )
     config = directory / f"{name}.toml"
     config.write_text(
-        f'[defaults]\nhostname = "front.bench"\nlog_level = "{log_level}"\n\n'
-        + "\n".join(profiles)
+        f'[defaults]\nhostname = "front.bench"\nlog_level = "{log_level}"\n\n' + "\n".join(profiles)
     )
     proc = Proc(
         [sys.executable, "-m", "bench.front", str(config)],
@@ -156,8 +155,17 @@ mail {{
 """
     )
     proc = Proc(
-        [binary, "-p", str(root), "-e", str(root / "error.log"), "-c", str(conf),
-         "-g", "daemon off; master_process on;"],
+        [
+            binary,
+            "-p",
+            str(root),
+            "-e",
+            str(root / "error.log"),
+            "-c",
+            str(conf),
+            "-g",
+            "daemon off; master_process on;",
+        ],
         cpus,
         directory / "nginx.log",
     )
@@ -208,8 +216,21 @@ def start_tcpserver(directory: Path, cpus: set[int], program: list[str]) -> Targ
         return None
     port = free_port()
     proc = Proc(
-        [binary, "-q", "-R", "-H", "-l", "front.bench", "-c", "10000", "-b", "1024",
-         "127.0.0.1", str(port), *program],
+        [
+            binary,
+            "-q",
+            "-R",
+            "-H",
+            "-l",
+            "front.bench",
+            "-c",
+            "10000",
+            "-b",
+            "1024",
+            "127.0.0.1",
+            str(port),
+            *program,
+        ],
         cpus,
         directory / "tcpserver.log",
     )

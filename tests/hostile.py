@@ -361,7 +361,6 @@ def task_count() -> int:
     return walk(root)
 
 
-
 class MemoryBackend:
     """A `RecordingBackend` conversation over an in-memory stream: the backend
     of a `Session` run on virtual time (no process, no socket)."""

@@ -54,8 +54,15 @@ def vt_profile(tls_dir: Path, tls: str = "starttls", extra: str = "") -> Profile
 class VirtualSession:
     """A Session on in-memory streams, its backend recorded in process."""
 
-    def __init__(self, nursery: trio.Nursery, profile: Profile, *, lockstep: bool = False,
-                 tls_rate: TLSRateLimiter | None = None, client_ip: str = "192.0.2.1") -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        profile: Profile,
+        *,
+        lockstep: bool = False,
+        tls_rate: TLSRateLimiter | None = None,
+        client_ip: str = "192.0.2.1",
+    ) -> None:
         pair: tuple[trio.abc.Stream, trio.abc.Stream]
         if lockstep:
             pair = trio.testing.lockstep_stream_pair()
@@ -165,9 +172,7 @@ async def test_client_hello_one_byte_at_a_time(
     assert sent <= 31 < len(hello)
     assert vs.session.record.reason == "TLS handshake timed out"
     # STARTTLS: the plaintext backend saw nothing; implicit: none was started
-    assert [c.received for c in vs.recorder.conversations] == (
-        [b""] if tls == "starttls" else []
-    )
+    assert [c.received for c in vs.recorder.conversations] == ([b""] if tls == "starttls" else [])
 
 
 async def test_command_trickled_slower_than_the_idle_time(
@@ -237,9 +242,7 @@ async def test_many_slow_clients_do_not_delay_a_fast_one(
         nursery.start_soon(trickle, vs.client, b"NOOP" * 100, 10.0)
     fast = VirtualSession(nursery, profile)
     start = trio.current_time()
-    await fast.client.send_all(
-        b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n"
-    )
+    await fast.client.send_all(b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n")
     await fast.read_until(b"354 go ahead\r\n")
     await fast.client.send_all(b"Subject: fast\r\n\r\nhi\r\n.\r\nQUIT\r\n")
     assert (await fast.rest()).endswith(b"250 ok 1\r\n221 backend.example.org\r\n")
@@ -304,8 +307,10 @@ async def flood_front(
     backend = await RecordingBackend(**backend_options).start(nursery)
     front: Front = await start_front(
         FLOOD_PROFILE.format(
-            backend=backend.address, max_connections=max_connections,
-            timeout=timeout_command, extra=extra,
+            backend=backend.address,
+            max_connections=max_connections,
+            timeout=timeout_command,
+            extra=extra,
         )
     )
     return front, backend

@@ -63,8 +63,16 @@ def _short_exit_grace(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def faulty_profile(tmp_path: Path, mode: str, *, delay: float = 3.0, timeout: float = 1.0) -> str:
     argv = [
-        "/bin/sh", "-c", 'echo $$ >> "$0"; exec "$@"', str(tmp_path / "pids"),
-        sys.executable, str(FAULTY), "--mode", mode, "--delay", str(delay),
+        "/bin/sh",
+        "-c",
+        'echo $$ >> "$0"; exec "$@"',
+        str(tmp_path / "pids"),
+        sys.executable,
+        str(FAULTY),
+        "--mode",
+        mode,
+        "--delay",
+        str(delay),
     ]
     backend = "[" + ", ".join(toml_str(a) for a in argv) + "]"
     return PROFILE.format(backend=backend, timeout=timeout)
@@ -226,8 +234,13 @@ def census() -> Counter[str]:
     return Counter(type(o).__name__ for o in gc.get_objects() if isinstance(o, SESSION_TYPES))
 
 
-LEAK_MODES = ("exit-before-greeting", "421-at-connect", "die-after-dot", "half-reply",
-              "flood-output")
+LEAK_MODES = (
+    "exit-before-greeting",
+    "421-at-connect",
+    "die-after-dot",
+    "half-reply",
+    "flood-output",
+)
 
 
 async def test_faults_do_not_leak_memory(

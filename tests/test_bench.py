@@ -17,10 +17,33 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = [
-        sys.executable, "-m", "bench", "--targets", "tlsfront", "--modes", "starttls,implicit",
-        "--concurrency", "2", "--duration", "0.5", "--warmup", "0.2", "--idle", "20",
-        "--resume", "2", "--bulk-size", "65536", "--bulk-messages", "2", "--bulk-concurrency",
-        "2", "--exec", "", "--out", str(out),
+        sys.executable,
+        "-m",
+        "bench",
+        "--targets",
+        "tlsfront",
+        "--modes",
+        "starttls,implicit",
+        "--concurrency",
+        "2",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.2",
+        "--idle",
+        "20",
+        "--resume",
+        "2",
+        "--bulk-size",
+        "65536",
+        "--bulk-messages",
+        "2",
+        "--bulk-concurrency",
+        "2",
+        "--exec",
+        "",
+        "--out",
+        str(out),
     ]
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert run.returncode == 0, run.stderr

@@ -181,12 +181,22 @@ class BackendModel:
                 b"250 mx.example\r\n",
                 b"502 unimplemented\r\n",
             ],
-            "data": [b"354 go ahead\r\n", b"503 RCPT first\r\n", b"554 no\r\n",
-                     b"451 try later\r\n"],
+            "data": [
+                b"354 go ahead\r\n",
+                b"503 RCPT first\r\n",
+                b"554 no\r\n",
+                b"451 try later\r\n",
+            ],
             "dot": [b"250 ok 1 qp 2\r\n", b"451 qq failure\r\n", b"554 refused\r\n"],
             "quit": [b"221 mx.example\r\n"],
-            "other": [b"250 ok\r\n", b"250-multi\r\n250 line\r\n", b"553 no\r\n",
-                      b"503 order\r\n", b"421 closing\r\n", b"252 maybe\r\n"],
+            "other": [
+                b"250 ok\r\n",
+                b"250-multi\r\n250 line\r\n",
+                b"553 no\r\n",
+                b"503 order\r\n",
+                b"421 closing\r\n",
+                b"252 maybe\r\n",
+            ],
         }[owed.kind]
         return options[choice % len(options)]
 
@@ -350,7 +360,9 @@ class DialogueMachine(RuleBasedStateMachine):
         """A whole transaction in one write, its body perhaps with a fake end."""
         n = next(self.serial)
         self.client_pending += b"MAIL FROM:<m%d@example.net>\r\nRCPT TO:<m%d@example.org>\r\n" % (
-            n, n)
+            n,
+            n,
+        )
         self.client_pending += b"DATA\r\nSubject: %d\r\n\r\nbody%s\r\n.\r\n" % (n, smuggle)
 
     @rule()
@@ -425,8 +437,12 @@ class DialogueMachine(RuleBasedStateMachine):
         self._deliver_backend(chunk)
 
     @precondition(
-        lambda self: not self.backend_failed and not self.backend.owed and not self.queued
-        and self.backend.mode == "command"
+        lambda self: (
+            not self.backend_failed
+            and not self.backend.owed
+            and not self.queued
+            and self.backend.mode == "command"
+        )
     )
     @rule(raw=st.sampled_from([b"250 unsolicited\r\n", b"451 timeout (#4.4.2)\r\n"]))
     def backend_speaks_unasked(self, raw: bytes) -> None:

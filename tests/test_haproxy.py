@@ -70,8 +70,12 @@ async def haproxy(tmp_path: Path, servers: list[tuple[str, int, str]]) -> AsyncI
     config = tmp_path / "haproxy.cfg"
     config.write_text(haproxy_config(listener.fileno(), servers))
     log = tmp_path / "haproxy.log"
-    check = await trio.run_process([binary, "-c", "-q", "-f", str(config)], check=False,
-                                   pass_fds=(listener.fileno(),), capture_stderr=True)
+    check = await trio.run_process(
+        [binary, "-c", "-q", "-f", str(config)],
+        check=False,
+        pass_fds=(listener.fileno(),),
+        capture_stderr=True,
+    )
     assert check.returncode == 0, check.stderr.decode()
     with log.open("wb") as errors:
         process = await trio.lowlevel.open_process(
@@ -115,8 +119,7 @@ async def test_haproxy_in_front_of_two_instances(
     async with haproxy(tmp_path, servers) as port:
         with trio.fail_after(60):
             ports = [
-                await trio.to_thread.run_sync(send_through, port, client_context)
-                for _ in range(4)
+                await trio.to_thread.run_sync(send_through, port, client_context) for _ in range(4)
             ]
     # Both instances share the capture directory; TCPLOCALHOST tells them apart.
     records = a.sessions()
@@ -130,9 +133,7 @@ async def test_haproxy_in_front_of_two_instances(
         assert (env["TCPLOCALIP"], env["TCPLOCALPORT"]) == ("127.0.0.1", str(port))
         by_instance[env["TCPLOCALHOST"]] = by_instance.get(env["TCPLOCALHOST"], 0) + 1
         for message in record["messages"]:
-            assert message.startswith(
-                f"Received: from client.example.net ([{CLIENT_IP}])".encode()
-            )
+            assert message.startswith(f"Received: from client.example.net ([{CLIENT_IP}])".encode())
     # round robin: v2 (a) and v1 (b) both carried sessions
     assert by_instance == {"a.example.org": 4, "b.example.org": 4}
     assert sorted({int(r["env"]["TCPREMOTEPORT"]) for r in records}) == sorted(ports)

@@ -55,8 +55,9 @@ def test_text_for_journald_carries_the_priority() -> None:
 
 
 def test_json_has_the_event_fields() -> None:
-    rec = record("session end: ...", **logs.fields("session_end", {"client_ip": "192.0.2.1",
-                                                                  "messages": 2}))
+    rec = record(
+        "session end: ...", **logs.fields("session_end", {"client_ip": "192.0.2.1", "messages": 2})
+    )
     line = logs.JSONFormatter().format(rec)
     assert "\n" not in line
     data = json.loads(line)
@@ -77,8 +78,9 @@ def test_json_carries_an_exception_in_one_line() -> None:
     try:
         raise ValueError("boom")
     except ValueError:
-        rec = logging.LogRecord("tlsfront", logging.ERROR, __file__, 1, "failed", (),
-                                sys.exc_info())
+        rec = logging.LogRecord(
+            "tlsfront", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
     line = logs.JSONFormatter().format(rec)
     assert "\n" not in line
     assert "ValueError: boom" in json.loads(line)["exception"]
@@ -156,6 +158,7 @@ async def test_session_end_line_has_every_field(
     with captured(formatter) as out:
         with trio.fail_after(30):
             await one_session(front, client_context)
+            await front.server.wait_idle()  # the end line comes once the backend is reaped
     text = out.getvalue()
     # No message content and no key material, in any line.
     assert MARKER.decode() not in text
@@ -165,9 +168,20 @@ async def test_session_end_line_has_every_field(
     lines = text.splitlines()
     if fmt == "text":
         (end,) = [line for line in lines if line.startswith("INFO session end:")]
-        for key in ("client=127.0.0.1:", "profile=logged", "tls=TLSv1.", "cert=Anonymous",
-                    "relay=no", "messages=1", "refused=0", "bytes=", "backend_exit=0",
-                    "duration=", "outcome=ok", "reason='quit'"):
+        for key in (
+            "client=127.0.0.1:",
+            "profile=logged",
+            "tls=TLSv1.",
+            "cert=Anonymous",
+            "relay=no",
+            "messages=1",
+            "refused=0",
+            "bytes=",
+            "backend_exit=0",
+            "duration=",
+            "outcome=ok",
+            "reason='quit'",
+        ):
             assert key in end
         (handshake,) = [line for line in lines if "TLS connection established" in line]
         assert handshake.startswith("INFO Anonymous TLS connection established from ")

@@ -42,14 +42,16 @@ def v2(
 
 def tcp4(src: str, dst: str, sport: int, dport: int) -> bytes:
     return (
-        ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed
+        ipaddress.IPv4Address(src).packed
+        + ipaddress.IPv4Address(dst).packed
         + struct.pack("!HH", sport, dport)
     )
 
 
 def tcp6(src: str, dst: str, sport: int, dport: int) -> bytes:
     return (
-        ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed
+        ipaddress.IPv6Address(src).packed
+        + ipaddress.IPv6Address(dst).packed
         + struct.pack("!HH", sport, dport)
     )
 
@@ -107,12 +109,24 @@ def fails_at(data: bytes) -> int:
 @pytest.mark.parametrize(
     ("line", "protocol", "source", "destination"),
     [
-        (b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 25\r\n", "TCP4",
-         ("192.0.2.7", 40000), ("198.51.100.1", 25)),
-        (b"PROXY TCP6 2001:db8::7 2001:db8::1 0 65535\r\n", "TCP6",
-         ("2001:db8::7", 0), ("2001:db8::1", 65535)),
-        (b"PROXY TCP6 2001:0db8:0000:0000:0000:0000:0000:0007 ::1 1 2\r\n", "TCP6",
-         ("2001:db8::7", 1), ("::1", 2)),
+        (
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 25\r\n",
+            "TCP4",
+            ("192.0.2.7", 40000),
+            ("198.51.100.1", 25),
+        ),
+        (
+            b"PROXY TCP6 2001:db8::7 2001:db8::1 0 65535\r\n",
+            "TCP6",
+            ("2001:db8::7", 0),
+            ("2001:db8::1", 65535),
+        ),
+        (
+            b"PROXY TCP6 2001:0db8:0000:0000:0000:0000:0000:0007 ::1 1 2\r\n",
+            "TCP6",
+            ("2001:db8::7", 1),
+            ("::1", 2),
+        ),
         (b"PROXY TCP6 ::ffff:192.0.2.7 ::1 1 2\r\n", "TCP6", ("::ffff:c000:207", 1), ("::1", 2)),
         (b"PROXY UNKNOWN\r\n", "UNKNOWN", None, None),
         (b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n", "UNKNOWN", None, None),

@@ -8,7 +8,10 @@ from tlsfront.ratelimit import TLSRateLimiter
 def test_limit_per_address_over_a_sliding_minute() -> None:
     limiter = TLSRateLimiter()
     assert [limiter.allow("192.0.2.1", 3, t) for t in (0, 10, 20, 30)] == [
-        True, True, True, False,
+        True,
+        True,
+        True,
+        False,
     ]
     assert limiter.allow("192.0.2.2", 3, 30)  # another address has its own count
     assert not limiter.allow("192.0.2.1", 3, 59.9)

@@ -90,13 +90,23 @@ def pki(tmp_path_factory: pytest.TempPathFactory, other_ca: trustme.CA) -> Pki:
     pki.add("selfsigned", issue(None, common_name="selfsigned", subject_emails=listed))
     pki.add(
         "expired",
-        issue(ca, common_name="expired", subject_emails=listed,
-              not_before=NOW - 30 * DAY, not_after=NOW - DAY),
+        issue(
+            ca,
+            common_name="expired",
+            subject_emails=listed,
+            not_before=NOW - 30 * DAY,
+            not_after=NOW - DAY,
+        ),
     )
     pki.add(
         "early",
-        issue(ca, common_name="early", subject_emails=listed,
-              not_before=NOW + DAY, not_after=NOW + 30 * DAY),
+        issue(
+            ca,
+            common_name="early",
+            subject_emails=listed,
+            not_before=NOW + DAY,
+            not_after=NOW + 30 * DAY,
+        ),
     )
     pki.add("revoked", issue(ca, common_name="revoked", subject_emails=listed))
     # pinned by fingerprint: self-signed, no address (a sending MTA's own certificate)
@@ -138,8 +148,10 @@ def profiles(
         f"{prints}\n"
     )
     return (
-        '[profile.smtp]\nlisten = ["127.0.0.1:0"]\ntls = "starttls"\n' + common
-        + '\n[profile.smtps]\nlisten = ["127.0.0.1:0"]\ntls = "implicit"\n' + common
+        '[profile.smtp]\nlisten = ["127.0.0.1:0"]\ntls = "starttls"\n'
+        + common
+        + '\n[profile.smtps]\nlisten = ["127.0.0.1:0"]\ntls = "implicit"\n'
+        + common
     )
 
 
@@ -424,9 +436,7 @@ async def test_matrix_smtplib_and_log(
         assert (allowed, gatewaying) == ([], [])
     else:
         assert allowed == []
-        assert gatewaying == [
-            f"unknown[127.0.0.1]: no valid cert for gatewaying: {case.reason}"
-        ]
+        assert gatewaying == [f"unknown[127.0.0.1]: no valid cert for gatewaying: {case.reason}"]
 
 
 # --------------------------------------------------- the rows named elsewhere

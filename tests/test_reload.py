@@ -86,8 +86,15 @@ async def running(tmp_path: Path, ca: trustme.CA) -> AsyncIterator[Running]:
     write_cert(ca, cert, "first")
     sock = listening_socket()
     async with NotifySocket() as notify:
-        run = Running(None, notify, sock.getsockname()[1], tmp_path / "tlsfront.toml",  # type: ignore[arg-type]
-                      cert, capture, tmp_path)
+        run = Running(
+            None,
+            notify,
+            sock.getsockname()[1],
+            tmp_path / "tlsfront.toml",  # type: ignore[arg-type]
+            cert,
+            capture,
+            tmp_path,
+        )
         run.write_config("front.example.org")
         argv = [*TLSFRONT, "run", "-c", str(run.config)]
         env = child_environ(NOTIFY_SOCKET=notify.address)

@@ -143,9 +143,7 @@ async def test_socket_activation_with_named_descriptors(
                 second = await Client.connect(port(submission))
                 assert (await second.reply()).startswith(b"220 ")
                 assert code(await second.command(b"EHLO client.example.net")) == 250
-                assert (await second.command(b"MAIL FROM:<a@example.net>")).startswith(
-                    b"530 5.7.0"
-                )
+                assert (await second.command(b"MAIL FROM:<a@example.net>")).startswith(b"530 5.7.0")
                 # STATUS= counts the live sessions, per profile.
                 status = "2 sessions (smtp 1, submission 1)"
                 while (await notify.wait_for("STATUS"))["STATUS"] != status:
@@ -205,8 +203,9 @@ async def test_accept_yes_runs_tlsfront_inetd(
         assert session["env"]["SSL_PROTOCOL"].startswith("TLSv1.")
 
 
-async def run_once(tmp_path: Path, argv: list[str], sockets: list[socket.socket],
-                   names: list[str] | None) -> tuple[int, str]:
+async def run_once(
+    tmp_path: Path, argv: list[str], sockets: list[socket.socket], names: list[str] | None
+) -> tuple[int, str]:
     daemon = await start_daemon(argv, tmp_path, child_environ(), sockets, names)
     try:
         with trio.fail_after(60):
@@ -234,9 +233,7 @@ async def test_units_and_config_that_disagree_stop_the_start(
     assert expected in log
 
 
-async def test_a_systemd_profile_without_socket_activation(
-    tmp_path: Path, tls_dir: Path
-) -> None:
+async def test_a_systemd_profile_without_socket_activation(tmp_path: Path, tls_dir: Path) -> None:
     config, _ = write_config(tmp_path, tls_dir)
     status, log = await run_once(tmp_path, [*TLSFRONT, "run", "-c", str(config)], [], None)
     assert status == 1
@@ -265,8 +262,9 @@ def two_profiles(extra: str = "") -> str:
 
 def test_match_sockets_by_name() -> None:
     config = parse_config(
-        two_profiles('[profile.local]\nlisten = ["127.0.0.1:0"]\ntls = "none"\n'
-                     'backend = ["/bin/true"]\n')
+        two_profiles(
+            '[profile.local]\nlisten = ["127.0.0.1:0"]\ntls = "none"\nbackend = ["/bin/true"]\n'
+        )
     )
     # Several descriptors may share a name (IPv4 and IPv6 sockets of one unit).
     assert match_sockets(config, ["submission", "smtp", "smtp"]) == {
@@ -285,9 +283,11 @@ def test_match_sockets_reports_every_mismatch() -> None:
 
 
 def test_without_socket_activation_listen_serves() -> None:
-    config = parse_config(two_profiles().replace(
-        'systemd = "submission"', 'systemd = "submission"\nlisten = ["127.0.0.1:0"]'
-    ))
+    config = parse_config(
+        two_profiles().replace(
+            'systemd = "submission"', 'systemd = "submission"\nlisten = ["127.0.0.1:0"]'
+        )
+    )
     with pytest.raises(SystemdError, match=r"profile smtp: .* not started by a socket unit"):
         match_sockets(config, [])
     config = parse_config(
@@ -404,8 +404,12 @@ def test_unit_files_verify(tmp_path: Path) -> None:
     units = tmp_path / "units"
     units.mkdir()
     names = sorted(p.name for p in UNITS.iterdir() if p.suffix in (".socket", ".service"))
-    assert {"tlsfront.socket", "tlsfront.service", "tlsfront-inetd.socket",
-            "tlsfront-inetd@.service"} <= set(names)
+    assert {
+        "tlsfront.socket",
+        "tlsfront.service",
+        "tlsfront-inetd.socket",
+        "tlsfront-inetd@.service",
+    } <= set(names)
     # The units name /usr/bin/tlsfront; verify checks that it is executable.
     tlsfront = shutil.which("tlsfront") or str(Path(sys.executable).parent / "tlsfront")
     for name in names:
@@ -431,8 +435,14 @@ def test_units_fit_the_configuration_keys() -> None:
                 names.add(line.split("=", 1)[1])
     assert names == {"smtp", "submission", "smtps"}
     service = (UNITS / "tlsfront.service").read_text()
-    for needed in ("Type=notify", "KillMode=mixed", "User=qmaild", "ExecReload=",
-                   "NoNewPrivileges=no", "ProtectSystem=strict"):
+    for needed in (
+        "Type=notify",
+        "KillMode=mixed",
+        "User=qmaild",
+        "ExecReload=",
+        "NoNewPrivileges=no",
+        "ProtectSystem=strict",
+    ):
         assert needed in service
     inetd = (UNITS / "tlsfront-inetd@.service").read_text()
     assert "StandardInput=socket" in inetd

@@ -274,8 +274,12 @@ async def up_to_354(front: Front) -> Client:
     client = await connect(front)
     await client.send(ENVELOPE)
     replies = [await client.reply() for _ in range(4)]
-    assert replies == [b"250 backend.example.org\r\n", b"250 ok\r\n", b"250 ok\r\n",
-                       b"354 go ahead\r\n"]
+    assert replies == [
+        b"250 backend.example.org\r\n",
+        b"250 ok\r\n",
+        b"250 ok\r\n",
+        b"354 go ahead\r\n",
+    ]
     return client
 
 
@@ -307,8 +311,7 @@ async def test_row_11_smuggling_at_every_split(
         assert conv.partial is not None
         assert b"x@example.net" not in conv.partial
         # nothing normalized either: the only line ends that got through are CRLF
-        assert conv.partial.count(b"\n") == conv.partial.count(b"\r") == conv.partial.count(
-            b"\r\n")
+        assert conv.partial.count(b"\n") == conv.partial.count(b"\r") == conv.partial.count(b"\r\n")
 
 
 @pytest.mark.parametrize("fake_end", SMUGGLING, ids=repr)
@@ -352,8 +355,14 @@ async def test_row_12_body_pipelined_behind_data_at_every_split(
         client = await connect(front)
         await send_split(client, head, tail)
         replies = [await client.reply() for _ in range(6)]
-        assert replies == [b"250 backend.example.org\r\n", b"250 ok\r\n", b"250 ok\r\n",
-                           b"354 go ahead\r\n", b"250 ok 1\r\n", BYE]
+        assert replies == [
+            b"250 backend.example.org\r\n",
+            b"250 ok\r\n",
+            b"250 ok\r\n",
+            b"354 go ahead\r\n",
+            b"250 ok 1\r\n",
+            BYE,
+        ]
         assert await is_closed(client)
         await client.aclose()
 
@@ -391,9 +400,13 @@ async def test_row_12_body_behind_a_refused_data_at_every_split(
         client = await connect(front)
         await send_split(client, head, tail)
         replies = [await client.reply() for _ in range(5)]
-        assert replies == [b"250 backend.example.org\r\n", b"250 ok\r\n",
-                           b"553 sorry, that domain isn't in my list of allowed rcpthosts"
-                           b" (#5.7.1)\r\n", b"503 RCPT first (#5.5.1)\r\n", DESYNC]
+        assert replies == [
+            b"250 backend.example.org\r\n",
+            b"250 ok\r\n",
+            b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)\r\n",
+            b"503 RCPT first (#5.5.1)\r\n",
+            DESYNC,
+        ]
         assert await is_closed(client)
         await client.aclose()
 
@@ -482,13 +495,17 @@ async def test_row_05_starttls_rules(
 ) -> None:
     """501 with arguments, 554 once TLS is up, advertised once and only before
     TLS, never on the implicit-TLS port."""
-    front = await tcp_front(start_front, recorder, f"""
+    front = await tcp_front(
+        start_front,
+        recorder,
+        f"""
 [profile.smtps]
 listen = ["127.0.0.1:0"]
 tls = "implicit"
 cert = {{cert}}
 backend_connect = "{recorder.address}"
-""")
+""",
+    )
     with trio.fail_after(30):
         client = await connect(front)
         ehlo = await client.command(b"EHLO c")
@@ -518,7 +535,9 @@ async def test_row_05_starttls_when_the_certificate_cannot_load(tmp_path: Path) 
     """`tlsfront inetd` with a certificate that is not there: 454 4.7.0, and the
     session goes on in clear."""
     capture = tmp_path / "capture"
-    config = write_config(tmp_path, f"""
+    config = write_config(
+        tmp_path,
+        f"""
 [defaults]
 hostname = "front.example.org"
 
@@ -527,7 +546,8 @@ listen = ["127.0.0.1:0"]
 tls = "starttls"
 cert = {toml_str(tmp_path / "missing.pem")}
 backend = {capture_backend(capture)}
-""")
+""",
+    )
     argv = [sys.executable, "-m", "tlsfront", "inetd", "-p", "smtp", "-c", str(config)]
     with trio.fail_after(30):
         process = await trio.lowlevel.open_process(
@@ -724,9 +744,22 @@ async def tcpserver_backend(nursery: trio.Nursery, tmp_path: Path) -> int:
     )
     capture = tmp_path / "capture"
     argv = [
-        need_tool("tcpserver"), "-1", "-x", str(cdb), "-R", "-H", "-l", "backend.example.org",
-        "127.0.0.1", "0", sys.executable, str(CAPTURE), "--dir", str(capture),
-        "--rcpthost", "example.org",
+        need_tool("tcpserver"),
+        "-1",
+        "-x",
+        str(cdb),
+        "-R",
+        "-H",
+        "-l",
+        "backend.example.org",
+        "127.0.0.1",
+        "0",
+        sys.executable,
+        str(CAPTURE),
+        "--dir",
+        str(capture),
+        "--rcpthost",
+        "example.org",
     ]
     # Not this process's environment: clean_environ put RELAYCLIENT= in it.
     environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -790,7 +823,9 @@ source_address = "127.0.0.2"
     async def check(source_address: str) -> str:
         directory = tmp_path / f"check-{source_address or 'default'}"
         directory.mkdir()
-        config = write_config(directory, f"""
+        config = write_config(
+            directory,
+            f"""
 [defaults]
 hostname = "front.example.org"
 
@@ -801,10 +836,12 @@ cert = {toml_str(tls_dir / "servercert.pem")}
 backend_connect = "127.0.0.1:{port}"
 rules = {toml_str(tmp_path / "tcp.smtp")}
 {f'source_address = "{source_address}"' if source_address else ""}
-""")
+""",
+        )
         done = await trio.run_process(
             [sys.executable, "-m", "tlsfront", "check", "-c", str(config)],
-            capture_stdout=True, check=False,
+            capture_stdout=True,
+            check=False,
         )
         assert done.returncode == 0  # warnings, no errors
         return done.stdout.decode()
@@ -974,8 +1011,11 @@ async def test_row_21_one_well_formed_trace_header(
         if tls:
             assert await client.command(b"STARTTLS") == READY
             await client.starttls(client_context)
-        for line in (b"EHLO client.example", b"MAIL FROM:<a@example.net>",
-                     b"RCPT TO:<b@example.org>"):
+        for line in (
+            b"EHLO client.example",
+            b"MAIL FROM:<a@example.net>",
+            b"RCPT TO:<b@example.org>",
+        ):
             assert code(await client.command(line)) == 250
         assert code(await client.command(b"DATA")) == 354
         assert code(await client.command(message + b".")) == 250
@@ -1006,10 +1046,18 @@ async def test_row_22_nothing_advertised_the_backend_cannot_honour(
     XCLIENT, XFORWARD and its own STARTTLS are dropped; BDAT and XCLIENT are
     refused by tlsfront and never reach it; REQUIRETLS is not advertised, and a
     MAIL that asks for it gets the backend's own answer."""
-    backend = await RecordingBackend(ehlo=[
-        b"PIPELINING", b"8BITMIME", b"CHUNKING", b"BINARYMIME", b"XCLIENT NAME ADDR",
-        b"XFORWARD NAME", b"STARTTLS", b"SMTPUTF8",
-    ]).start(nursery)
+    backend = await RecordingBackend(
+        ehlo=[
+            b"PIPELINING",
+            b"8BITMIME",
+            b"CHUNKING",
+            b"BINARYMIME",
+            b"XCLIENT NAME ADDR",
+            b"XFORWARD NAME",
+            b"STARTTLS",
+            b"SMTPUTF8",
+        ]
+    ).start(nursery)
     front = await tcp_front(start_front, backend)
     with trio.fail_after(30):
         client = await connect(front)
@@ -1024,5 +1072,8 @@ async def test_row_22_nothing_advertised_the_backend_cannot_honour(
         await client.aclose()
         await backend.all_done()
     (conv,) = backend.conversations
-    assert conv.commands == [b"EHLO c\r\n", b"MAIL FROM:<a@example.net> REQUIRETLS\r\n",
-                             b"QUIT\r\n"]
+    assert conv.commands == [
+        b"EHLO c\r\n",
+        b"MAIL FROM:<a@example.net> REQUIRETLS\r\n",
+        b"QUIT\r\n",
+    ]

@@ -74,7 +74,8 @@ def audit_certificates(directory: Path) -> tuple[Path, Path, Path]:
     paths = []
     for name, key_type in (("rsa", trustme.KeyType.RSA), ("ec", trustme.KeyType.ECDSA)):
         leaf = ca.issue_cert(
-            "localhost", "127.0.0.1",
+            "localhost",
+            "127.0.0.1",
             not_before=now - datetime.timedelta(days=1),
             not_after=now + datetime.timedelta(days=90),
             key_type=key_type,
@@ -97,8 +98,24 @@ async def start_audited(start_front: Any, nursery: trio.Nursery, directory: Path
 
 
 async def run_testssl(port: int, *, starttls: bool, ca: Path, out: Path) -> list[dict[str, str]]:
-    argv = [need_tool("testssl"), "--quiet", "--warnings", "off", "--nodns", "min",
-            "--add-ca", str(ca), "--jsonfile", str(out), "-p", "-s", "-f", "-S", "-P", "-U"]
+    argv = [
+        need_tool("testssl"),
+        "--quiet",
+        "--warnings",
+        "off",
+        "--nodns",
+        "min",
+        "--add-ca",
+        str(ca),
+        "--jsonfile",
+        str(out),
+        "-p",
+        "-s",
+        "-f",
+        "-S",
+        "-P",
+        "-U",
+    ]
     if starttls:
         argv += ["--starttls", "smtp"]
     argv.append(f"127.0.0.1:{port}")
@@ -172,15 +189,17 @@ async def test_row_20_testssl_and_sslscan_find_nothing_with_the_defaults(
         report = results[name + "-sslscan"]
         enabled = {
             (p.get("type"), p.get("version"))
-            for p in report.iter("protocol") if p.get("enabled") == "1"
+            for p in report.iter("protocol")
+            if p.get("enabled") == "1"
         }
         assert enabled == {("tls", "1.2"), ("tls", "1.3")}
         renegotiation = report.find(".//renegotiation")
         assert renegotiation is not None
         assert renegotiation.get("supported") == "0"
         assert all(h.get("vulnerable") == "0" for h in report.iter("heartbleed"))
-        ciphers = [c.get("cipher", "") for c in report.iter("cipher")
-                   if c.get("sslversion") == "TLSv1.2"]
+        ciphers = [
+            c.get("cipher", "") for c in report.iter("cipher") if c.get("sslversion") == "TLSv1.2"
+        ]
         assert ciphers
         # forward secret (ECDHE) and AEAD (GCM, ChaCha20-Poly1305) only
         assert all(c.startswith("ECDHE-") and ("GCM" in c or "CHACHA20" in c) for c in ciphers)
@@ -234,8 +253,16 @@ async def handshake(port: int, context: ssl.SSLContext) -> str | None:
         (ssl.TLSVersion.TLSv1_1, "ALL", None),
         (ssl.TLSVersion.TLSv1, "ALL", None),
     ],
-    ids=["tls1.3", "ecdhe-rsa-gcm", "ecdhe-ecdsa-chacha", "rsa-kx-gcm", "ecdhe-cbc", "dhe",
-         "tls1.1", "tls1.0"],
+    ids=[
+        "tls1.3",
+        "ecdhe-rsa-gcm",
+        "ecdhe-ecdsa-chacha",
+        "rsa-kx-gcm",
+        "ecdhe-cbc",
+        "dhe",
+        "tls1.1",
+        "tls1.0",
+    ],
 )
 async def test_row_20_default_protocols_and_ciphers(
     start_front: Any,
@@ -267,12 +294,18 @@ ciphers = "ECDHE+AES:@SECLEVEL=0"
 
 @pytest.mark.parametrize(
     ("version", "accepted"),
-    [(ssl.TLSVersion.TLSv1, False), (ssl.TLSVersion.TLSv1_1, False),
-     (ssl.TLSVersion.TLSv1_2, True)],
+    [
+        (ssl.TLSVersion.TLSv1, False),
+        (ssl.TLSVersion.TLSv1_1, False),
+        (ssl.TLSVersion.TLSv1_2, True),
+    ],
     ids=["tls1.0", "tls1.1", "tls1.2"],
 )
 async def test_row_20_minimum_version_holds_with_older_ciphers(
-    start_front: Any, nursery: trio.Nursery, tmp_path: Path, version: ssl.TLSVersion,
+    start_front: Any,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    version: ssl.TLSVersion,
     accepted: bool,
 ) -> None:
     """A profile that allows CBC suites TLS 1.0 could use still speaks TLS 1.2
@@ -296,13 +329,18 @@ def test_row_20_no_renegotiation_no_compression(tmp_path: Path) -> None:
     keep it so with any OpenSSL, so they are checked on the context itself.
     """
     rsa, ec, _ = audit_certificates(tmp_path)
-    settings = TLSSettings(credentials=(load_server_credentials(rsa, None),
-                                        load_server_credentials(ec, None)))
+    settings = TLSSettings(
+        credentials=(load_server_credentials(rsa, None), load_server_credentials(ec, None))
+    )
     assert settings.min_version == "TLSv1.2"
     assert settings.ciphers is None  # DEFAULT_CIPHERS
     context = ServerTLS(settings)._context
     options = context.set_options(0)  # adds nothing, returns what is set
     # (OP_NO_SSLv2 is 0 in OpenSSL 3: SSLv2 is gone from it altogether)
-    for option in ("OP_NO_RENEGOTIATION", "OP_NO_COMPRESSION", "OP_NO_SSLv3",
-                   "OP_CIPHER_SERVER_PREFERENCE"):
+    for option in (
+        "OP_NO_RENEGOTIATION",
+        "OP_NO_COMPRESSION",
+        "OP_NO_SSLv3",
+        "OP_CIPHER_SERVER_PREFERENCE",
+    ):
         assert options & getattr(SSL, option), option

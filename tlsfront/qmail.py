@@ -80,9 +80,7 @@ def _cipher_list(path: Path) -> str | None:
     return joined or None
 
 
-def read_control(
-    directory: Path, environ: Mapping[str, str] | None = None
-) -> QmailControl:
+def read_control(directory: Path, environ: Mapping[str, str] | None = None) -> QmailControl:
     """Read the control files tlsfront uses from `directory`."""
     environ = os.environ if environ is None else environ
     if not directory.is_dir():

@@ -341,18 +341,24 @@ def check_units(config: Config, directory: Path) -> tuple[list[str], list[str]]:
                     if "inetd" in words and "-p" in words[:-1]:
                         profile = words[words.index("-p") + 1]
                         if profile not in config.profiles:
-                            errors.append(f"{template.name}: runs profile {profile!r}, "
-                                          "which the configuration does not have")
+                            errors.append(
+                                f"{template.name}: runs profile {profile!r}, "
+                                "which the configuration does not have"
+                            )
             continue
         name = _last(unit, "FileDescriptorName", path.name)
         provided.add(name)
         if name not in wanted:
-            errors.append(f"{path.name}: passes descriptors named {name!r}, but no profile "
-                          f'has systemd = "{name}"')
+            errors.append(
+                f"{path.name}: passes descriptors named {name!r}, but no profile "
+                f'has systemd = "{name}"'
+            )
     for name, profile in wanted.items():
         if name not in provided:
-            warnings.append(f'profile {profile}: systemd = "{name}", but no socket unit in '
-                            f"{directory} has FileDescriptorName={name}")
+            warnings.append(
+                f'profile {profile}: systemd = "{name}", but no socket unit in '
+                f"{directory} has FileDescriptorName={name}"
+            )
     grace = config.settings.shutdown_grace
     execs = any(p.backend for p in config.profiles.values())
     for path in sorted(directory.glob("*.service")):
@@ -362,15 +368,21 @@ def check_units(config: Config, directory: Path) -> tuple[list[str], list[str]]:
         user = _last(unit, "User", "root")
         nnp = [k for k in _IMPLY_NNP if k in unit and _last(unit, k).lower() not in _NO]
         if execs and nnp and user not in ("root", "0"):
-            warnings.append(f"{path.name}: {', '.join(nnp)} set no_new_privs for user {user}: "
-                            "qmail-queue's setuid bit is then ignored and every message fails "
-                            "with 'qq temporary problem'")
+            warnings.append(
+                f"{path.name}: {', '.join(nnp)} set no_new_privs for user {user}: "
+                "qmail-queue's setuid bit is then ignored and every message fails "
+                "with 'qq temporary problem'"
+            )
         if _last(unit, "KillMode", "control-group") not in ("mixed", "process"):
-            warnings.append(f"{path.name}: KillMode=mixed keeps SIGTERM from the backends, "
-                            "which would otherwise drop messages in flight on stop")
+            warnings.append(
+                f"{path.name}: KillMode=mixed keeps SIGTERM from the backends, "
+                "which would otherwise drop messages in flight on stop"
+            )
         timeout = _seconds(_last(unit, "TimeoutStopSec", "90"))
         if timeout is not None and timeout < 2 * grace:
-            warnings.append(f"{path.name}: TimeoutStopSec={timeout:g}s is less than twice "
-                            f"shutdown_grace ({grace:g}s): systemd may kill sessions tlsfront "
-                            "would still let finish")
+            warnings.append(
+                f"{path.name}: TimeoutStopSec={timeout:g}s is less than twice "
+                f"shutdown_grace ({grace:g}s): systemd may kill sessions tlsfront "
+                "would still let finish"
+            )
     return errors, warnings

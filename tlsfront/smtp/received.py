@@ -44,8 +44,7 @@ class ClientCertTrace:
         """'Client CN "x", Issuer "y" (verified OK)': the inside of one comment."""
         verdict = "verified OK" if self.verified else "not verified"
         return (
-            f'Client CN "{_quoted(self.common_name)}", '
-            f'Issuer "{_quoted(self.issuer)}" ({verdict})'
+            f'Client CN "{_quoted(self.common_name)}", Issuer "{_quoted(self.issuer)}" ({verdict})'
         )
 
 
