@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+from stdio_peer import Peer
 
 from tlsfront.sink import read_maildir
 
@@ -36,55 +37,6 @@ def backend_env(**extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
-
-
-class Peer:
-    """The client side of a backend's pipes, plus its stderr."""
-
-    def __init__(self, proc: trio.Process) -> None:
-        assert proc.stdin is not None
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        self.proc = proc
-        self.stdin = proc.stdin
-        self.stdout = proc.stdout
-        self.stderr = proc.stderr
-        self.buf = bytearray()
-        self.errbuf = bytearray()
-
-    async def send(self, data: bytes) -> None:
-        await self.stdin.send_all(data)
-
-    async def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            data = await self.stdout.receive_some(65536)
-            if not data:
-                raise EOFError(bytes(self.buf))
-            self.buf += data
-        line, _, rest = bytes(self.buf).partition(b"\r\n")
-        self.buf[:] = rest
-        return line
-
-    async def reply(self) -> list[bytes]:
-        lines = [await self.line()]
-        while lines[-1][3:4] == b"-":
-            lines.append(await self.line())
-        return lines
-
-    async def rest(self) -> bytes:
-        while data := await self.stdout.receive_some(65536):
-            self.buf += data
-        out = bytes(self.buf)
-        self.buf.clear()
-        return out
-
-    async def announced(self, event: bytes) -> None:
-        """Wait for the backend's stderr line announcing ``event``."""
-        while event + b"\n" not in self.errbuf:
-            data = await self.stderr.receive_some(4096)
-            if not data:
-                raise EOFError(bytes(self.errbuf))
-            self.errbuf += data
 
 
 @asynccontextmanager

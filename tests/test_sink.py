@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from stdio_peer import Peer
 
 from tlsfront.sink import DataDecoder, StrayNewline, rcpthost_allowed, read_maildir
 
@@ -50,42 +51,6 @@ def run_sink(
 
 def envelope(rcpt: bytes = b"RCPT TO:<rcpt@example.com>\r\n") -> bytes:
     return b"EHLO client.test\r\nMAIL FROM:<sender@example.net>\r\n" + rcpt + b"DATA\r\n"
-
-
-class Peer:
-    """The client side of a running sink's pipes."""
-
-    def __init__(self, proc: trio.Process) -> None:
-        assert proc.stdin is not None
-        assert proc.stdout is not None
-        self.proc = proc
-        self.stdin = proc.stdin
-        self.stdout = proc.stdout
-        self.buf = bytearray()
-
-    async def send(self, data: bytes) -> None:
-        await self.stdin.send_all(data)
-
-    async def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            data = await self.stdout.receive_some(65536)
-            if not data:
-                raise EOFError(bytes(self.buf))
-            self.buf += data
-        line, _, rest = bytes(self.buf).partition(b"\r\n")
-        self.buf[:] = rest
-        return line
-
-    async def reply(self) -> list[bytes]:
-        lines = [await self.line()]
-        while lines[-1][3:4] == b"-":
-            lines.append(await self.line())
-        return lines
-
-    async def rest(self) -> bytes:
-        while data := await self.stdout.receive_some(65536):
-            self.buf += data
-        return bytes(self.buf)
 
 
 @asynccontextmanager
