@@ -87,10 +87,10 @@ async def running(tmp_path: Path, ca: trustme.CA) -> AsyncIterator[Running]:
     sock = listening_socket()
     async with NotifySocket() as notify:
         run = Running(
-            None,
+            None,  # type: ignore[arg-type]  # the daemon is started below
             notify,
             sock.getsockname()[1],
-            tmp_path / "tlsfront.toml",  # type: ignore[arg-type]
+            tmp_path / "tlsfront.toml",
             cert,
             capture,
             tmp_path,
