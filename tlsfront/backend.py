@@ -10,6 +10,7 @@ reaches it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -19,6 +20,7 @@ from typing import Protocol
 import trio
 
 from tlsfront.config import Profile, split_host_port
+from tlsfront.netstream import NetStream
 
 DEFAULT_PATH = "/var/qmail/bin:/usr/local/bin:/usr/bin:/bin"
 # How long a backend may take to exit once its input is closed.
@@ -41,6 +43,7 @@ class Address:
         return cls("0.0.0.0", 0)
 
 
+@functools.lru_cache(maxsize=4096)  # per connection, and ipaddress is slow
 def unmap(ip: str) -> str:
     """`::ffff:1.2.3.4` is 1.2.3.4 to qmail and tcprules."""
     try:
@@ -145,7 +148,7 @@ class ExecBackend:
 class TCPBackend:
     """A plaintext SMTP server reached over TCP (qmail-smtpd under tcpserver)."""
 
-    def __init__(self, stream: trio.SocketStream, target: str) -> None:
+    def __init__(self, stream: NetStream, target: str) -> None:
         self._stream = stream
         self._eof_sent = False
         self.description = target
@@ -154,10 +157,12 @@ class TCPBackend:
     async def connect(cls, target: str, source_address: str | None = None) -> TCPBackend:
         host, port = split_host_port(target)
         try:
+            stream: NetStream
             if source_address is None and not _is_ip(host):
-                stream = await trio.open_tcp_stream(host, port)
+                stream = NetStream.adopt(await trio.open_tcp_stream(host, port))
             else:
-                stream = await _connect_from(host, port, source_address)
+                # one address: no happy-eyeballs tasks, which cost a session measurable CPU
+                stream = await NetStream.connect(host, port, source_address)
         except OSError as exc:
             raise BackendError(f"cannot connect to {target}: {exc}") from exc
         return cls(stream, target)
@@ -180,27 +185,13 @@ class TCPBackend:
         return None
 
 
+@functools.lru_cache(maxsize=64)  # the few backend hosts, looked at per connection
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
         return False
     return True
-
-
-async def _connect_from(host: str, port: int, source: str | None) -> trio.SocketStream:
-    """One plain connect (from `source` when given): no happy-eyeballs tasks
-    for a single address, which costs a session measurable CPU."""
-    family = trio.socket.AF_INET6 if ":" in (source or host) else trio.socket.AF_INET
-    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
-    try:
-        if source is not None:
-            await sock.bind((source, 0))
-        await sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
 
 
 class Backend(Protocol):

@@ -24,6 +24,7 @@ import trio
 
 from tlsfront.backend import Address, unmap
 from tlsfront.config import Profile
+from tlsfront.netstream import NetStream
 from tlsfront.remotehost import safe_host
 from tlsfront.runtime import ProfileRuntime
 from tlsfront.server import ProfileServer
@@ -49,7 +50,7 @@ def _stdio_stream() -> tuple[trio.abc.Stream, Address | None, Address | None]:
             local = Address.from_sockaddr(sock.getsockname())
         except OSError:  # the client is already gone
             pass
-        return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), client, local
+        return NetStream(sock), client, local
     stream = trio.StapledStream(
         trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0))
     )

@@ -296,7 +296,7 @@ async def read_proxy_header(
 
 
 async def accept_proxied(
-    stream: trio.SocketStream, peer: Address, local: Address, profile: Profile
+    stream: trio.abc.HalfCloseableStream, peer: Address, local: Address, profile: Profile
 ) -> tuple[trio.abc.HalfCloseableStream, Address, Address] | None:
     """(stream, client, local) for a connection on a proxy_protocol profile.
 

@@ -31,11 +31,12 @@ import trio
 from tlsfront import metrics
 from tlsfront.backend import Address
 from tlsfront.config import Config, Profile, split_host_port
+from tlsfront.netstream import NetStream
 from tlsfront.proxyproto import accept_proxied
 from tlsfront.ratelimit import TLSRateLimiter
 from tlsfront.remotehost import lookup_host, needs_host
 from tlsfront.runtime import ProfileRuntime
-from tlsfront.session import Session
+from tlsfront.session import Session, ShutdownNotice
 
 log = logging.getLogger("tlsfront")
 
@@ -79,7 +80,7 @@ class Limits:
 
 
 class ProfileServer:
-    def __init__(self, runtime: ProfileRuntime, shutdown: trio.Event | None = None) -> None:
+    def __init__(self, runtime: ProfileRuntime, shutdown: ShutdownNotice | None = None) -> None:
         self.runtime = runtime
         self.limits = Limits()
         self.shutdown = shutdown  # set when the server stops (see the module doc)
@@ -88,8 +89,9 @@ class ProfileServer:
     def name(self) -> str:
         return self.runtime.profile.name
 
-    async def handle(self, stream: trio.SocketStream) -> None:
-        client, local = _peer(stream, True), _peer(stream, False)
+    async def handle(self, accepted: trio.SocketStream) -> None:
+        client, local = _peer(accepted, True), _peer(accepted, False)
+        stream = NetStream.adopt(accepted)
         profile = self.runtime.profile
         if profile.proxy_protocol:  # the client's address comes in a PROXY header
             proxied = await accept_proxied(stream, client, local, profile)
@@ -188,7 +190,7 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         # Set at the end of the grace: sessions close at their next idle point.
-        self.shutdown = trio.Event()
+        self.shutdown = ShutdownNotice()
         self.profiles = {
             name: ProfileServer(runtime, self.shutdown)
             for name, runtime in build_runtimes(config).items()

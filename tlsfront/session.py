@@ -7,7 +7,7 @@ plaintext part of a STARTTLS session is one phase, the part after the
 handshake is another, with a fresh backend (RFC 3207 §4.2); an implicit-TLS
 session does its handshake first and has one phase.
 
-Within a phase five tasks share the dialogue (its methods are synchronous,
+Within a phase three tasks share the dialogue (its methods are synchronous,
 so no two ever interleave inside it):
 
 * the client reader reads only while `client_wants_data` says so: after
@@ -15,19 +15,26 @@ so no two ever interleave inside it):
   must not be eaten); while DATA waits for its reply it reads on, bounded
   (`client_read_ahead`), so that a body sent too early is seen as one;
 * the backend reader feeds the backend's replies;
-* one writer per direction is the only sender on its stream, and sends
-  whatever the dialogue's outbox holds, in order;
-* the supervisor (the phase's own task) runs the timers, answers the
-  dialogue's STARTTLS question, and ends the phase once the dialogue is
-  closing or ready for the handshake and the client writer has flushed;
-  when the server's `shutdown` event is set it has the dialogue answer
-  `421 4.3.2` at the first idle point (`Dialogue.shutdown`), never mid-DATA.
+* the supervisor (the phase's own task) runs the timers and ends the phase
+  once the dialogue is closing or ready for the handshake and the last
+  reply has gone out; when the server stops (`ShutdownNotice`) it has the
+  dialogue answer `421 4.3.2` at the first idle point (`Dialogue.shutdown`),
+  never mid-DATA.
 
-Every change to the dialogue pulses one `_Signal`; each waiting task hands
-it the condition it waits for, and a pulse wakes only the tasks whose
-condition holds (and each re-checks it when it runs). Reading stops while the other
-side's outbox is above a high-water mark, so a slow peer slows its partner
-down instead of filling memory.
+There are no writer tasks: the task that changed the dialogue sends what
+its outboxes now hold (`_Phase.flush`), so a command or a reply crosses
+the proxy without a task switch. Each side has one sender at a time; a task
+that finds it busy leaves the bytes to it, and it sends until the outbox is
+empty. A send that blocks (a client that does not read) is bounded by the
+supervisor's timer, which covers the longest-running send as well as the
+timeout of whatever the dialogue waits for.
+
+After every change `_Phase.update` does, without a task switch, what needs
+no waiting: it answers STARTTLS's question, restarts the timer when the
+dialogue moves on, and pulses one `_Signal`; a pulse wakes only the tasks
+whose condition holds. Reading stops while the other side's outbox is above
+a high-water mark, so a slow peer slows its partner down instead of filling
+memory.
 """
 
 from __future__ import annotations
@@ -94,6 +101,36 @@ class _Signal:
         finally:
             if not entry[1].is_set():
                 self._waiters.remove(entry)
+
+
+class ShutdownNotice:
+    """Set when the server stops: sessions close at their next idle point.
+
+    `trio.Event`'s interface, plus callbacks run when it is set, so that a
+    session learns of it without a task of its own waiting on it.
+    """
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._callbacks: set[Callable[[], None]] = set()
+
+    def set(self) -> None:
+        if not self._event.is_set():
+            self._event.set()
+            for callback in list(self._callbacks):
+                callback()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._callbacks.add(callback)
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        self._callbacks.discard(callback)
 
 
 @dataclass
@@ -194,7 +231,7 @@ class Session:
         rules_env: dict[str, str] | None = None,
         backend_starter: BackendStarter = start_backend,
         tls_rate: TLSRateLimiter | None = None,
-        shutdown: trio.Event | None = None,
+        shutdown: ShutdownNotice | None = None,
     ) -> None:
         self.runtime = runtime
         self.profile = runtime.profile
@@ -213,7 +250,7 @@ class Session:
     # ------------------------------------------------------------- the whole
 
     async def _close_client(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
             await self._stream.aclose()
 
     async def run(self) -> None:
@@ -226,7 +263,9 @@ class Session:
             await self._close_client()
             now = trio.current_time()
             record = self.record
-            log.info("%s", record.line(now), extra=logs.fields("session_end", record.fields(now)))
+            if log.isEnabledFor(logging.INFO):
+                fields = logs.fields("session_end", record.fields(now))
+                log.info("%s", record.line(now), extra=fields)
             metrics.session_ended(record)
 
     async def _run(self) -> None:
@@ -316,8 +355,12 @@ class Session:
     async def _handshake(self, server_tls: ServerTLS) -> bool:
         tls_stream = server_tls.wrap(self._stream)
         try:
-            with trio.fail_after(self.profile.timeout_handshake):
+            with trio.CancelScope(
+                deadline=trio.current_time() + self.profile.timeout_handshake
+            ) as timer:
                 await tls_stream.do_handshake()
+            if timer.cancelled_caught:
+                raise trio.TooSlowError
         except TLSHandshakeError as exc:
             self.record.reason = f"TLS handshake failed: {exc.reason}"
             self.record.tls_failure = exc.reason
@@ -337,33 +380,36 @@ class Session:
         self.record.tls_version, self.record.tls_cipher = info.version, info.cipher
         self.record.cert_status = decision.status
         self.record.relay = "yes" if decision.relay else "no"
-        # Postfix's words; "unknown": tlsfront does no reverse lookup
-        log.info(
-            "%s TLS connection established from unknown[%s]: %s with cipher %s (%d/%d bits)",
-            decision.status,
-            self.client.ip,
-            info.version,
-            info.cipher,
-            info.bits,
-            info.alg_bits,
-            extra=logs.fields(
-                "tls",
-                {
-                    "client_ip": self.client.ip,
-                    "profile": self.profile.name,
-                    "tls_version": info.version,
-                    "tls_cipher": info.cipher,
-                    "cert": decision.status,
-                    "relay": "yes" if decision.relay else "no",
-                },
-            ),
-        )
-        if decision.relay:
-            log.info("unknown[%s]: relaying allowed for cert %s", self.client.ip, decision.address)
-        elif decision.cert is not None:
+        if log.isEnabledFor(logging.INFO):  # the fields cost even when not logged
+            # Postfix's words; "unknown": tlsfront does no reverse lookup
             log.info(
-                "unknown[%s]: no valid cert for gatewaying: %s", self.client.ip, decision.reason
+                "%s TLS connection established from unknown[%s]: %s with cipher %s (%d/%d bits)",
+                decision.status,
+                self.client.ip,
+                info.version,
+                info.cipher,
+                info.bits,
+                info.alg_bits,
+                extra=logs.fields(
+                    "tls",
+                    {
+                        "client_ip": self.client.ip,
+                        "profile": self.profile.name,
+                        "tls_version": info.version,
+                        "tls_cipher": info.cipher,
+                        "cert": decision.status,
+                        "relay": "yes" if decision.relay else "no",
+                    },
+                ),
             )
+            if decision.relay:
+                log.info(
+                    "unknown[%s]: relaying allowed for cert %s", self.client.ip, decision.address
+                )
+            elif decision.cert is not None:
+                log.info(
+                    "unknown[%s]: no valid cert for gatewaying: %s", self.client.ip, decision.reason
+                )
         return True
 
     # -------------------------------------------------------------- backend
@@ -385,8 +431,9 @@ class Session:
             relay=relay,
         )
         try:
-            with trio.fail_after(p.timeout_backend):
+            with trio.CancelScope(deadline=trio.current_time() + p.timeout_backend):
                 return await self._backend_starter(p, env, relay)
+            raise trio.TooSlowError(f"no backend within {p.timeout_backend:g}s")
         except (BackendError, trio.TooSlowError) as exc:
             self.record.reason = f"backend failure: {exc}"
             self.record.backend_failure = "start"
@@ -400,15 +447,18 @@ class Session:
 
     async def _run_phase(self, d: Dialogue, backend: Backend) -> None:
         phase = _Phase(self, d, backend)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(phase.client_reader)
-            nursery.start_soon(phase.backend_reader)
-            nursery.start_soon(phase.client_writer)
-            nursery.start_soon(phase.backend_writer)
-            if self.shutdown is not None:
-                nursery.start_soon(phase.watch_shutdown)
-            await phase.supervise()
-            nursery.cancel_scope.cancel()
+        shutdown = self.shutdown
+        if shutdown is not None:
+            shutdown.subscribe(phase.update)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(phase.client_reader)
+                nursery.start_soon(phase.backend_reader)
+                await phase.supervise()
+                nursery.cancel_scope.cancel()
+        finally:
+            if shutdown is not None:
+                shutdown.unsubscribe(phase.update)
 
 
 class _Phase:
@@ -421,9 +471,37 @@ class _Phase:
         self.backend = backend
         self.changed = _Signal()
         self.client_sending = False
+        self.client_send_deadline = math.inf
         self.client_broken = False
+        self.backend_sending = False
+        self.backend_broken = False
         self.backend_eof_sent = False
         self.last_client_read = self.last_backend_read = trio.current_time()
+        self.key: tuple[str | None, Phase, int] | None = None
+        self.mark = trio.current_time()
+        self.timer: trio.CancelScope | None = None  # the supervisor's, while it waits
+
+    # -------------------------------------------------------- synchronous part
+
+    def update(self) -> None:
+        """After every change to the dialogue or to a sender: the supervision
+        that needs no task switch (STARTTLS's answer, restarting the timer),
+        then wake the tasks whose condition now holds."""
+        d = self.d
+        if d.phase is Phase.STARTTLS_READY:
+            self._answer_starttls()
+        key = (d.waiting_for, d.phase, d.stats.commands)
+        if key != self.key:
+            self.key, self.mark = key, trio.current_time()
+            timer = self.timer
+            if timer is not None:
+                # Only ever brought forward here: a later deadline is found
+                # when the timer fires early, which is cheaper than moving
+                # it at every command.
+                deadline = self._deadline()
+                if deadline < timer.deadline:
+                    timer.deadline = deadline
+        self.changed.pulse()
 
     def _terminal(self) -> bool:
         return self.d.phase in (Phase.CLOSING, Phase.HANDSHAKE)
@@ -433,15 +511,20 @@ class _Phase:
         wants = d.client_wants_data or d.client_read_ahead
         return self._terminal() or (wants and d.backend_output_size <= HIGH_WATER)
 
-    def _client_output(self) -> bool:
-        return self.d.client_output_size > 0
-
-    def _backend_work(self) -> bool:
-        d = self.d
-        return d.backend_output_size > 0 or (d.backend_should_close and not self.backend_eof_sent)
-
     def _client_not_full(self) -> bool:
         return self.d.client_output_size <= HIGH_WATER
+
+    def _finished(self) -> bool:
+        """The phase is over: the client is gone, or its last reply is sent."""
+        d = self.d
+        return self.client_broken or (
+            self._terminal() and not self.client_sending and not d.client_output_size
+        )
+
+    def _needs_supervisor(self) -> bool:
+        return self._finished() or self._shutdown_due()
+
+    # ------------------------------------------------------------- the readers
 
     async def client_reader(self) -> None:
         d = self.d
@@ -458,7 +541,8 @@ class _Phase:
                 data = b""
             self.last_client_read = trio.current_time()
             d.receive_client(data)
-            self.changed.pulse()
+            self.update()
+            await self.flush()
             if not data:
                 return
 
@@ -473,71 +557,95 @@ class _Phase:
                 data = b""
             self.last_backend_read = trio.current_time()
             d.receive_backend(data)
-            self.changed.pulse()
+            self.update()
+            await self.flush()
             if not data:
                 return
 
-    async def client_writer(self) -> None:
-        while True:
-            data = self.d.take_client_output()
-            if not data:
-                await self.changed.wait_until(self._client_output)
-                continue
-            self.client_sending = True
-            try:
-                # A client that stops reading must not hold the session
-                # forever: it has timeout_command to take each write.
-                with trio.move_on_after(self.s.profile.timeout_command) as stalled:
-                    await self.client.send_all(data)
-            except STREAM_ERRORS:
-                self.client_broken = True
-                self.d.receive_client(b"")
-            finally:
-                self.client_sending = False
-            if stalled.cancelled_caught:
-                self.client_broken = True
-                self.d.timeout("client")
-            self.changed.pulse()
-            if self.client_broken:
-                return
+    # ------------------------------------------------------------- the senders
 
-    async def backend_writer(self) -> None:
-        while True:
-            data = self.d.take_backend_output()
-            try:
+    async def flush(self) -> None:
+        """Send what the dialogue's outboxes hold, in the calling task.
+
+        Each side has one sender at a time: a task that finds the other
+        side's sender busy leaves the bytes to it (the sender loops until
+        the outbox is empty, and no task switch comes between its last look
+        and its flag going down).
+        """
+        if not self.backend_sending:
+            await self._flush_backend()
+        if not self.client_sending:
+            await self._flush_client()
+
+    async def _flush_backend(self) -> None:
+        d = self.d
+        self.backend_sending = True
+        try:
+            while True:
+                data = d.take_backend_output()
+                if self.backend_broken:
+                    return  # nowhere to send it; the dialogue has answered 4xx
                 if data:
                     await self.backend.send_all(data)
-                elif self.d.backend_should_close and not self.backend_eof_sent:
+                elif d.backend_should_close and not self.backend_eof_sent:
                     self.backend_eof_sent = True
                     await self.backend.send_eof()
                 else:
-                    await self.changed.wait_until(self._backend_work)
-                    continue
-            except STREAM_ERRORS:
-                self.d.backend_failed("backend closed its input")
-                self.changed.pulse()
-                return
-            self.changed.pulse()
+                    return
+        except STREAM_ERRORS:
+            self.backend_broken = True
+            d.backend_failed("backend closed its input")
+        finally:
+            self.backend_sending = False
+            self.update()
 
-    def _deadline(self) -> tuple[float, str | None]:
+    async def _flush_client(self) -> None:
+        d = self.d
+        self.client_sending = True
+        try:
+            while not self.client_broken:
+                data = d.take_client_output()
+                if not data:
+                    return
+                # A client that stops reading must not hold the session
+                # forever: it has timeout_command to take each write. The
+                # supervisor's timer enforces it (`_deadline`), so the common
+                # write that never blocks pays for no timer of its own.
+                deadline = trio.current_time() + self.s.profile.timeout_command
+                self.client_send_deadline = deadline
+                timer = self.timer
+                if timer is not None and deadline < timer.deadline:
+                    timer.deadline = deadline
+                await self.client.send_all(data)
+        except STREAM_ERRORS:
+            self.client_broken = True
+            d.receive_client(b"")
+        finally:
+            self.client_sending = False
+            self.update()
+
+    # -------------------------------------------------------------- supervisor
+
+    def _deadline(self) -> float:
+        """When the supervisor must look again: the timeout of what is awaited."""
         p = self.s.profile
-        side = self.d.waiting_for
+        d = self.d
+        side = d.waiting_for
         if side == "backend":
-            return max(self.mark, self.last_backend_read) + p.timeout_backend, side
-        if side == "client":
-            if self.d.phase is Phase.BODY:
-                idle = self.last_client_read + p.timeout_data
+            deadline = max(self.mark, self.last_backend_read) + p.timeout_backend
+        elif side == "client":
+            if d.phase is Phase.BODY:
+                deadline = self.last_client_read + p.timeout_data
                 if p.min_data_rate:
-                    budget = p.timeout_data + self.d.stats.body_bytes / p.min_data_rate
-                    return min(idle, self.mark + budget), side
-                return idle, side
-            return self.mark + p.timeout_command, side
-        return math.inf, None
-
-    async def watch_shutdown(self) -> None:
-        assert self.s.shutdown is not None
-        await self.s.shutdown.wait()
-        self.changed.pulse()
+                    budget = p.timeout_data + d.stats.body_bytes / p.min_data_rate
+                    deadline = min(deadline, self.mark + budget)
+            else:
+                deadline = self.mark + p.timeout_command
+        else:
+            deadline = math.inf
+        if self.client_sending:
+            deadline = min(deadline, self.client_send_deadline)
+        return deadline
 
     def _shutdown_due(self) -> bool:
         """The server is stopping and the client may speak: time for 421."""
@@ -549,50 +657,35 @@ class _Phase:
             and d.waiting_for == "client"
         )
 
-    def _key(self) -> tuple[str | None, Phase, int]:
-        """What the timers depend on: a new key restarts the current one."""
-        d = self.d
-        return d.waiting_for, d.phase, d.stats.commands
-
-    def _needs_supervisor(self, key: object) -> Callable[[], bool]:
-        def check() -> bool:
-            d = self.d
-            return (
-                self.client_broken
-                or d.phase is Phase.STARTTLS_READY
-                or (self._terminal() and not self.client_sending and not d.client_output_size)
-                or self._key() != key
-                or self._shutdown_due()
-            )
-
-        return check
-
     async def supervise(self) -> None:
+        """Run the timers and end the phase; everything else is `update`'s."""
         d = self.d
-        key: object = None
-        self.mark = trio.current_time()
-        while True:
-            if self.client_broken:
+        self.update()
+        while not self._finished():
+            now = trio.current_time()
+            if self.client_sending and self.client_send_deadline <= now:
+                self.client_broken = True  # it stopped reading: the write stalled
+                d.timeout("client")
                 return
-            if self._terminal() and not self.client_sending and not d.client_output_size:
-                return
-            if d.phase is Phase.STARTTLS_READY:
-                self._answer_starttls()
-                self.changed.pulse()
-                continue
-            if self._shutdown_due() and d.shutdown():
-                self.changed.pulse()  # 421 4.3.2 queued; the phase ends once it is sent
-                continue
-            new_key = self._key()
-            if new_key != key:
-                key, self.mark = new_key, trio.current_time()
-            deadline, side = self._deadline()
-            with trio.move_on_at(deadline):
-                await self.changed.wait_until(self._needs_supervisor(key))
-                continue
-            if side is not None and self._deadline()[0] <= trio.current_time():
+            act = self._shutdown_due() and d.shutdown()  # 421 4.3.2 queued
+            side = d.waiting_for
+            if not act and side is not None and self._deadline() <= now:
                 d.timeout(side)
-                self.changed.pulse()
+                act = True
+            if act:
+                self.update()
+                await self._supervisor_flush()
+                continue
+            with trio.CancelScope(deadline=self._deadline()) as self.timer:
+                await self.changed.wait_until(self._needs_supervisor)
+            self.timer = None
+
+    async def _supervisor_flush(self) -> None:
+        """Send a reply of the supervisor's own (421), never blocking its timers."""
+        with trio.move_on_after(self.s.profile.timeout_command) as stalled:
+            await self.flush()
+        if stalled.cancelled_caught:
+            self.client_broken = True
 
     def _answer_starttls(self) -> None:
         watch = self.s.runtime.tls
@@ -607,4 +700,4 @@ class _Phase:
         self.d.starttls_accept()
 
 
-__all__ = ["Session", "SessionRecord", "tls_environment"]
+__all__ = ["Session", "SessionRecord", "ShutdownNotice", "tls_environment"]

@@ -8,6 +8,7 @@ reduced to safe characters first, so no client can add a header line.
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ def comment_text(text: str, limit: int = 200) -> str:
     return _UNSAFE_IN_COMMENT.sub("?", text)[:limit]
 
 
+@functools.lru_cache(maxsize=4096)  # per message, and ipaddress is slow
 def address_literal(ip: str) -> str:
     try:
         version = ipaddress.ip_address(ip).version
