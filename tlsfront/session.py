@@ -449,7 +449,7 @@ class Session:
         phase = _Phase(self, d, backend)
         shutdown = self.shutdown
         if shutdown is not None:
-            shutdown.subscribe(phase.update)
+            shutdown.subscribe(phase.server_stopping)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(phase.client_reader)
@@ -458,7 +458,10 @@ class Session:
                 nursery.cancel_scope.cancel()
         finally:
             if shutdown is not None:
-                shutdown.unsubscribe(phase.update)
+                shutdown.unsubscribe(phase.server_stopping)
+
+
+_TERMINAL = frozenset({Phase.CLOSING, Phase.HANDSHAKE})
 
 
 class _Phase:
@@ -470,15 +473,17 @@ class _Phase:
         self.client = session._stream
         self.backend = backend
         self.changed = _Signal()
+        self.now = trio.lowlevel.current_clock().current_time  # fewer frames than trio's
+        shutdown = session.shutdown
+        self.stopping = shutdown is not None and shutdown.is_set()  # see server_stopping
         self.client_sending = False
         self.client_send_deadline = math.inf
         self.client_broken = False
         self.backend_sending = False
         self.backend_broken = False
         self.backend_eof_sent = False
-        self.last_client_read = self.last_backend_read = trio.current_time()
+        self.last_client_read = self.last_backend_read = self.mark = self.now()
         self.key: tuple[str | None, Phase, int] | None = None
-        self.mark = trio.current_time()
         self.timer: trio.CancelScope | None = None  # the supervisor's, while it waits
 
     # -------------------------------------------------------- synchronous part
@@ -492,7 +497,7 @@ class _Phase:
             self._answer_starttls()
         key = (d.waiting_for, d.phase, d.stats.commands)
         if key != self.key:
-            self.key, self.mark = key, trio.current_time()
+            self.key, self.mark = key, self.now()
             timer = self.timer
             if timer is not None:
                 # Only ever brought forward here: a later deadline is found
@@ -504,7 +509,7 @@ class _Phase:
         self.changed.pulse()
 
     def _terminal(self) -> bool:
-        return self.d.phase in (Phase.CLOSING, Phase.HANDSHAKE)
+        return self.d.phase in _TERMINAL
 
     def _may_read_client(self) -> bool:
         d = self.d
@@ -522,7 +527,16 @@ class _Phase:
         )
 
     def _needs_supervisor(self) -> bool:
-        return self._finished() or self._shutdown_due()
+        # evaluated at every pulse: the cheap tests first
+        d = self.d
+        if self.client_broken or self._shutdown_due():
+            return True
+        return d.phase in _TERMINAL and not self.client_sending and not d.client_output_size
+
+    def server_stopping(self) -> None:
+        """The ShutdownNotice's callback."""
+        self.stopping = True
+        self.changed.pulse()
 
     # ------------------------------------------------------------- the readers
 
@@ -539,7 +553,7 @@ class _Phase:
                 data = bytes(await self.client.receive_some(READ_SIZE))
             except STREAM_ERRORS:
                 data = b""
-            self.last_client_read = trio.current_time()
+            self.last_client_read = self.now()
             d.receive_client(data)
             self.update()
             await self.flush()
@@ -555,7 +569,7 @@ class _Phase:
                 data = await self.backend.receive_some(READ_SIZE)
             except STREAM_ERRORS:
                 data = b""
-            self.last_backend_read = trio.current_time()
+            self.last_backend_read = self.now()
             d.receive_backend(data)
             self.update()
             await self.flush()
@@ -611,7 +625,7 @@ class _Phase:
                 # forever: it has timeout_command to take each write. The
                 # supervisor's timer enforces it (`_deadline`), so the common
                 # write that never blocks pays for no timer of its own.
-                deadline = trio.current_time() + self.s.profile.timeout_command
+                deadline = self.now() + self.s.profile.timeout_command
                 self.client_send_deadline = deadline
                 timer = self.timer
                 if timer is not None and deadline < timer.deadline:
@@ -649,20 +663,15 @@ class _Phase:
 
     def _shutdown_due(self) -> bool:
         """The server is stopping and the client may speak: time for 421."""
-        shutdown, d = self.s.shutdown, self.d
-        return (
-            shutdown is not None
-            and shutdown.is_set()
-            and d.phase is Phase.COMMAND
-            and d.waiting_for == "client"
-        )
+        d = self.d
+        return self.stopping and d.phase is Phase.COMMAND and d.waiting_for == "client"
 
     async def supervise(self) -> None:
         """Run the timers and end the phase; everything else is `update`'s."""
         d = self.d
         self.update()
         while not self._finished():
-            now = trio.current_time()
+            now = self.now()
             if self.client_sending and self.client_send_deadline <= now:
                 self.client_broken = True  # it stopped reading: the write stalled
                 d.timeout("client")
