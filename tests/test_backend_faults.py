@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
 import sys
 import tracemalloc
 from collections import Counter
@@ -29,6 +30,7 @@ from hostile import Client, SessionLog, code, session_log, task_count
 
 import tlsfront.backend
 from tlsfront.backend import ExecBackend
+from tlsfront.netstream import NetStream, PipeStream
 from tlsfront.session import Session
 from tlsfront.smtp import Dialogue
 
@@ -220,7 +222,7 @@ async def test_slow_backend_within_the_timeout_is_waited_for(
     assert "messages=1" in log.ends[0]
 
 
-SESSION_TYPES = (Session, Dialogue, ExecBackend, trio.Process, trio.SocketStream)
+SESSION_TYPES = (Session, Dialogue, ExecBackend, subprocess.Popen, NetStream, PipeStream)
 ROUNDS = 5
 
 

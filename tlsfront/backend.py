@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import os
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Protocol
 import trio
 
 from tlsfront.config import Profile, split_host_port
-from tlsfront.netstream import NetStream
+from tlsfront.netstream import NetStream, PipeStream
 
 DEFAULT_PATH = "/var/qmail/bin:/usr/local/bin:/usr/bin:/bin"
 # How long a backend may take to exit once its input is closed.
@@ -90,29 +91,40 @@ def ucspi_environment(
 
 
 class ExecBackend:
-    """A backend program connected by pipes, like tcpserver runs qmail-smtpd."""
+    """A backend program connected by pipes, like tcpserver runs qmail-smtpd.
 
-    def __init__(self, process: trio.Process) -> None:
+    Started by a plain `subprocess.Popen` in the event loop's own thread:
+    CPython forks with vfork, so the loop pauses only until the exec (well
+    under a millisecond), where `trio.lowlevel.open_process` pays a thread
+    hand-off per program. The pipes are `PipeStream`s, and the exit is
+    awaited through a pidfd, as trio does.
+    """
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], stdin: PipeStream, stdout: PipeStream
+    ) -> None:
         self.process = process
-        assert process.stdin is not None
-        assert process.stdout is not None
-        self._stdin = process.stdin
-        self._stdout = process.stdout
+        self._stdin = stdin
+        self._stdout = stdout
         self._eof_sent = False
 
     @classmethod
     async def start(cls, argv: Sequence[str], env: Mapping[str, str]) -> ExecBackend:
+        child_in, to_child = os.pipe()  # both ends close-on-exec; Popen dups the child's
+        from_child, child_out = os.pipe()
         try:
-            process = await trio.lowlevel.open_process(
-                list(argv),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                env=dict(env),
-                close_fds=True,
+            process = subprocess.Popen(  # noqa: ASYNC220 (vfork: see the class doc)
+                list(argv), stdin=child_in, stdout=child_out, env=dict(env), close_fds=True
             )
         except OSError as exc:
+            os.close(to_child)
+            os.close(from_child)
             raise BackendError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
-        return cls(process)
+        finally:
+            os.close(child_in)
+            os.close(child_out)
+        await trio.lowlevel.checkpoint()
+        return cls(process, PipeStream(to_child), PipeStream(from_child))
 
     @property
     def description(self) -> str:
@@ -122,12 +134,22 @@ class ExecBackend:
         await self._stdin.send_all(data)
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
-        return bytes(await self._stdout.receive_some(max_bytes))
+        return await self._stdout.receive_some(max_bytes)
 
     async def send_eof(self) -> None:
         if not self._eof_sent:
             self._eof_sent = True
             await self._stdin.aclose()
+
+    async def wait(self) -> int:
+        """Wait for the program to exit; its status (negative: killed by that signal)."""
+        if self.process.poll() is None:
+            pidfd = os.pidfd_open(self.process.pid)  # valid even once it is a zombie
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+        return self.process.wait()
 
     async def aclose(self) -> int | None:
         """Close its input, give it EXIT_GRACE to exit, then kill it.
@@ -137,10 +159,10 @@ class ExecBackend:
         with trio.CancelScope(shield=True):
             await self.send_eof()
             with trio.move_on_after(EXIT_GRACE):
-                await self.process.wait()
-            if self.process.returncode is None:
+                await self.wait()
+            if self.process.poll() is None:
                 self.process.kill()
-                await self.process.wait()
+                await self.wait()
             await self._stdout.aclose()
         return self.process.returncode
 

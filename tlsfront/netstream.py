@@ -1,4 +1,4 @@
-"""A TCP stream that tries the system call before it waits.
+"""Streams that try the system call before they wait: TCP and pipes.
 
 Theory of operation
 -------------------
@@ -20,12 +20,15 @@ wait_readable`/`wait_writable`) only when the kernel says it would block:
 
 Everything else keeps `trio.SocketStream`'s semantics: `ClosedResourceError`
 after `aclose`, `BrokenResourceError` for a reset, `send_eof` as a half
-close, `TCP_NODELAY` on.
+close, `TCP_NODELAY` on. `PipeStream` does the same for one end of a pipe
+(the exec backend's standard input or output), where trio's `FdStream`
+yields on every call.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 import trio
@@ -162,4 +165,85 @@ class NetStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
-__all__ = ["NetStream"]
+class PipeStream(trio.abc.SendStream, trio.abc.ReceiveStream):
+    """One end of a pipe, owned: made non-blocking, closed by `aclose`."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self._closed = False
+        self._busy = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._enter()
+        try:
+            view = memoryview(data)
+            sent = 0
+            while True:
+                try:
+                    sent += os.write(self.fd, view[sent:])
+                except BlockingIOError:
+                    pass
+                except OSError as exc:  # EPIPE: the program is gone
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                if sent >= len(view):
+                    return
+                await trio.lowlevel.wait_writable(self.fd)
+                self._check_open()
+        finally:
+            self._busy = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()
+        await trio.lowlevel.wait_writable(self.fd)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        self._enter()
+        try:
+            size = max_bytes or 65536
+            try:
+                data = os.read(self.fd, size)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # fairness (module doc)
+                return data
+            while True:
+                await trio.lowlevel.wait_readable(self.fd)
+                self._check_open()
+                try:
+                    return os.read(self.fd, size)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+        finally:
+            self._busy = False
+
+    def _enter(self) -> None:
+        if self._busy:
+            raise trio.BusyResourceError("another task is using this pipe")
+        self._check_open()
+        self._busy = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the pipe was closed")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self.fd)
+            os.close(self.fd)
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+
+__all__ = ["NetStream", "PipeStream"]
