@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,8 +75,12 @@ def start_tlsfront(
     modes: tuple[str, ...] = ("starttls", "implicit"),
     log_level: str = "warning",
     name: str = "tlsfront",
+    wrap: Sequence[str] = (),
 ) -> Target:
-    """tlsfront with one profile per mode, listening on kernel-chosen ports."""
+    """tlsfront with one profile per mode, listening on kernel-chosen ports.
+
+    `wrap`: a command to run it under (valgrind, for bench.instructions).
+    """
     if backend is not None:
         backend_line = "backend = [" + ", ".join(_toml(a) for a in backend) + "]"
     else:
@@ -94,13 +99,13 @@ def start_tlsfront(
         f'[defaults]\nhostname = "front.bench"\nlog_level = "{log_level}"\n\n' + "\n".join(profiles)
     )
     proc = Proc(
-        [sys.executable, "-m", "bench.front", str(config)],
+        [*wrap, sys.executable, "-m", "bench.front", str(config)],
         cpus,
         directory / f"{name}.log",
         stdout=subprocess.PIPE,
         cwd=HERE.parent,
     )
-    ports = proc.read_json()
+    ports = proc.read_json(timeout=120 if wrap else 30)
     return Target(name, ports, proc)
 
 
@@ -114,9 +119,12 @@ def nginx_available() -> tuple[str, str] | None:
 
 
 def start_nginx(
-    directory: Path, cpus: set[int], cert: Path, key: Path, sink: Sink
+    directory: Path, cpus: set[int], cert: Path, key: Path, sink: Sink, wrap: Sequence[str] = ()
 ) -> Target | None:
-    """nginx's mail proxy: STARTTLS on one port, implicit TLS on another, one worker."""
+    """nginx's mail proxy: STARTTLS on one port, implicit TLS on another, one worker.
+
+    Under `wrap` (valgrind) it runs as a single process (`master_process off`).
+    """
     found = nginx_available()
     if found is None:
         return None
@@ -156,6 +164,7 @@ mail {{
     )
     proc = Proc(
         [
+            *wrap,
             binary,
             "-p",
             str(root),
@@ -164,14 +173,14 @@ mail {{
             "-c",
             str(conf),
             "-g",
-            "daemon off; master_process on;",
+            f"daemon off; master_process {'off' if wrap else 'on'};",
         ],
         cpus,
         directory / "nginx.log",
     )
     try:
-        wait_listening(starttls)
-        wait_listening(implicit)
+        wait_listening(starttls, timeout=120 if wrap else 10)
+        wait_listening(implicit, timeout=120 if wrap else 10)
     except OSError:
         proc.stop()
         return None

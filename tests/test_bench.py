@@ -76,3 +76,47 @@ def test_bench_smoke(tmp_path: Path) -> None:
     report = (out / "results.md").read_text()
     assert "## Full sessions, STARTTLS" in report
     assert "## Memory per idle TLS session" in report
+
+
+def _measure(
+    target: str, concurrency: int, sessions_s: float, cpu: float, p99: float
+) -> dict[str, object]:
+    return {
+        "phase": "sweep",
+        "target": target,
+        "mode": "starttls",
+        "concurrency": concurrency,
+        "sessions_s": sessions_s,
+        "server_cpu_ms": cpu,
+        "p99_ms": p99,
+    }
+
+
+def test_each_target_is_judged_by_its_own_goal() -> None:
+    """With bulk and idle memory skipped, p99 is still judged 'lower is better'."""
+    from bench.report import target_figures
+
+    measures = [
+        _measure("tlsfront", 32, 200.0, 4.0, 190.0),
+        _measure("tlsfront", 128, 210.0, 4.5, 900.0),
+        _measure("nginx", 32, 350.0, 0.9, 95.0),
+        _measure("nginx", 128, 900.0, 0.8, 180.0),
+    ]
+    figures = {
+        what: (goal, better, ours, theirs)
+        for (what, _, better, goal), ours, theirs in (target_figures(measures, []))
+    }
+    assert figures["p99 session latency at 32 concurrent (STARTTLS)"] == (1.0, "lower", 190.0, 95.0)
+    assert figures["full STARTTLS sessions/s at saturation"] == (1.0, "higher", 210.0, 900.0)
+    # CPU per session at each server's point of most sessions/s
+    assert figures["server CPU per STARTTLS session at saturation"][2:] == (4.5, 0.8)
+    assert not any("bulk" in what or "memory" in what for what in figures)
+
+
+def test_instruction_report() -> None:
+    from bench.instructions import markdown
+
+    text = markdown([("tlsfront", "starttls", 9.0e6, 40), ("nginx", "starttls", 3.0e6, 60)])
+    assert "| starttls | 9.00 M | 3.00 M | 3.00 |" in text
+    text = markdown([("tlsfront", "implicit", 8.0e6, 40)])
+    assert "| implicit | 8.00 M | - | - |" in text
