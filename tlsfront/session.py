@@ -593,6 +593,8 @@ class _Phase:
 
     async def _flush_backend(self) -> None:
         d = self.d
+        if not d.backend_output_size and (self.backend_eof_sent or not d.backend_should_close):
+            return  # nothing to do: no flag to raise, nobody to wake
         self.backend_sending = True
         try:
             while True:
@@ -615,6 +617,8 @@ class _Phase:
 
     async def _flush_client(self) -> None:
         d = self.d
+        if not d.client_output_size or self.client_broken:
+            return
         self.client_sending = True
         try:
             while not self.client_broken:
