@@ -44,7 +44,6 @@ A phase change that the shell must act on is visible in `phase`,
 from __future__ import annotations
 
 import enum
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -152,8 +151,10 @@ class Dialogue:
         self._client_eof = False
         self._to_client = bytearray()
         self._to_backend = bytearray()
-        self._pending: deque[_Pending] = deque()
-        self._awaiting: deque[_Pending] = deque()  # entries waiting for a backend reply
+        # Lists, not deques: never longer than max_pipeline, and an empty
+        # deque costs 600 bytes where an empty list costs 56, per session.
+        self._pending: list[_Pending] = []
+        self._awaiting: list[_Pending] = []  # entries waiting for a backend reply
         self._body: BodyScanner | None = None
         self._backend_dead: str | None = None
         self.backend_should_close = False
@@ -317,7 +318,7 @@ class Dialogue:
         """Answer 220; the shell then sends it and does the handshake."""
         if self.phase is not Phase.STARTTLS_READY:
             raise LocalProtocolError(503, "5.5.1", "STARTTLS is not pending")
-        self._pending.popleft()
+        self._pending.pop(0)
         self._to_client += _local(220, "2.0.0", "Ready to start TLS").raw
         self.phase = Phase.HANDSHAKE
         self.backend_should_close = True
@@ -326,7 +327,7 @@ class Dialogue:
         """TLS cannot be had now (no certificate, a rate limit): 454, go on."""
         if self.phase is not Phase.STARTTLS_READY:
             raise LocalProtocolError(503, "5.5.1", "STARTTLS is not pending")
-        self._pending.popleft()
+        self._pending.pop(0)
         self._to_client += _local(454, "4.7.0", text).raw
         self.phase = Phase.COMMAND
 
@@ -371,7 +372,7 @@ class Dialogue:
             # backend's word, passed on as it is.
             self._to_client += reply.raw
             return
-        entry = self._awaiting.popleft()
+        entry = self._awaiting.pop(0)
         if entry.kind is _Kind.EHLO:
             reply = self._rewrite_ehlo(reply)
         entry.reply = reply
@@ -391,7 +392,7 @@ class Dialogue:
     def _deliver(self) -> None:
         """Send every reply at the head of the queue that is there."""
         while self._pending and self._pending[0].reply is not None:
-            entry = self._pending.popleft()
+            entry = self._pending.pop(0)
             assert entry.reply is not None
             if not entry.swallow:
                 self._to_client += entry.reply.raw
