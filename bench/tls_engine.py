@@ -9,8 +9,10 @@ the figures include its cost too: they compare whole loops, and the ratio
 understates the difference between the two server engines.
 
 Bulk: MiB of random data one way (client to server, then server to client),
-64 KiB writes. Handshakes: sequential full handshakes (connect, handshake,
-one byte each way, close), without and with a client certificate requested.
+64 KiB writes. Round trips: one small record each way per trip, as an SMTP
+command and its reply (the per-call cost of receive_some and send_all).
+Handshakes: sequential full handshakes (connect, handshake, one byte each
+way, close), without and with a client certificate requested.
 """
 
 from __future__ import annotations
@@ -167,6 +169,28 @@ async def bulk_download(wrap: Wrap, cctx: ssl.SSLContext, total: int) -> float:
     return elapsed
 
 
+async def round_trips(wrap: Wrap, cctx: ssl.SSLContext, count: int) -> float:
+    """Seconds for `count` command/reply exchanges of one small record each way."""
+    command, reply = b"RCPT TO:<someone@example.org>\r\n", b"250 2.1.5 Ok\r\n"
+
+    async def answer(stream: trio.abc.Stream) -> None:
+        for _ in range(count):
+            await stream.receive_some(WRITE)
+            await stream.send_all(reply)
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve, wrap, answer)
+        client = await connect(port, cctx)
+        start = time.perf_counter()
+        for _ in range(count):
+            await client.send_all(command)
+            await client.receive_some(WRITE)
+        elapsed = time.perf_counter() - start
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    return elapsed
+
+
 async def handshakes(wrap: Wrap, cctx: ssl.SSLContext, count: int) -> float:
     """Seconds for `count` sequential connections with a full handshake each."""
 
@@ -193,6 +217,7 @@ def _ratio(ours: float, theirs: float) -> str:
 
 async def run(mib: int, count: int, rounds: int) -> None:
     total = mib * 1024 * 1024
+    trip_count = 20 * count
     with tempfile.TemporaryDirectory(prefix="tlsfront-bench-") as tmp:
         plain, request = make_setups(Path(tmp))
         # Warm up both engines once.
@@ -212,6 +237,9 @@ async def run(mib: int, count: int, rounds: int) -> None:
         async def download(wrap: Wrap) -> float:
             return total / await bulk_download(wrap, plain.client, total) / 1e6
 
+        async def trips(wrap: Wrap) -> float:
+            return trip_count / await round_trips(wrap, plain.client, trip_count)
+
         def handshake_rate(setup: Setup) -> Callable[[Wrap], Awaitable[float]]:
             async def rate(wrap: Wrap) -> float:
                 return count / await handshakes(wrap, setup.client, count)
@@ -221,6 +249,7 @@ async def run(mib: int, count: int, rounds: int) -> None:
         measures: list[tuple[str, Callable[[Wrap], Awaitable[float]], Setup]] = [
             (f"bulk upload client->server, {mib} MiB (MB/s)", upload, plain),
             (f"bulk download server->client, {mib} MiB (MB/s)", download, plain),
+            (f"round trips/s, small records (n={trip_count})", trips, plain),
             (f"handshakes/s, no client cert (n={count})", handshake_rate(plain), plain),
             (f"handshakes/s, client cert asked+sent (n={count})", handshake_rate(request), request),
         ]

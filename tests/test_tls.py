@@ -279,6 +279,73 @@ async def test_transport_reads_are_bounded(ca: trustme.CA, creds: ServerCredenti
     assert all(n is not None and n <= 65536 for n in recorder.asked)
 
 
+async def test_receive_returns_every_record_at_hand(
+    ca: trustme.CA, creds: ServerCredentials
+) -> None:
+    """One transport read holding several records is one chunk, up to max_bytes."""
+    server = ServerTLS(TLSSettings(credentials=(creds,)))
+    stream, client, _ = await handshake(server, client_context(ca))
+    blob = os.urandom(3 * 16384)  # three full records, ~48 KiB of ciphertext
+    with trio.fail_after(TIMEOUT):
+        await client.send_all(blob)
+        assert await stream.receive_some(65536) == blob
+        await client.send_all(blob)
+        got = [await stream.receive_some(1000) for _ in range(3)]
+        assert [len(part) for part in got] == [1000, 1000, 1000]
+        rest = bytearray()
+        while len(rest) < len(blob) - 3000:
+            rest += await stream.receive_some(65536)
+    assert b"".join(got) + rest == blob
+
+
+class Capture(trio.abc.Stream):
+    """A transport that can hold back what is sent, to be sent later in one piece."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.held: list[bytes] | None = None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return bytes(await self.inner.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.held is None:
+            await self.inner.send_all(data)
+        else:
+            self.held.append(bytes(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_tls_error_comes_after_the_records_before_it(
+    ca: trustme.CA, creds: ServerCredentials
+) -> None:
+    """A forged record behind good ones: the good data first, then BrokenResourceError."""
+    client_transport, server_transport = trio.testing.memory_stream_pair()
+    capture = Capture(client_transport)
+    client = trio.SSLStream(capture, client_context(ca), server_hostname="localhost")
+    stream = ServerTLS(TLSSettings(credentials=(creds,))).wrap(server_transport)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            await stream.do_handshake()
+        capture.held = []
+        await client.send_all(b"MAIL FROM:<a@b>\r\n")
+        await client.send_all(b"RCPT TO:<c@d>\r\n")
+        good, forged = capture.held
+        forged = forged[:-1] + bytes([forged[-1] ^ 1])  # breaks the AEAD tag
+        await client_transport.send_all(good + forged)
+        assert await stream.receive_some() == b"MAIL FROM:<a@b>\r\n"
+        with pytest.raises(trio.BrokenResourceError, match="TLS error"):
+            await stream.receive_some()
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.receive_some()
+
+
 async def test_handshake_fed_one_byte_at_a_time(ca: trustme.CA, creds: ServerCredentials) -> None:
     client_transport, server_transport = trio.testing.memory_stream_pair()
     stream = ServerTLS(TLSSettings(credentials=(creds,))).wrap(OneByteAtATime(server_transport))

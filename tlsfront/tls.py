@@ -21,15 +21,24 @@ ciphertext OpenSSL produces comes out with ``bio_read``. OpenSSL never touches
 a file descriptor, so all I/O is trio's and every wait is cancellable.
 
 Outgoing ciphertext has one queue (OpenSSL's outgoing BIO, drained into
-``_outgoing``) and one sender at a time (``_send_lock``). Whoever holds the
-lock keeps sending until the queue is empty, so bytes leave in the order
-OpenSSL produced them, even with a reader task and a writer task working on
-the stream at once (the proxy runs one of each). A reader that produced
-ciphertext while a writer holds the lock leaves it to the writer.
+``_outgoing``) and one sender at a time (``_flushing``). The sender keeps
+sending until the queue is empty, so bytes leave in the order OpenSSL
+produced them, even with a reader task and a writer task working on the
+stream at once (the proxy runs one of each). A reader that produced
+ciphertext while a writer sends leaves it in the queue for the writer; a
+writer that finds the reader sending waits for it (``_flush_done``, an Event
+made only then). `send_all` encrypts 64 KiB per SSL_write (partial writes
+off) and sends the result in one transport send.
 
-Incoming ciphertext is read only by the handshake (under ``_handshake_lock``)
-and afterwards by `receive_some`, at most 64 KiB per transport read.
-Renegotiation is disabled, so writing never needs to read.
+Incoming ciphertext is read only by the handshake (under ``_handshake_lock``,
+dropped once it is done) and afterwards by `receive_some`, at most 64 KiB per
+transport read, fed to OpenSSL a record's worth at a time (`_feed`: memory
+BIOs never shrink). `receive_some` hands out all the plaintext OpenSSL can
+give, up to max_bytes, not one 16 KB record per call; ``_drained`` remembers
+that OpenSSL has nothing more, so the next call goes straight to the
+transport. A TLS error behind good records is raised by the call after the
+one that returns them. Renegotiation is disabled, so writing never needs to
+read.
 
 Client certificates: the context-wide verify callback finds the stream's
 `_Outcome` through the connection's app data and records the first error
@@ -42,6 +51,7 @@ the session cache and tickets off. Other profiles keep tickets on.
 
 Whether a handshake was resumed is learned from the info callback: a full
 handshake passes through the "write certificate" state, a resumed one does not.
+Profiles that cannot resume have no info callback; their handshakes are full.
 """
 
 from __future__ import annotations
@@ -88,7 +98,14 @@ _VERSIONS = {
 }
 
 _CHUNK = 65536  # bytes per transport read and per SSL_write
-_PULL = 4 * _CHUNK  # bytes per read of OpenSSL's outgoing BIO
+_RECORD = 16384  # the most plaintext one SSL_read returns (a TLS record)
+_FEED = _RECORD + 512  # ciphertext per write into OpenSSL's incoming BIO (see _feed)
+# Bytes per read of OpenSSL's outgoing BIO: one SSL_write of a chunk, with
+# its record overhead, comes out in one read.
+_PULL = _CHUNK + 8192
+# pyOpenSSL's contexts allow SSL_write to return after one record; not
+# exported by name (the value is fixed by OpenSSL's API).
+_MODE_ENABLE_PARTIAL_WRITE = 0x1
 _CLOSE_NOTIFY_TIMEOUT = 5.0  # seconds aclose() spends on a best-effort close_notify
 _FULL_HANDSHAKE_STATE = b"SSLv3/TLS write certificate"
 
@@ -233,10 +250,10 @@ class _Outcome:
 
     __slots__ = ("full_handshake", "verify_called", "verify_error")
 
-    def __init__(self) -> None:
+    def __init__(self, full_handshake: bool) -> None:
         self.verify_called = False
         self.verify_error: str | None = None
-        self.full_handshake = False
+        self.full_handshake = full_handshake
 
 
 def _outcome(conn: SSL.Connection) -> _Outcome:
@@ -332,6 +349,8 @@ class ServerTLS:
     def __init__(self, settings: TLSSettings) -> None:
         self.settings = settings
         self._context = self._build(settings)
+        # Profiles that ask for a certificate never resume (see _build).
+        self._always_full = settings.client_cert != "none"
 
     @staticmethod
     def _build(settings: TLSSettings) -> SSL.Context:
@@ -397,16 +416,21 @@ class ServerTLS:
         if asks_cert:
             _configure_client_auth(ctx, settings)
         ctx.set_session_id(_session_id_context(settings))
-        ctx.set_info_callback(_info_callback)
+        if not asks_cert:
+            # ~20 calls into Python per handshake: only where it can resume.
+            ctx.set_info_callback(_info_callback)
         # Free a connection's read and write buffers (about 34 KB) while it
         # idles: most of a mail server's connections wait for the next command.
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        # One SSL_write per chunk rather than one per 16 KB record. A memory
+        # BIO never refuses a write, so SSL_write never stops half-way.
+        ctx.clear_mode(_MODE_ENABLE_PARTIAL_WRITE)
         return ctx
 
     def wrap(self, transport: trio.abc.Stream) -> TLSStream:
         conn = SSL.Connection(self._context, None)
         conn.set_accept_state()
-        outcome = _Outcome()
+        outcome = _Outcome(full_handshake=self._always_full)
         conn.set_app_data(outcome)
         return TLSStream(transport, conn, outcome)
 
@@ -450,19 +474,46 @@ class TLSStream(trio.abc.Stream):
     raises `trio.ClosedResourceError`.
     """
 
+    # Thousands of these idle at once: no per-instance dict.
+    __slots__ = (
+        "_broken",
+        "_closed",
+        "_conn",
+        "_drained",
+        "_eof",
+        "_error",
+        "_flush_done",
+        "_flushing",
+        "_handshake_done",
+        "_handshake_failed",
+        "_handshake_lock",
+        "_info",
+        "_outcome",
+        "_outgoing",
+        "_receiving",
+        "_send_broken",
+        "_sending",
+        "_unfed",
+        "transport_stream",
+    )
+
     def __init__(self, transport: trio.abc.Stream, conn: SSL.Connection, outcome: _Outcome):
         self.transport_stream = transport
         self._conn = conn
         self._outcome = outcome
-        self._handshake_lock = trio.Lock()
-        self._send_lock = trio.Lock()
+        self._handshake_lock: trio.Lock | None = trio.Lock()  # dropped once the handshake is done
         self._outgoing: list[bytes] = []
+        self._flushing = False  # a task is sending the outgoing queue
+        self._flush_done: trio.Event | None = None  # made only when a second sender waits
         self._handshake_done = False
         self._handshake_failed: TLSHandshakeError | None = None
         self._closed = False
         self._broken = False  # TLS state unusable (failed handshake, TLS error)
+        self._error: trio.BrokenResourceError | None = None  # TLS error behind returned data
         self._send_broken = False  # a transport send failed or was cancelled mid-way
         self._eof = False  # close_notify or transport EOF seen
+        self._unfed: memoryview | None = None  # read from the transport, not yet fed
+        self._drained = False  # recv said WantRead since the last bio_write, nothing unfed
         self._receiving = False
         self._sending = False
         self._info: TLSInfo | None = None
@@ -471,36 +522,42 @@ class TLSStream(trio.abc.Stream):
 
     def _pull(self) -> None:
         """Move everything OpenSSL has written into the outgoing queue."""
-        while True:
-            try:
-                data = self._conn.bio_read(_PULL)
-            except SSL.WantReadError:
-                return
-            self._outgoing.append(data)
-            if len(data) < _PULL:
-                return  # a memory BIO reads short only when it is empty
+        read = self._conn.bio_read
+        try:
+            while True:
+                data = read(_PULL)
+                self._outgoing.append(data)
+                if len(data) < _PULL:
+                    return  # a memory BIO reads short only when it is empty
+        except SSL.WantReadError:
+            return
 
     async def _flush(self, *, wait: bool = True) -> None:
         """Send the outgoing queue. With wait=False, leave it to a current sender."""
         self._pull()
-        if not self._outgoing:
+        outgoing = self._outgoing
+        if not outgoing:
             return
-        if not self._send_lock.locked():
-            # Uncontended: take the lock without a checkpoint of its own;
-            # the transport send below is one.
-            self._send_lock.acquire_nowait()
-        elif wait:
-            await self._send_lock.acquire()
-            self._pull()
-        else:
-            return
+        while self._flushing:
+            # The current sender sends what we queued too; a writer waits
+            # until it is out (or the sender failed and left it).
+            if not wait:
+                return
+            if self._flush_done is None:
+                self._flush_done = trio.Event()
+            await self._flush_done.wait()
+            if not outgoing:
+                return
+        # Uncontended, this takes no checkpoint of its own: the transport
+        # send below is one.
+        self._flushing = True
         try:
-            while self._outgoing:
+            while outgoing:
                 if self._send_broken:
-                    self._outgoing.clear()
+                    outgoing.clear()
                     raise trio.BrokenResourceError("an earlier send failed")
-                data = self._outgoing[0] if len(self._outgoing) == 1 else b"".join(self._outgoing)
-                self._outgoing.clear()
+                data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+                outgoing.clear()
                 try:
                     await self.transport_stream.send_all(data)
                 except trio.ClosedResourceError:
@@ -512,9 +569,11 @@ class TLSStream(trio.abc.Stream):
                     # Part of a record may be out: nothing more can follow it.
                     self._send_broken = True
                     raise
-                self._pull()
         finally:
-            self._send_lock.release()
+            self._flushing = False
+            done, self._flush_done = self._flush_done, None
+            if done is not None:
+                done.set()
 
     async def _receive_transport(self) -> bytes | bytearray:
         try:
@@ -524,9 +583,12 @@ class TLSStream(trio.abc.Stream):
                 raise
             raise trio.BrokenResourceError("transport closed") from None
 
-    def _check_usable(self) -> None:
+    def _raise_unusable(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("TLS stream was closed")
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         if self._broken:
             raise trio.BrokenResourceError("TLS stream is broken")
 
@@ -539,10 +601,11 @@ class TLSStream(trio.abc.Stream):
         or trio.ClosedResourceError when aclose() was called. The caller bounds
         the time it may take (cancellation is safe).
         """
-        if self._handshake_done:
+        lock = self._handshake_lock
+        if lock is None:  # done
             await trio.lowlevel.checkpoint()
             return
-        async with self._handshake_lock:
+        async with lock:
             if self._handshake_done:
                 return
             if self._handshake_failed is not None:
@@ -562,28 +625,28 @@ class TLSStream(trio.abc.Stream):
                 self._handshake_failed = error
                 raise error from exc
             self._handshake_done = True
+            self._handshake_lock = None
 
     async def _handshake(self) -> None:
+        conn = self._conn
+        # The server speaks second: nothing to do before the ClientHello.
         while True:
-            error = None
-            try:
-                self._conn.do_handshake()
-            except SSL.WantReadError:
-                pass
-            except SSL.Error as exc:
-                error = _handshake_error(exc, self._outcome)
-            else:
-                break
-            if error is not None:
-                # Let the client see OpenSSL's alert, if the transport takes it.
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._flush()
-                raise error
-            await self._flush()
             data = await self._receive_transport()
             if not data:
                 raise TLSHandshakeError("eof", "connection closed during the handshake")
-            self._conn.bio_write(data)
+            conn.bio_write(data)
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                await self._flush()
+                continue
+            except SSL.Error as exc:
+                error = _handshake_error(exc, self._outcome)
+                # Let the client see OpenSSL's alert, if the transport takes it.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._flush()
+                raise error from None
+            break
         await self._flush()  # our Finished / TLS 1.3 session tickets
 
     async def _ensure_handshake(self) -> None:
@@ -649,38 +712,91 @@ class TLSStream(trio.abc.Stream):
         self._receiving = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_usable()
-            await self._ensure_handshake()
+            if self._closed or self._broken:
+                self._raise_unusable()
+            if not self._handshake_done:
+                await self._ensure_handshake()
             # A transport read is a checkpoint; without one, take a checkpoint.
             awaited = False
             while not self._eof:
+                if not self._drained:
+                    data = self._decrypt(max_bytes)
+                    if data:
+                        if not awaited:
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                        return data
+                    if self._eof:
+                        break
+                # Before waiting on the peer, send what reading made OpenSSL
+                # write (a KeyUpdate reply, an alert).
+                self._pull()
+                if self._outgoing:
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await self._flush(wait=False)
                 try:
-                    data = self._conn.recv(max_bytes)
-                except SSL.WantReadError:
-                    pass
-                except SSL.ZeroReturnError:  # close_notify
-                    self._eof = True
-                    break
-                except SSL.Error as exc:
-                    self._broken = True
-                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-                else:
-                    if not awaited:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                    return data
-                with contextlib.suppress(trio.BrokenResourceError):
-                    await self._flush(wait=False)  # e.g. a KeyUpdate response
-                ciphertext = await self._receive_transport()
+                    ciphertext = await self.transport_stream.receive_some(_CHUNK)
+                except trio.ClosedResourceError:
+                    if self._closed:
+                        raise
+                    raise trio.BrokenResourceError("transport closed") from None
                 awaited = True
                 if not ciphertext:
                     self._eof = True
                     break
-                self._conn.bio_write(ciphertext)
+                self._unfed = memoryview(ciphertext)
+                self._feed()
+                self._drained = False
             if not awaited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return b""
         finally:
             self._receiving = False
+
+    def _feed(self) -> None:
+        """Give OpenSSL the next slice of the ciphertext read from the transport.
+
+        A memory BIO keeps the largest size it ever held: fed whole 64 KiB
+        transport reads, each connection would keep ~85 kB after its first
+        large message. Slices of about a record, each fed once OpenSSL has
+        taken the last one, keep that near 20 kB.
+        """
+        unfed = self._unfed
+        assert unfed is not None
+        self._conn.bio_write(unfed[:_FEED])
+        self._unfed = unfed[_FEED:] if len(unfed) > _FEED else None
+
+    def _decrypt(self, max_bytes: int) -> bytes:
+        """All the plaintext OpenSSL can give now, up to `max_bytes`; b"" if none.
+
+        SSL_read returns one record at a time: take them all, so that a
+        64 KiB transport read is one chunk for the caller, not four.
+        """
+        recv = self._conn.recv
+        pieces: list[bytes] = []
+        try:
+            while max_bytes:
+                try:
+                    data = recv(min(max_bytes, _RECORD))
+                except SSL.WantReadError:
+                    if self._unfed is None:
+                        self._drained = True
+                        break
+                    self._feed()
+                    continue
+                pieces.append(data)
+                max_bytes -= len(data)
+        except SSL.ZeroReturnError:  # close_notify
+            self._eof = True
+        except SSL.Error as exc:
+            self._broken = True
+            if not pieces:
+                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+            # Hand out what came before the error; the next call raises it.
+            self._error = trio.BrokenResourceError(f"TLS error: {exc}")
+            self._error.__cause__ = exc
+        if len(pieces) == 1:
+            return pieces[0]
+        return b"".join(pieces)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
@@ -688,21 +804,28 @@ class TLSStream(trio.abc.Stream):
         self._sending = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_usable()
-            await self._ensure_handshake()
+            if self._closed or self._broken:
+                self._raise_unusable()
+            if not self._handshake_done:
+                await self._ensure_handshake()
             if self._send_broken:
                 raise trio.BrokenResourceError("an earlier send failed")
             view = memoryview(data).cast("B")
-            if not view:
+            size = len(view)
+            if not size:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
-            while view:
-                # pyOpenSSL turns on partial writes: SSL_write may stop after a
-                # record. Encrypt a whole chunk, then send it in one go.
-                chunk, view = view[:_CHUNK], view[_CHUNK:]
+            send = self._conn.send
+            for start in range(0, size, _CHUNK):
+                # Encrypt a whole chunk, then send it in one go. The context
+                # turns partial writes off (pyOpenSSL turns them on), so one
+                # SSL_write takes the chunk; the loop is for older pyOpenSSL.
+                chunk = view[start : start + _CHUNK] if size > _CHUNK else view
                 try:
-                    while chunk:
-                        chunk = chunk[self._conn.send(chunk) :]
+                    sent = send(chunk)
+                    while sent < len(chunk):
+                        chunk = chunk[sent:]
+                        sent = send(chunk)
                 except SSL.Error as exc:
                     self._broken = True
                     raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
@@ -715,7 +838,8 @@ class TLSStream(trio.abc.Stream):
             raise trio.BusyResourceError("another task is already sending")
         self._sending = True
         try:
-            self._check_usable()
+            if self._closed or self._broken:
+                self._raise_unusable()
             try:
                 await self.transport_stream.wait_send_all_might_not_block()
             except trio.ClosedResourceError:
@@ -732,7 +856,7 @@ class TLSStream(trio.abc.Stream):
             return
         self._closed = True
         try:
-            usable = not (self._broken or self._send_broken or self._send_lock.locked())
+            usable = not (self._broken or self._send_broken or self._flushing)
             if self._handshake_done and usable:
                 with contextlib.suppress(SSL.Error):
                     self._conn.shutdown()
