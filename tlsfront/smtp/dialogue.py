@@ -150,7 +150,8 @@ class Dialogue:
         self._client_buffer = bytearray()
         self._client_eof = False
         self._to_client = bytearray()
-        self._to_backend = bytearray()
+        self._to_backend: list[bytes] = []  # chunks, joined when taken: no copy of a body
+        self._to_backend_size = 0
         # Lists, not deques: never longer than max_pipeline, and an empty
         # deque takes 760 bytes where an empty list takes 56, per session.
         self._pending: list[_Pending] = []
@@ -168,13 +169,18 @@ class Dialogue:
         return data
 
     def take_backend_output(self) -> bytes:
-        data = bytes(self._to_backend)
+        data = b"".join(self._to_backend)  # one chunk: that very object
         self._to_backend.clear()
+        self._to_backend_size = 0
         return data
+
+    def _send_backend(self, data: bytes) -> None:
+        self._to_backend.append(data)
+        self._to_backend_size += len(data)
 
     @property
     def backend_output_size(self) -> int:
-        return len(self._to_backend)
+        return self._to_backend_size
 
     @property
     def client_output_size(self) -> int:
@@ -241,7 +247,10 @@ class Dialogue:
         if self.phase in (Phase.STARTTLS_WAIT, Phase.STARTTLS_READY, Phase.HANDSHAKE):
             self.stats.discarded_after_starttls += len(data)
             return
-        self._client_buffer += data
+        if self.phase is Phase.BODY and not self._client_buffer:
+            self._process_body(data)  # the bulk of a message: no copy into the buffer
+        else:
+            self._client_buffer += data
         self._process_client()
 
     def receive_backend(self, data: bytes) -> None:
@@ -359,7 +368,7 @@ class Dialogue:
         self._pending.append(entry)
         self._awaiting.append(entry)
         if entry.command is not None:
-            self._to_backend += entry.command.raw
+            self._send_backend(entry.command.raw)
 
     def _answer(self, entry: _Pending, reply: Reply, *, close: bool = False) -> None:
         entry.reply = reply
@@ -433,7 +442,7 @@ class Dialogue:
             self.phase = Phase.BODY
             self._body = BodyScanner(self._max_text_line, self._max_message_size)
             if self._received is not None:
-                self._to_backend += self._received(self.stats.helo, self._esmtp)
+                self._send_backend(self._received(self.stats.helo, self._esmtp))
             return
         self.phase = Phase.COMMAND
         if self._client_buffer:
@@ -527,10 +536,12 @@ class Dialogue:
             self._client_buffer.clear()
             self.phase = Phase.STARTTLS_WAIT
 
-    def _process_body(self) -> None:
+    def _process_body(self, data: bytes | None = None) -> None:
+        """Scan `data`, or else what the client buffer holds, as body bytes."""
         assert self._body is not None
-        data = bytes(self._client_buffer)
-        self._client_buffer.clear()
+        if data is None:
+            data = bytes(self._client_buffer)
+            self._client_buffer.clear()
         try:
             result = self._body.feed(data)
         except RemoteProtocolError as exc:
@@ -541,7 +552,7 @@ class Dialogue:
             return
         self.stats.body_bytes += len(result.forward)
         if self._backend_dead is None:
-            self._to_backend += result.forward
+            self._send_backend(result.forward)
         if not result.done:
             return
         self._body = None
