@@ -157,11 +157,15 @@ class NetStream(trio.abc.HalfCloseableStream):
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """`aclose` without the checkpoint: nothing in closing a socket waits."""
         if not self._closed:
             self._closed = True
             trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
+
+    async def aclose(self) -> None:
+        self.close()
         await trio.lowlevel.checkpoint()
 
 

@@ -57,6 +57,7 @@ from tlsfront.backend import (
     start_backend,
     ucspi_environment,
 )
+from tlsfront.netstream import NetStream
 from tlsfront.ratelimit import TLSRateLimiter
 from tlsfront.relay import RelayDecision
 from tlsfront.runtime import ProfileRuntime
@@ -240,6 +241,7 @@ class Session:
         self.rules_env = rules_env or {}
         self.record = SessionRecord(self.profile.name, client, trio.current_time())
         self._stream: trio.abc.Stream = stream
+        self._client_closed = False
         self._tls_info: TLSInfo | None = None
         self._decision: RelayDecision | None = None
         self._next_tls: ServerTLS | None = None
@@ -250,8 +252,15 @@ class Session:
     # ------------------------------------------------------------- the whole
 
     async def _close_client(self) -> None:
+        if self._client_closed:
+            return
+        self._client_closed = True
+        stream = self._stream
+        if isinstance(stream, NetStream):
+            stream.close()  # plaintext: nothing to send, nothing to wait for
+            return
         with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
-            await self._stream.aclose()
+            await stream.aclose()  # TLS: close_notify, bounded
 
     async def run(self) -> None:
         try:
