@@ -180,7 +180,7 @@ async def loopback_server(server: ServerTLS, handler: Handler) -> AsyncIterator[
 
 
 async def echo(stream: TLSStream) -> None:
-    """Echo with one reader task and one writer task, as the proxy runs them."""
+    """Echo with one task reading and another writing, as the proxy uses a stream."""
     await stream.do_handshake()
     send, receive = trio.open_memory_channel[bytes](4)
 

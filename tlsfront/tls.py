@@ -23,8 +23,9 @@ a file descriptor, so all I/O is trio's and every wait is cancellable.
 Outgoing ciphertext has one queue (OpenSSL's outgoing BIO, drained into
 ``_outgoing``) and one sender at a time (``_flushing``). The sender keeps
 sending until the queue is empty, so bytes leave in the order OpenSSL
-produced them, even with a reader task and a writer task working on the
-stream at once (the proxy runs one of each). A reader that produced
+produced them, even with one task reading and another writing at once (in
+the proxy: the client reader, and the backend reader sending the replies
+it got). A reader that produced
 ciphertext while a writer sends leaves it in the queue for the writer; a
 writer that finds the reader sending waits for it (``_flush_done``, an Event
 made only then). `send_all` encrypts 64 KiB per SSL_write (partial writes
