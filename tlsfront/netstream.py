@@ -30,24 +30,109 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from typing import Any
 
 import trio
 
-# Any other error of a send or recv means the connection is gone.
-_BROKEN = OSError
 
+class _TryFirst:
+    """The loops both streams share: the system call first, a wait only on EAGAIN.
 
-class NetStream(trio.abc.HalfCloseableStream):
-    """A connected TCP socket as a trio stream (see the module doc)."""
+    A subclass says what to wait on (`_handle`), how to read and write it,
+    and how to let it go; any `OSError` but EAGAIN means the peer is gone.
+    """
 
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.socket = sock
+    _handle: Any  # what trio.lowlevel.wait_readable/wait_writable take
+
+    def __init__(self) -> None:
         self._closed = False
         self._sending = False
         self._receiving = False
+
+    def _read(self, size: int) -> bytes:
+        raise NotImplementedError
+
+    def _write(self, data: bytes | bytearray | memoryview) -> int:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._check_open()
+        self._sending = True
+        try:
+            view = memoryview(data)
+            sent = 0
+            while True:
+                try:
+                    sent += self._write(view[sent:] if sent else data)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                if sent >= len(view):
+                    return
+                await trio.lowlevel.wait_writable(self._handle)
+                self._check_open()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()
+        await trio.lowlevel.wait_writable(self._handle)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._check_open()
+        self._receiving = True
+        try:
+            size = max_bytes or 65536
+            waited = False
+            while True:
+                try:
+                    data = self._read(size)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self._handle)
+                    self._check_open()
+                    waited = True
+                    continue
+                except OSError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()  # fairness (module doc)
+                return data
+        finally:
+            self._receiving = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+
+    def close(self) -> None:
+        """`aclose` without the checkpoint: nothing in closing it waits."""
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._handle)
+            self._release()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+
+class NetStream(_TryFirst, trio.abc.HalfCloseableStream):
+    """A connected TCP socket as a trio stream (see the module doc)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.socket = self._handle = sock
 
     @classmethod
     def adopt(cls, stream: trio.SocketStream) -> NetStream:
@@ -77,39 +162,14 @@ class NetStream(trio.abc.HalfCloseableStream):
             raise
         return cls(sock)
 
-    # ------------------------------------------------------------------ send
+    def _read(self, size: int) -> bytes:
+        return self.socket.recv(size)
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        self._check_open()
-        self._sending = True
-        try:
-            sock = self.socket
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except _BROKEN as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
-            if sent == len(data):
-                return
-            view = memoryview(data)
-            while sent < len(view):
-                await trio.lowlevel.wait_writable(sock)
-                self._check_open()
-                try:
-                    sent += sock.send(view[sent:])
-                except BlockingIOError:
-                    pass
-                except _BROKEN as exc:
-                    raise trio.BrokenResourceError(str(exc)) from exc
-        finally:
-            self._sending = False
+    def _write(self, data: bytes | bytearray | memoryview) -> int:
+        return self.socket.send(data)
 
-    async def wait_send_all_might_not_block(self) -> None:
-        self._check_open()
-        await trio.lowlevel.wait_writable(self.socket)
+    def _release(self) -> None:
+        self.socket.close()
 
     async def send_eof(self) -> None:
         self._check_open()
@@ -120,134 +180,26 @@ class NetStream(trio.abc.HalfCloseableStream):
             if exc.errno != errno.ENOTCONN:
                 raise trio.BrokenResourceError(str(exc)) from exc
 
-    # --------------------------------------------------------------- receive
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._receiving:
-            raise trio.BusyResourceError("another task is receiving on this stream")
-        self._check_open()
-        self._receiving = True
-        try:
-            size = max_bytes or 65536
-            sock = self.socket
-            try:
-                data = sock.recv(size)
-            except BlockingIOError:
-                pass
-            except _BROKEN as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
-            else:
-                await trio.lowlevel.cancel_shielded_checkpoint()  # fairness (module doc)
-                return data
-            while True:
-                await trio.lowlevel.wait_readable(sock)
-                self._check_open()
-                try:
-                    return sock.recv(size)
-                except BlockingIOError:
-                    continue
-                except _BROKEN as exc:
-                    raise trio.BrokenResourceError(str(exc)) from exc
-        finally:
-            self._receiving = False
-
-    # ----------------------------------------------------------------- close
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("the stream was closed")
-
-    def close(self) -> None:
-        """`aclose` without the checkpoint: nothing in closing a socket waits."""
-        if not self._closed:
-            self._closed = True
-            trio.lowlevel.notify_closing(self.socket)
-            self.socket.close()
-
-    async def aclose(self) -> None:
-        self.close()
-        await trio.lowlevel.checkpoint()
-
-
-class PipeStream(trio.abc.SendStream, trio.abc.ReceiveStream):
+class PipeStream(_TryFirst, trio.abc.SendStream, trio.abc.ReceiveStream):
     """One end of a pipe, owned: made non-blocking, closed by `aclose`."""
 
     def __init__(self, fd: int) -> None:
+        super().__init__()
         os.set_blocking(fd, False)
-        self.fd = fd
-        self._closed = False
-        self._busy = False
+        self.fd = self._handle = fd
 
     def fileno(self) -> int:
         return self.fd
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self._enter()
-        try:
-            view = memoryview(data)
-            sent = 0
-            while True:
-                try:
-                    sent += os.write(self.fd, view[sent:])
-                except BlockingIOError:
-                    pass
-                except OSError as exc:  # EPIPE: the program is gone
-                    raise trio.BrokenResourceError(str(exc)) from exc
-                if sent >= len(view):
-                    return
-                await trio.lowlevel.wait_writable(self.fd)
-                self._check_open()
-        finally:
-            self._busy = False
+    def _read(self, size: int) -> bytes:
+        return os.read(self.fd, size)
 
-    async def wait_send_all_might_not_block(self) -> None:
-        self._check_open()
-        await trio.lowlevel.wait_writable(self.fd)
+    def _write(self, data: bytes | bytearray | memoryview) -> int:
+        return os.write(self.fd, data)
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        self._enter()
-        try:
-            size = max_bytes or 65536
-            try:
-                data = os.read(self.fd, size)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
-            else:
-                await trio.lowlevel.cancel_shielded_checkpoint()  # fairness (module doc)
-                return data
-            while True:
-                await trio.lowlevel.wait_readable(self.fd)
-                self._check_open()
-                try:
-                    return os.read(self.fd, size)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    raise trio.BrokenResourceError(str(exc)) from exc
-        finally:
-            self._busy = False
-
-    def _enter(self) -> None:
-        if self._busy:
-            raise trio.BusyResourceError("another task is using this pipe")
-        self._check_open()
-        self._busy = True
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("the pipe was closed")
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            trio.lowlevel.notify_closing(self.fd)
-            os.close(self.fd)
-
-    async def aclose(self) -> None:
-        self.close()
-        await trio.lowlevel.checkpoint()
+    def _release(self) -> None:
+        os.close(self.fd)
 
 
 __all__ = ["NetStream", "PipeStream"]
