@@ -536,11 +536,7 @@ class _Phase:
         )
 
     def _needs_supervisor(self) -> bool:
-        # evaluated at every pulse: the cheap tests first
-        d = self.d
-        if self.client_broken or self._shutdown_due():
-            return True
-        return d.phase in _TERMINAL and not self.client_sending and not d.client_output_size
+        return self._finished() or self._shutdown_due()
 
     def server_stopping(self) -> None:
         """The ShutdownNotice's callback."""
