@@ -17,8 +17,8 @@ from pathlib import Path
 import trio
 
 from tlsfront.cli import setup_logging
-from tlsfront.config import load_config
-from tlsfront.server import Server
+from tlsfront.config.load import load_config
+from tlsfront.inbound.server import Server
 
 
 async def serve(path: str) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from bench.loadgen import Spec
 from bench.targets import HERE, Sink, Target, start_nginx, start_sink, start_tlsfront, versions
-from tlsfront.certs import make_self_signed
+from tlsfront.tls.certs import make_self_signed
 
 CALLGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
 

@@ -224,7 +224,7 @@ class Bench:
 
     def run(self) -> Path:
         a = self.args
-        from tlsfront.certs import make_self_signed
+        from tlsfront.tls.certs import make_self_signed
 
         cert, key = self.dir / "cert.pem", self.dir / "key.pem"
         make_self_signed("localhost", cert, key)

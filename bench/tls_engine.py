@@ -31,8 +31,8 @@ from pathlib import Path
 import trio
 import trustme
 
-from tlsfront.certs import load_server_credentials
-from tlsfront.tls import ServerTLS, TLSSettings
+from tlsfront.tls.certs import load_server_credentials
+from tlsfront.tls.engine import ServerTLS, TLSSettings
 
 WRITE = 64 * 1024
 PY = sys.version.split()[0]

@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import base64
-import json
-import os
-import shutil
 import ssl
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trustme
+from support.front import Front, capture_backend, toml_str, write_config
 
-from tlsfront.config import Config, load_config
-from tlsfront.server import Server
-
-BACKENDS = Path(__file__).parent / "backends"
-CAPTURE = BACKENDS / "capture.py"
-FAULTY = BACKENDS / "faulty.py"
-
-
-def need_tool(name: str) -> str:
-    """The path of an outside client; skipped locally without it, an error in CI."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed; .ci/run must install it")
-        pytest.skip(f"{name} is not installed")
-    return path
+from tlsfront.config.load import load_config
+from tlsfront.inbound.server import Server
 
 
 @pytest.fixture(scope="session")
@@ -59,58 +40,6 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context()
     ca.configure_trust(context)
     return context
-
-
-def toml_str(value: object) -> str:
-    return json.dumps(str(value))
-
-
-@dataclass
-class Front:
-    """A tlsfront server running in the test's nursery."""
-
-    server: Server
-    config: Config
-    capture: Path
-
-    def port(self, profile: str) -> int:
-        return self.server.addresses[profile][0].port
-
-    def sessions(self) -> list[dict[str, Any]]:
-        """What each backend session recorded, in start order."""
-        records = []
-        for path in self.capture.glob("session-*.json"):
-            records.append(json.loads(path.read_text()))
-        records.sort(key=lambda r: r["started"])
-        for record in records:
-            for key in ("stdin", "stdout", "partial"):
-                if record.get(key) is not None:
-                    record[key] = base64.b64decode(record[key])
-            record["messages"] = [base64.b64decode(m) for m in record["messages"]]
-        return records
-
-    def maildir(self) -> list[bytes]:
-        new = self.capture / "Maildir" / "new"
-        return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
-
-
-def capture_backend(capture: Path, *extra: str) -> str:
-    argv = [
-        sys.executable,
-        str(CAPTURE),
-        "--dir",
-        str(capture),
-        "--rcpthost",
-        "example.org",
-        *extra,
-    ]
-    return "[" + ", ".join(toml_str(a) for a in argv) + "]"
-
-
-def write_config(tmp_path: Path, body: str) -> Path:
-    path = tmp_path / "tlsfront.toml"
-    path.write_text(body)
-    return path
 
 
 @pytest.fixture

@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import Front
-from hostile import Client, MemoryBackend, RecordingBackend, code
+from support.front import Front
+from support.hostile import Client, MemoryBackend, RecordingBackend, code
 
-from tlsfront.backend import Address, Backend
-from tlsfront.config import Profile, parse_config
-from tlsfront.ratelimit import TLSRateLimiter
-from tlsfront.runtime import ProfileRuntime
-from tlsfront.session import Session
+from tlsfront.config.load import Profile, parse_config
+from tlsfront.inbound.backend import Address, Backend
+from tlsfront.inbound.profileruntime import ProfileRuntime
+from tlsfront.inbound.ratelimit import TLSRateLimiter
+from tlsfront.inbound.session import Session
 
 # ----------------------------------------------------------------------------
 # Slowloris, on virtual time

@@ -1,6 +1,6 @@
 """Broken backends (THREATS row 19): real misbehaving processes behind tlsfront.
 
-Each mode of tests/backends/faulty.py runs as the exec backend of a running
+Each mode of tests/support/backends/faulty.py runs as the exec backend of a running
 tlsfront. For each: the client's reply to the step that failed is a 4xx
 (never a 250, RFC 5321 §6.1), the session's log line says what happened,
 the faulty process is gone afterwards (reaped, not left running), and
@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import FAULTY, Front, toml_str
-from hostile import Client, SessionLog, code, session_log, task_count
+from support.front import FAULTY, Front, toml_str
+from support.hostile import Client, SessionLog, code, session_log, task_count
 
-import tlsfront.backend
-from tlsfront.backend import ExecBackend
-from tlsfront.netstream import NetStream, PipeStream
-from tlsfront.session import Session
+import tlsfront.inbound.backend
+from tlsfront.inbound.backend import ExecBackend
+from tlsfront.inbound.session import Session
+from tlsfront.net.netstream import NetStream, PipeStream
 from tlsfront.smtp import Dialogue
 
 PROFILE = """
@@ -60,7 +60,7 @@ def log() -> Iterator[SessionLog]:
 @pytest.fixture(autouse=True)
 def _short_exit_grace(monkeypatch: pytest.MonkeyPatch) -> None:
     """A hung backend is killed after EXIT_GRACE; 10 s of it would only slow the tests."""
-    monkeypatch.setattr(tlsfront.backend, "EXIT_GRACE", 1.0)
+    monkeypatch.setattr(tlsfront.inbound.backend, "EXIT_GRACE", 1.0)
 
 
 def faulty_profile(tmp_path: Path, mode: str, *, delay: float = 3.0, timeout: float = 1.0) -> str:
@@ -177,7 +177,9 @@ async def test_fault_gives_a_4xx_and_leaves_nothing_behind(
     (end,) = log.ends
     assert reason in end
     assert "messages=0" in end
-    assert any(reason in r.getMessage() for r in caplog.records if r.name == "tlsfront.session")
+    assert any(
+        reason in r.getMessage() for r in caplog.records if r.name == "tlsfront.inbound.session"
+    )
     (pid,) = pids(tmp_path)
     assert gone(pid)
     assert task_count() == baseline
@@ -257,7 +259,7 @@ async def test_faults_do_not_leak_memory(
     once its task has run to its end (the client is let go first, the backend
     reaped after).
     """
-    monkeypatch.setattr(tlsfront.backend, "EXIT_GRACE", 0.2)  # the flooder ignores EOF
+    monkeypatch.setattr(tlsfront.inbound.backend, "EXIT_GRACE", 0.2)  # the flooder ignores EOF
     profiles = "".join(
         faulty_profile(tmp_path, mode).replace("[profile.smtp]", f"[profile.{mode}]")
         for mode in LEAK_MODES
@@ -300,7 +302,7 @@ async def test_client_is_let_go_before_a_hung_backend_is_reaped(
     start_front: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After its 451 the client is closed at once, not after the backend's EXIT_GRACE."""
-    monkeypatch.setattr(tlsfront.backend, "EXIT_GRACE", 8.0)
+    monkeypatch.setattr(tlsfront.inbound.backend, "EXIT_GRACE", 8.0)
     front: Front = await start_front(faulty_profile(tmp_path, "hang-after-data"))
     client = await Client.connect(front.port("smtp"))
     try:

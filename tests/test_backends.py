@@ -1,4 +1,4 @@
-"""The stand-in backends of tests/backends/ do what they promise."""
+"""The stand-in backends of tests/support/backends/ do what they promise."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 import trio
-from stdio_peer import Peer
+from support.stdio_peer import Peer
 
 from tlsfront.sink import read_maildir
 
-BACKENDS = Path(__file__).resolve().parent / "backends"
+BACKENDS = Path(__file__).resolve().parent / "support" / "backends"
 FAULTY = [sys.executable, str(BACKENDS / "faulty.py")]
 CAPTURE = [sys.executable, str(BACKENDS / "capture.py")]
 LIMIT = 20

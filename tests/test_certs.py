@@ -1,4 +1,4 @@
-"""tlsfront.certs: loading credentials, CA bundles and CRLs; describing client certificates."""
+"""tlsfront.tls.certs: loading credentials, CA bundles and CRLs; describing client certificates."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from tls_certs import NOW, Issued, crl_pem, from_trustme, issue, make_crl
+from support.tls_certs import NOW, Issued, crl_pem, from_trustme, issue, make_crl
 
-from tlsfront.certs import (
+from tlsfront.tls.certs import (
     CertError,
     cert_expiry,
     fingerprint_sha256,

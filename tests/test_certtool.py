@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Front, need_tool, toml_str
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support.front import Front, need_tool, toml_str
 
-from tlsfront.certs import load_server_credentials
+from tlsfront.tls.certs import load_server_credentials
 
 
 async def run(argv: list[str], stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:

@@ -1,4 +1,4 @@
-"""tlsfront.config and tlsfront.defaults: loading, checking, qmail control, defaults."""
+"""tlsfront.config.load and tlsfront.config.machine: loading, checking, qmail control, defaults."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from types import MappingProxyType
 
 import pytest
 
-from tlsfront import config as config_module
-from tlsfront import defaults as defaults_module
-from tlsfront.config import (
+from tlsfront.config import load as config_module
+from tlsfront.config import machine as defaults_module
+from tlsfront.config.embedded import embedded_config, ensure_default_files
+from tlsfront.config.load import (
     Config,
     ConfigError,
     Profile,
@@ -24,12 +25,7 @@ from tlsfront.config import (
     parse_config,
     split_host_port,
 )
-from tlsfront.defaults import (
-    default_hostname,
-    default_state_dir,
-    embedded_config,
-    ensure_default_files,
-)
+from tlsfront.config.machine import default_hostname, default_state_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV: dict[str, str] = {"HOME": "/home/alice"}  # never the test runner's environment

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from tlsfront.check import check_config
 from tlsfront.cli import main
-from tlsfront.config import Config
-from tlsfront.defaults import embedded_config, ensure_default_files
-from tlsfront.server import Server
+from tlsfront.config.embedded import embedded_config, ensure_default_files
+from tlsfront.config.load import Config
+from tlsfront.inbound.server import Server
+from tlsfront.ops.check import check_config
 from tlsfront.sink import read_maildir
 
 
@@ -42,7 +42,7 @@ def deliver(port: int, implicit: bool, cafile: Path) -> None:
 async def test_embedded_default_delivers_both_ways(
     tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("tlsfront.defaults.QMAIL_SMTPD", tmp_path / "no-qmail-here")
+    monkeypatch.setattr("tlsfront.config.machine.QMAIL_SMTPD", tmp_path / "no-qmail-here")
     config = embedded_config(state_dir=tmp_path / "state")
     assert config.profiles["smtp"].listen == ("127.0.0.1:2525",)
     assert config.profiles["smtps"].listen == ("127.0.0.1:4650",)

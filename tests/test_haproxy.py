@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from conftest import Front, need_tool
+from support.front import Front, need_tool
 
 CLIENT_IP = "127.0.0.2"
 BALANCER_IP = "127.0.0.3"

@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import trio
 import trustme
-from conftest import Front, capture_backend
+from support.front import Front, capture_backend
 
-from tlsfront.config import load_config
-from tlsfront.server import Server
+from tlsfront.config.load import load_config
+from tlsfront.inbound.server import Server
 
 TCP_SMTP = """\
 # /etc/tcp.smtp

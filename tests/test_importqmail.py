@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import trustme
 
-from tlsfront.check import check_config
-from tlsfront.config import Profile, Settings, load_config
-from tlsfront.importqmail import render_config, toml_string
-from tlsfront.qmail import QmailControlError, read_control
-from tlsfront.tcprules import RulesError
+from tlsfront.config.load import Profile, Settings, load_config
+from tlsfront.ops.check import check_config
+from tlsfront.qmail.control import QmailControlError, read_control
+from tlsfront.qmail.importqmail import render_config, toml_string
+from tlsfront.qmail.tcprules import RulesError
 
 ALL_FILES = ("servercert.pem", "clientca.pem", "tlsclients", "tlsserverciphers", "me")
 PROFILE_KEYS = {f.name for f in dataclasses.fields(Profile)} - {"name"}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import trio
 import trustme
-from conftest import capture_backend, toml_str
-from ucspi import Lines, sessions, tcpserver
+from support.front import capture_backend, toml_str
+from support.ucspi import Lines, sessions, tcpserver
 
 PROFILE = """
 [profile.smtp]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import trio
-from conftest import capture_backend
+from support.front import capture_backend
 
 
 async def test_starttls_with_a_broken_certificate_gets_454(tmp_path: Path) -> None:

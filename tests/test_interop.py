@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Front, need_tool
+from support.front import Front, need_tool
 
 PROFILES = """
 [profile.smtp]

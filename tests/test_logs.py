@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Front
-from hostile import Client, code
+from support.front import Front
+from support.hostile import Client, code
 
-from tlsfront import logs
+from tlsfront.ops import logs
 
 PROFILE = """
 [profile.logged]
@@ -34,7 +34,7 @@ MARKER = b"body-marker-7f3a9c"
 def record(
     message: str, *args: object, level: int = logging.INFO, **extra: Any
 ) -> logging.LogRecord:
-    rec = logging.LogRecord("tlsfront.session", level, __file__, 1, message, args, None)
+    rec = logging.LogRecord("tlsfront.inbound.session", level, __file__, 1, message, args, None)
     for key, val in extra.items():
         setattr(rec, key, val)
     return rec
@@ -65,7 +65,7 @@ def test_json_has_the_event_fields() -> None:
     assert data["client_ip"] == "192.0.2.1"
     assert data["messages"] == 2
     assert data["level"] == "info"
-    assert data["logger"] == "tlsfront.session"
+    assert data["logger"] == "tlsfront.inbound.session"
     assert data["message"] == "session end: ..."
     assert data["time"].endswith("Z")
     # A field never overwrites the basic keys.
@@ -120,8 +120,8 @@ def test_setup_chooses_the_format() -> None:
     try:
         out = io.StringIO()
         logs.setup("warning", "json", out)
-        logging.getLogger("tlsfront.session").info("not shown")
-        logging.getLogger("tlsfront.session").warning("shown")
+        logging.getLogger("tlsfront.inbound.session").info("not shown")
+        logging.getLogger("tlsfront.inbound.session").warning("shown")
         (line,) = out.getvalue().splitlines()
         assert json.loads(line)["message"] == "shown"
         out = io.StringIO()

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import trio
 import trustme
-from conftest import Front, toml_str
 from cryptography import x509
-from hostile import Client, code
 from prometheus_client.parser import text_string_to_metric_families
+from support.front import Front, toml_str
+from support.hostile import Client, code
 
-from tlsfront.backend import Address
-from tlsfront.metrics import _Exposed, render, serve_metrics
+from tlsfront.inbound.backend import Address
+from tlsfront.ops.metrics import _Exposed, render, serve_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "conf" / "grafana-dashboard.json"

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from tlsfront.netstream import NetStream
+from tlsfront.net.netstream import NetStream
 
 pytestmark = pytest.mark.trio
 

@@ -10,7 +10,7 @@ import trio
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from outbound_fakes import (
+from support.outbound_fakes import (
     DnsResponder,
     FakeMx,
     listen_on_addresses,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 import trustme
-from outbound_fakes import (
+from support.outbound_fakes import (
     DnsResponder,
     FakeMx,
     listen_on_addresses,

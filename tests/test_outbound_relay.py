@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from outbound_fakes import (
+from support.outbound_fakes import (
     DnsResponder,
     FakeMx,
     listen_on_addresses,

@@ -6,7 +6,7 @@ from functools import partial
 
 import trio
 import trio.testing
-from outbound_fakes import (
+from support.outbound_fakes import (
     FakeMx,
     make_runtime,
     memory_connector,

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from conftest import Front
-from outbound_fakes import qmail_remote
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support.front import Front
+from support.outbound_fakes import qmail_remote
 
-from tlsfront.metrics import outbound_metrics
+from tlsfront.ops.metrics import outbound_metrics
 from tlsfront.outbound import stats
 
 INBOUND = """

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import Front
+from support.front import Front
 
-from tlsfront.proxyproto import (
+from tlsfront.net.proxyproto import (
     V2_SIGNATURE,
     ProxyHeaderReader,
     ProxyInfo,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tlsfront.ratelimit import TLSRateLimiter
+from tlsfront.inbound.ratelimit import TLSRateLimiter
 
 
 def test_limit_per_address_over_a_sliding_minute() -> None:

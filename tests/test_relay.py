@@ -1,4 +1,4 @@
-"""tlsfront.relay: who may relay, decided on TLSInfo objects (no sockets).
+"""tlsfront.inbound.relaypolicy: who may relay, decided on TLSInfo objects (no sockets).
 
 The TLSInfo values stand for what the TLS engine records (test_tls.py proves
 it records them); the black-box matrix with real clients is in
@@ -17,11 +17,10 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from tls_certs import DAY, NOW, Issued, issue
+from support.tls_certs import DAY, NOW, Issued, issue
 
-import tlsfront.watch
-from tlsfront.certs import fingerprint_sha256
-from tlsfront.relay import (
+import tlsfront.ops.watch
+from tlsfront.inbound.relaypolicy import (
     RelayListError,
     RelayPolicy,
     read_fingerprints,
@@ -29,7 +28,8 @@ from tlsfront.relay import (
     unverified_reason,
 )
 from tlsfront.smtp.received import ClientCertTrace, TraceInfo, build_received
-from tlsfront.tls import TLSInfo
+from tlsfront.tls.certs import fingerprint_sha256
+from tlsfront.tls.engine import TLSInfo
 
 LISTED = "alice@example.net"
 
@@ -74,7 +74,7 @@ def policy(clients_file: Path) -> RelayPolicy:
 @pytest.fixture(autouse=True)
 def recheck_always(monkeypatch: pytest.MonkeyPatch) -> None:
     """Watched files are looked at on every decision (no wall-clock wait)."""
-    monkeypatch.setattr(tlsfront.watch, "RECHECK_SECONDS", 0)
+    monkeypatch.setattr(tlsfront.ops.watch, "RECHECK_SECONDS", 0)
 
 
 # ---------------------------------------------------------------- the matrix
@@ -407,7 +407,7 @@ def test_edit_with_a_mistake_still_removes_addresses(
 def test_lists_are_not_reread_within_the_recheck_interval(
     policy: RelayPolicy, clients_file: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tlsfront.watch, "RECHECK_SECONDS", 3600)
+    monkeypatch.setattr(tlsfront.ops.watch, "RECHECK_SECONDS", 3600)
     carol = tls_info(issue(ca, subject_emails=["carol@example.net"]))
     assert not policy.decide(carol).relay
     replace(clients_file, "carol@example.net\n")

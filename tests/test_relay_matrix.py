@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 import trio
 import trustme
-from conftest import Front, need_tool, toml_str
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from tls_certs import DAY, NOW, Issued, crl_pem, issue, make_crl
+from support.front import Front, need_tool, toml_str
+from support.tls_certs import DAY, NOW, Issued, crl_pem, issue, make_crl
 
-import tlsfront.watch
-from tlsfront.certs import fingerprint_sha256
+import tlsfront.ops.watch
+from tlsfront.tls.certs import fingerprint_sha256
 
 LOCAL = "postmaster@example.org"
 RELAYED = "someone@relay.test"
@@ -414,13 +414,13 @@ async def test_matrix_real_clients(
 async def test_matrix_smtplib_and_log(
     start_front: Any, pki: Pki, name: str, profile: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tlsfront.session")
+    caplog.set_level(logging.INFO, logger="tlsfront.inbound.session")
     case = CASES[name]
     front: Front = await start_front(profiles(pki, fingerprints_file=case.fingerprints_file))
     files = pki.files(case.cert) if case.cert else None
     check(front, case, pki, await via_smtplib(front, profile, files))
     # the log says who it was and why (Postfix and the qmail patch's words)
-    lines = [r.getMessage() for r in caplog.records if r.name == "tlsfront.session"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "tlsfront.inbound.session"]
     established = [line for line in lines if "TLS connection established" in line]
     assert len(established) == 1
     assert re.fullmatch(
@@ -476,7 +476,7 @@ async def test_request_profile_gives_tls_to_an_unrelated_certificate(
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     """THREATS row 9: a sending MTA's own certificate, from a CA nobody here knows."""
-    caplog.set_level(logging.INFO, logger="tlsfront.session")
+    caplog.set_level(logging.INFO, logger="tlsfront.inbound.session")
     mta = issue(other_ca, common_name="mx.sender.example", dns_names=["mx.sender.example"],
                 eku=None)  # fmt: skip
     files = mta.write(tmp_path, "mta")
@@ -507,7 +507,7 @@ def require_dialogue(port: int, context: ssl.SSLContext) -> int:
 async def test_require_profile_refuses_the_handshake(
     start_front: Any, pki: Pki, cert: str | None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tlsfront.session")
+    caplog.set_level(logging.INFO, logger="tlsfront.inbound.session")
     front: Front = await start_front(profiles(pki, client_cert="require"))
     context = smtplib_context(pki.files(cert) if cert else None)
     port = front.port("smtp")
@@ -562,7 +562,7 @@ async def test_cn_with_crlf_reaches_no_env_and_no_header(
 
 @pytest.fixture
 def recheck_always(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tlsfront.watch, "RECHECK_SECONDS", 0)
+    monkeypatch.setattr(tlsfront.ops.watch, "RECHECK_SECONDS", 0)
 
 
 def replace(path: Path, data: bytes) -> None:

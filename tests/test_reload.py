@@ -16,9 +16,16 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from conftest import capture_backend, toml_str
-from daemon import TLSFRONT, Daemon, NotifySocket, child_environ, listening_socket, start_daemon
-from hostile import Client, code
+from support.daemon import (
+    TLSFRONT,
+    Daemon,
+    NotifySocket,
+    child_environ,
+    listening_socket,
+    start_daemon,
+)
+from support.front import capture_backend, toml_str
+from support.hostile import Client, code
 
 CONFIG = """
 [defaults]

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import Front, capture_backend, toml_str, write_config
-from outbound_fakes import DnsResponder
-from ucspi import Lines
+from support.front import Front, capture_backend, toml_str, write_config
+from support.outbound_fakes import DnsResponder
+from support.ucspi import Lines
 
-from tlsfront import remotehost
-from tlsfront.config import load_config
-from tlsfront.server import Server
+from tlsfront.config.load import load_config
+from tlsfront.inbound import remotehost
+from tlsfront.inbound.server import Server
 
 PROFILE = """
 [profile.smtp]

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Front
+from support.front import Front
 
 STARTTLS_PROFILE = """
 [profile.smtp]

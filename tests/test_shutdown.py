@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import capture_backend, toml_str, write_config
-from hostile import Client, code
+from support.front import capture_backend, toml_str, write_config
+from support.hostile import Client, code
 
-from tlsfront.config import load_config
-from tlsfront.server import Server
+from tlsfront.config.load import load_config
+from tlsfront.inbound.server import Server
 
 PROFILE = """
 [defaults]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from stdio_peer import Peer
+from support.stdio_peer import Peer
 
 from tlsfront.sink import DataDecoder, StrayNewline, rcpthost_allowed, read_maildir
 

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import capture_backend, need_tool, toml_str
-from daemon import (
+from support.daemon import (
     TLSFRONT,
     NotifySocket,
     child_environ,
@@ -31,12 +30,13 @@ from daemon import (
     listening_socket,
     start_daemon,
 )
-from hostile import Client, code
-from ucspi import sessions
+from support.front import capture_backend, need_tool, toml_str
+from support.hostile import Client, code
+from support.ucspi import sessions
 
 from tlsfront.cli import main
-from tlsfront.config import parse_config
-from tlsfront.systemd import (
+from tlsfront.config.load import parse_config
+from tlsfront.ops.systemd import (
     Notifier,
     SystemdError,
     match_sockets,

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import trio
 import trustme
-from conftest import Front, toml_str
-from ucspi import capture_argv, sessions, tcpserver
+from support.front import Front, toml_str
+from support.ucspi import capture_argv, sessions, tcpserver
 
-from tlsfront.check import Report, check_config, check_tcp_backend
-from tlsfront.config import load_config
+from tlsfront.config.load import load_config
+from tlsfront.ops.check import Report, check_config, check_tcp_backend
 
 MESSAGE = b"Subject: hi\r\n\r\nHello.\r\n"
 

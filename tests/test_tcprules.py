@@ -16,7 +16,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from tlsfront.tcprules import Rule, Rules, RulesError
+from tlsfront.qmail.tcprules import Rule, Rules, RulesError
 
 
 def verdict(rule: Rule | None) -> tuple[str | None, bool, dict[str, str]]:

@@ -2,7 +2,7 @@
 
 Each test is named after its row and asserts both what the client sees and
 what the backend received. Two kinds of backend: the capture backend
-(tests/backends/capture.py, the qmail-smtpd stand-in, exec'd per session and
+(tests/support/backends/capture.py, the qmail-smtpd stand-in, exec'd per session and
 recording its stdin, environment and messages) where qmail's own behaviour
 matters, and `RecordingBackend` (a TCP backend in this process) for the
 rows tested with their bytes split at every position (1-3, 11, 12): there,
@@ -45,8 +45,8 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from conftest import CAPTURE, Front, capture_backend, need_tool, toml_str, write_config
-from hostile import (
+from support.front import CAPTURE, Front, capture_backend, need_tool, toml_str, write_config
+from support.hostile import (
     Client,
     RecordingBackend,
     SessionLog,
@@ -55,7 +55,7 @@ from hostile import (
     send_split,
     session_log,
 )
-from tls_certs import NOW, Issued, crl_pem, issue, make_crl
+from support.tls_certs import NOW, Issued, crl_pem, issue, make_crl
 
 from tlsfront.sink import read_maildir
 

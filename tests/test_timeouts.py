@@ -14,10 +14,10 @@ import pytest
 import trio
 import trio.testing
 
-from tlsfront.backend import Address, Backend
-from tlsfront.config import Profile, parse_config
-from tlsfront.runtime import ProfileRuntime
-from tlsfront.session import Session
+from tlsfront.config.load import Profile, parse_config
+from tlsfront.inbound.backend import Address, Backend
+from tlsfront.inbound.profileruntime import ProfileRuntime
+from tlsfront.inbound.session import Session
 
 PROFILE = """
 [profile.smtp]

@@ -1,4 +1,4 @@
-"""tlsfront.tls: the OpenSSL engine behind a trio stream.
+"""tlsfront.tls.engine: the OpenSSL engine behind a trio stream.
 
 The client side is Python's ssl module (trio.SSLStream), so every handshake
 here is checked against a TLS implementation we did not write; one test uses
@@ -25,10 +25,10 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from tls_certs import DAY, NOW, Issued, crl_pem, from_trustme, issue, make_crl
+from support.tls_certs import DAY, NOW, Issued, crl_pem, from_trustme, issue, make_crl
 
-from tlsfront.certs import ServerCredentials, load_server_credentials
-from tlsfront.tls import (
+from tlsfront.tls.certs import ServerCredentials, load_server_credentials
+from tlsfront.tls.engine import (
     ServerTLS,
     TLSConfigError,
     TLSHandshakeError,

@@ -40,12 +40,12 @@ from typing import Any
 import pytest
 import trio
 import trustme
-from conftest import need_tool, toml_str
-from hostile import RecordingBackend
 from OpenSSL import SSL
+from support.front import need_tool, toml_str
+from support.hostile import RecordingBackend
 
-from tlsfront.certs import load_server_credentials
-from tlsfront.tls import ServerTLS, TLSSettings
+from tlsfront.tls.certs import load_server_credentials
+from tlsfront.tls.engine import ServerTLS, TLSSettings
 
 CERTIFICATE_FINDINGS = frozenset({"cert_revocation"})
 SEVERE = frozenset({"MEDIUM", "HIGH", "CRITICAL", "FATAL"})

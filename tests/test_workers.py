@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import trio
-from conftest import capture_backend, toml_str
+from support.front import capture_backend, toml_str
 
 CONFIG = """
 [defaults]

@@ -14,14 +14,15 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from tlsfront import __version__, logs
-from tlsfront.config import Config, ConfigError, find_config, load_config
-from tlsfront.systemd import SystemdError
-from tlsfront.workers import metrics_address
+from tlsfront import __version__
+from tlsfront.config.load import Config, ConfigError, find_config, load_config
+from tlsfront.ops import logs
+from tlsfront.ops.systemd import SystemdError
+from tlsfront.ops.workers import metrics_address
 
 if TYPE_CHECKING:
-    from tlsfront.server import Server
-    from tlsfront.systemd import Notifier, PassedSocket
+    from tlsfront.inbound.server import Server
+    from tlsfront.ops.systemd import Notifier, PassedSocket
 
 log = logging.getLogger("tlsfront")
 
@@ -38,7 +39,7 @@ def load(path: str | None) -> Config:
     found = find_config(Path(path) if path else None)
     if found is not None:
         return load_config(found)
-    from tlsfront.defaults import embedded_config, ensure_default_files
+    from tlsfront.config.embedded import embedded_config, ensure_default_files
 
     config = embedded_config()
     ensure_default_files(config)
@@ -52,7 +53,7 @@ def load(path: str | None) -> Config:
 def _startup_errors(exc: BaseException) -> list[BaseException] | None:
     """The errors inside `exc` (an exception group from a nursery, maybe) when
     all of them are start-up errors that deserve a line, not a traceback."""
-    from tlsfront.server import StartupError
+    from tlsfront.inbound.server import StartupError
 
     if isinstance(exc, BaseExceptionGroup):
         found: list[BaseException] = []
@@ -69,9 +70,9 @@ def _startup_errors(exc: BaseException) -> list[BaseException] | None:
 
 def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     """SIGHUP: the configuration and every file it names, read again."""
-    from tlsfront import metrics
-    from tlsfront.server import StartupError
-    from tlsfront.systemd import session_status
+    from tlsfront.inbound.server import StartupError
+    from tlsfront.ops import metrics
+    from tlsfront.ops.systemd import session_status
 
     notifier.reloading()
     old = server.config.settings
@@ -100,7 +101,7 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
 
 async def _heartbeat(server: Server, notifier: Notifier, watchdog: float | None) -> None:
     """STATUS= with the live session counts, and WATCHDOG=1 when asked for."""
-    from tlsfront.systemd import session_status
+    from tlsfront.ops.systemd import session_status
 
     step = min(watchdog, STATUS_EVERY) if watchdog else STATUS_EVERY
     last = ""
@@ -122,9 +123,9 @@ async def _serve(
     worker: int = 0,
 ) -> None:
     """One server process: all of it, or one of `workers` (then on `sockets`)."""
-    from tlsfront.metrics import serve_metrics
-    from tlsfront.server import Server
-    from tlsfront.systemd import (
+    from tlsfront.inbound.server import Server
+    from tlsfront.ops.metrics import serve_metrics
+    from tlsfront.ops.systemd import (
         Notifier,
         listeners_by_profile,
         session_status,
@@ -174,7 +175,7 @@ async def _serve(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tlsfront.systemd import passed_sockets
+    from tlsfront.ops.systemd import passed_sockets
 
     try:
         passed = passed_sockets()
@@ -198,9 +199,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_workers(
     config: Config, config_arg: str | None, passed: list[PassedSocket], count: int
 ) -> int:
-    """`workers` processes on shared sockets (tlsfront.workers)."""
-    from tlsfront.server import build_runtimes
-    from tlsfront.workers import Supervisor, open_sockets
+    """`workers` processes on shared sockets (tlsfront.ops.workers)."""
+    from tlsfront.inbound.server import build_runtimes
+    from tlsfront.ops.workers import Supervisor, open_sockets
 
     build_runtimes(config)  # a broken configuration is refused before any fork
     sockets = open_sockets(config, passed)
@@ -214,8 +215,8 @@ def _run_workers(
 
 
 def cmd_inetd(args: argparse.Namespace) -> int:
-    from tlsfront.inetd import serve_inetd
-    from tlsfront.systemd import passed_sockets, take_connection
+    from tlsfront.inbound.inetd import serve_inetd
+    from tlsfront.ops.systemd import passed_sockets, take_connection
 
     try:
         # systemd Accept=yes without StandardInput=socket: the connection is fd 3
@@ -239,7 +240,7 @@ def cmd_inetd(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from tlsfront.check import run_check
+    from tlsfront.ops.check import run_check
 
     status = run_check(args.config)
     if args.units is None:
@@ -249,7 +250,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _check_units(config_arg: str | None, directory: Path) -> int:
     """`check --units DIR`: the unit files against the configuration."""
-    from tlsfront.systemd import check_units
+    from tlsfront.ops.systemd import check_units
 
     path = find_config(Path(config_arg) if config_arg else None)
     if path is None:
@@ -274,9 +275,9 @@ def _check_units(config_arg: str | None, directory: Path) -> int:
 
 
 def cmd_import_qmail(args: argparse.Namespace) -> int:
-    from tlsfront.importqmail import render_config
-    from tlsfront.qmail import QmailControlError
-    from tlsfront.tcprules import RulesError
+    from tlsfront.qmail.control import QmailControlError
+    from tlsfront.qmail.importqmail import render_config
+    from tlsfront.qmail.tcprules import RulesError
 
     try:
         sys.stdout.write(
@@ -339,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smtps", action="store_true", help="also a profile for port 465")
     p.set_defaults(func=cmd_import_qmail)
 
-    from tlsfront.certtool import add_cert_parser
+    from tlsfront.tls.certtool import add_cert_parser
 
     add_cert_parser(sub)
     return parser

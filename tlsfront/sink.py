@@ -372,7 +372,7 @@ def _date822() -> bytes:
     ).encode()
 
 
-class Session:
+class SinkSession:
     """One SMTP session as qmail-smtpd 1.03 runs it.
 
     Subclasses (the test backends) may override ``read_input``, ``write_output``,
@@ -715,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ControlError as exc:
         return control_failure("tlsfront.sink", exc)
-    return Session(config, Maildir(args.maildir)).run()
+    return SinkSession(config, Maildir(args.maildir)).run()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ can or must (the qmail-tls patch's control files, a `tls_policy` table,
 MTA-STS, DANE), passing the remote server's replies back exactly.
 """
 
-from tlsfront.outbound.relay import serve_outbound
-from tlsfront.outbound.runtime import Runtime
+from tlsfront.outbound.context import Runtime
+from tlsfront.outbound.listener import serve_outbound
 
 __all__ = ["Runtime", "serve_outbound"]

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlsfront.config import Profile
+from tlsfront.config.load import Profile
 from tlsfront.outbound.policy import HostFacts
 
 # a host name or address usable as a file name (no "/", no leading dot)

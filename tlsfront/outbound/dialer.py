@@ -31,17 +31,17 @@ from dataclasses import dataclass
 import trio
 from cryptography import x509
 
-from tlsfront.config import Profile
+from tlsfront.config.load import Profile
 from tlsfront.outbound import stats
 from tlsfront.outbound.certcheck import client_context, matches_any, peer_chain
 from tlsfront.outbound.client import RemoteError, SmtpClient
+from tlsfront.outbound.context import Runtime
 from tlsfront.outbound.control import ControlDirs, host_facts
 from tlsfront.outbound.dane import check_chain, lookup_tlsa
 from tlsfront.outbound.mtasts import StsPolicy
 from tlsfront.outbound.mx import Destination, Dns, DnsFailure, Hop, find_hops, ip_literal
 from tlsfront.outbound.policy import Decision, HostFacts, TlsAttempt, Trust, decide
 from tlsfront.outbound.protocol import Reply
-from tlsfront.outbound.runtime import Runtime
 
 log = logging.getLogger("tlsfront.outbound")
 

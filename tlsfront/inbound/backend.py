@@ -20,8 +20,8 @@ from typing import Protocol
 
 import trio
 
-from tlsfront.config import Profile, split_host_port
-from tlsfront.netstream import NetStream, PipeStream
+from tlsfront.config.load import Profile, split_host_port
+from tlsfront.net.netstream import NetStream, PipeStream
 
 DEFAULT_PATH = "/var/qmail/bin:/usr/local/bin:/usr/bin:/bin"
 # How long a backend may take to exit once its input is closed.

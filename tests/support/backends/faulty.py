@@ -1,6 +1,6 @@
 """Test backend: a qmail-smtpd stand-in that misbehaves in one chosen way.
 
-Run as ``python tests/backends/faulty.py --mode MODE [--delay SECONDS]``.
+Run as ``python tests/support/backends/faulty.py --mode MODE [--delay SECONDS]``.
 Where a mode behaves normally it is the bundled sink accepting every
 recipient and discarding messages. Each fault is announced on stderr as a line
 ``faulty: MODE: EVENT`` just before it happens, so a test can wait for the
@@ -67,7 +67,7 @@ class DiscardStore:
         return _Discard()
 
 
-class FaultySession(sink.Session):
+class FaultySession(sink.SinkSession):
     def __init__(self, mode: str, delay: float) -> None:
         super().__init__(sink.Config(), DiscardStore())
         self.mode = mode

@@ -31,10 +31,10 @@ import dns.rrset
 import trio
 import trio.testing
 
-from tlsfront.config import Profile
+from tlsfront.config.load import Profile
 from tlsfront.outbound import Runtime, serve_outbound
+from tlsfront.outbound.context import Connector
 from tlsfront.outbound.mtasts import StsCache
-from tlsfront.outbound.runtime import Connector
 
 # -- the fake remote server ----------------------------------------------------
 

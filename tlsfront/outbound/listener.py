@@ -25,9 +25,10 @@ import logging
 
 import trio
 
-from tlsfront.config import Profile
+from tlsfront.config.load import Profile
 from tlsfront.outbound import stats
 from tlsfront.outbound.client import RemoteError
+from tlsfront.outbound.context import Runtime, default_runtime
 from tlsfront.outbound.control import control_dirs
 from tlsfront.outbound.dialer import Dialer, RemoteSession
 from tlsfront.outbound.protocol import (
@@ -39,7 +40,6 @@ from tlsfront.outbound.protocol import (
     parse_path,
     split_command,
 )
-from tlsfront.outbound.runtime import Runtime, default_runtime
 
 log = logging.getLogger("tlsfront.outbound")
 

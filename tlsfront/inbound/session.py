@@ -48,8 +48,7 @@ from datetime import datetime
 
 import trio
 
-from tlsfront import logs, metrics
-from tlsfront.backend import (
+from tlsfront.inbound.backend import (
     Address,
     Backend,
     BackendError,
@@ -57,14 +56,15 @@ from tlsfront.backend import (
     start_backend,
     ucspi_environment,
 )
-from tlsfront.netstream import NetStream
-from tlsfront.ratelimit import TLSRateLimiter
-from tlsfront.relay import RelayDecision
-from tlsfront.runtime import ProfileRuntime
+from tlsfront.inbound.profileruntime import ProfileRuntime
+from tlsfront.inbound.ratelimit import TLSRateLimiter
+from tlsfront.inbound.relaypolicy import RelayDecision
+from tlsfront.net.netstream import NetStream
+from tlsfront.ops import logs, metrics
 from tlsfront.smtp import Dialogue, Phase, TraceInfo, build_received
-from tlsfront.tls import ServerTLS, TLSHandshakeError, TLSInfo
+from tlsfront.tls.engine import ServerTLS, TLSHandshakeError, TLSInfo
 
-log = logging.getLogger("tlsfront.session")
+log = logging.getLogger("tlsfront.inbound.session")
 
 READ_SIZE = 65536
 HIGH_WATER = 256 * 1024

@@ -22,12 +22,12 @@ from collections.abc import Mapping
 
 import trio
 
-from tlsfront.backend import Address, unmap
-from tlsfront.config import Profile
-from tlsfront.netstream import NetStream
-from tlsfront.remotehost import safe_host
-from tlsfront.runtime import ProfileRuntime
-from tlsfront.server import ProfileServer
+from tlsfront.config.load import Profile
+from tlsfront.inbound.backend import Address, unmap
+from tlsfront.inbound.profileruntime import ProfileRuntime
+from tlsfront.inbound.remotehost import safe_host
+from tlsfront.inbound.server import ProfileServer
+from tlsfront.net.netstream import NetStream
 
 log = logging.getLogger("tlsfront")
 

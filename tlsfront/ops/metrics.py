@@ -35,12 +35,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from tlsfront.backend import Address
-from tlsfront.config import split_host_port
+from tlsfront.config.load import split_host_port
+from tlsfront.inbound.backend import Address
 
 if TYPE_CHECKING:
-    from tlsfront.server import Server
-    from tlsfront.session import SessionRecord
+    from tlsfront.inbound.server import Server
+    from tlsfront.inbound.session import SessionRecord
 
 log = logging.getLogger("tlsfront")
 
@@ -297,7 +297,7 @@ async def serve_metrics(
     try:
         listeners = await trio.open_tcp_listeners(port, host=None if host == "*" else host)
     except OSError as exc:
-        from tlsfront.server import StartupError
+        from tlsfront.inbound.server import StartupError
 
         raise StartupError(f"metrics_listen {address}: cannot listen: {exc}") from exc
     bound = [Address.from_sockaddr(ln.socket.getsockname()) for ln in listeners]

@@ -16,7 +16,7 @@ verdict has Postfix's words: Anonymous (no certificate), Untrusted (did not
 verify), Trusted (verified, not authorized), Verified (authorized to relay).
 
 The lists are files the admin edits while tlsfront runs; new sessions see
-the change (`tlsfront.watch`). At start-up and reload a missing or malformed
+the change (`tlsfront.ops.watch`). At start-up and reload a missing or malformed
 list is an error. Later, a list that disappears is empty and a malformed line
 is skipped with a log line: a mistake while editing never widens who may
 relay, and never keeps an address the admin has just removed.
@@ -33,11 +33,11 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from tlsfront.certs import PeerCertificate, normalize_fingerprint, peer_certificate, sanitize
-from tlsfront.config import Profile
+from tlsfront.config.load import Profile
+from tlsfront.ops.watch import FileWatch
 from tlsfront.smtp.received import ClientCertTrace
-from tlsfront.tls import TLSInfo
-from tlsfront.watch import FileWatch
+from tlsfront.tls.certs import PeerCertificate, normalize_fingerprint, peer_certificate, sanitize
+from tlsfront.tls.engine import TLSInfo
 
 __all__ = [
     "RelayDecision",
@@ -48,7 +48,7 @@ __all__ = [
     "unverified_reason",
 ]
 
-log = logging.getLogger("tlsfront.relay")
+log = logging.getLogger("tlsfront.inbound.relaypolicy")
 
 
 class RelayListError(Exception):

@@ -3,7 +3,7 @@
 A `ProfileRuntime` is made once per (re)load of the configuration and is
 read-only afterwards: sessions in progress keep the one they started with,
 new sessions take the newest. Files that change on their own, such as a
-certificate renewed by an ACME client, are watched (`tlsfront.watch`)
+certificate renewed by an ACME client, are watched (`tlsfront.ops.watch`)
 and re-read for new sessions without any reload.
 """
 
@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlsfront.certs import load_server_credentials
-from tlsfront.config import Profile
-from tlsfront.relay import RelayPolicy
-from tlsfront.tls import ServerTLS, TLSSettings
-from tlsfront.watch import FileWatch
+from tlsfront.config.load import Profile
+from tlsfront.inbound.relaypolicy import RelayPolicy
+from tlsfront.ops.watch import FileWatch
+from tlsfront.tls.certs import load_server_credentials
+from tlsfront.tls.engine import ServerTLS, TLSSettings
 
 if TYPE_CHECKING:
-    from tlsfront.tcprules import Rules
+    from tlsfront.qmail.tcprules import Rules
 
 
 def tls_settings(profile: Profile) -> TLSSettings:
@@ -64,7 +64,7 @@ class ProfileRuntime:
             )
         rules = None
         if profile.rules is not None:
-            from tlsfront.tcprules import Rules
+            from tlsfront.qmail.tcprules import Rules
 
             path = profile.rules
             rules = FileWatch(f"profile {profile.name}: rules", [path], lambda: Rules.load(path))

@@ -28,15 +28,15 @@ from functools import partial
 
 import trio
 
-from tlsfront import metrics
-from tlsfront.backend import Address
-from tlsfront.config import Config, Profile, split_host_port
-from tlsfront.netstream import NetStream
-from tlsfront.proxyproto import accept_proxied
-from tlsfront.ratelimit import TLSRateLimiter
-from tlsfront.remotehost import lookup_host, needs_host
-from tlsfront.runtime import ProfileRuntime
-from tlsfront.session import Session, ShutdownNotice
+from tlsfront.config.load import Config, Profile, split_host_port
+from tlsfront.inbound.backend import Address
+from tlsfront.inbound.profileruntime import ProfileRuntime
+from tlsfront.inbound.ratelimit import TLSRateLimiter
+from tlsfront.inbound.remotehost import lookup_host, needs_host
+from tlsfront.inbound.session import Session, ShutdownNotice
+from tlsfront.net.netstream import NetStream
+from tlsfront.net.proxyproto import accept_proxied
+from tlsfront.ops import metrics
 
 log = logging.getLogger("tlsfront")
 
@@ -129,7 +129,7 @@ class ProfileServer:
             if host is not None:  # after the rule's variables: they cannot misstate it
                 rules_env["TCPREMOTEHOST"] = host
             if profile.mode == "outbound":
-                from tlsfront.outbound.relay import serve_outbound
+                from tlsfront.outbound.listener import serve_outbound
 
                 try:
                     await serve_outbound(stream, client.ip, profile)

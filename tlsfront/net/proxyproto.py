@@ -44,10 +44,10 @@ from typing import Literal
 
 import trio
 
-from tlsfront.backend import Address, unmap
-from tlsfront.config import Profile
+from tlsfront.config.load import Profile
+from tlsfront.inbound.backend import Address, unmap
 
-log = logging.getLogger("tlsfront.proxyproto")
+log = logging.getLogger("tlsfront.net.proxyproto")
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the whole line with CRLF (the spec's worst case, TCP6)

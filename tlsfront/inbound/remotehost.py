@@ -34,9 +34,9 @@ import dns.resolver
 import trio
 
 from tlsfront.outbound.mx import make_resolver
-from tlsfront.tcprules import Rules
+from tlsfront.qmail.tcprules import Rules
 
-log = logging.getLogger("tlsfront.remotehost")
+log = logging.getLogger("tlsfront.inbound.remotehost")
 
 LOOKUP_TIMEOUT = 10.0  # seconds for the PTR and the confirming A/AAAA look-ups together
 MAX_NAMES = 4  # PTR names tried, in the order the answer gives them

@@ -13,8 +13,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tlsfront.qmail import QmailControl, QmailControlError, read_control
-from tlsfront.tcprules import Rule, Rules, RulesError
+from tlsfront.qmail.control import QmailControl, QmailControlError, read_control
+from tlsfront.qmail.tcprules import Rule, Rules, RulesError
 
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f"}
 _ESCAPES["\r"] = "\\r"

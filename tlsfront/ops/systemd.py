@@ -38,7 +38,7 @@ from pathlib import Path
 
 import trio
 
-from tlsfront.config import Config
+from tlsfront.config.load import Config
 
 log = logging.getLogger("tlsfront")
 

@@ -38,9 +38,9 @@ from pathlib import Path
 from types import MappingProxyType, UnionType
 from typing import Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
-from tlsfront.defaults import default_hostname, default_state_dir
-from tlsfront.qmail import QmailControl, QmailControlError, read_control
-from tlsfront.tomllines import KeyLines
+from tlsfront.config.machine import default_hostname, default_state_dir
+from tlsfront.config.tomllines import KeyLines
+from tlsfront.qmail.control import QmailControl, QmailControlError, read_control
 
 SYSTEM_CONFIG = Path("/etc/tlsfront/tlsfront.toml")
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from conftest import CAPTURE, Front, need_tool
+
+from support.front import CAPTURE, Front, need_tool
 
 
 async def compile_rules(source: Path) -> Path:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlsfront.certs import CertError, load_ca_bundle, load_crls, load_server_credentials
-from tlsfront.config import (
+from tlsfront.config.load import (
     Config,
     ConfigError,
     Profile,
@@ -23,9 +22,10 @@ from tlsfront.config import (
     load_config,
     split_host_port,
 )
+from tlsfront.tls.certs import CertError, load_ca_bundle, load_crls, load_server_credentials
 
 if TYPE_CHECKING:
-    from tlsfront.tcprules import Rules
+    from tlsfront.qmail.tcprules import Rules
 
 EXPIRY_WARNING = datetime.timedelta(days=21)
 
@@ -85,7 +85,7 @@ def _check_certs(profile: Profile, report: Report, now: datetime.datetime) -> No
 
 
 def _check_client_files(profile: Profile, report: Report) -> None:
-    from tlsfront.relay import RelayListError, read_fingerprints, read_relay_clients
+    from tlsfront.inbound.relaypolicy import RelayListError, read_fingerprints, read_relay_clients
 
     if profile.client_ca is not None:
         try:
@@ -126,7 +126,7 @@ def _check_backend(profile: Profile, report: Report) -> None:
 
 
 def _load_rules(path: Path, profile: Profile, report: Report) -> Rules | None:
-    from tlsfront.tcprules import Rules, RulesError
+    from tlsfront.qmail.tcprules import Rules, RulesError
 
     try:
         rules = Rules.load(path)
@@ -145,7 +145,7 @@ def _check_rules(profile: Profile, report: Report) -> Rules | None:
     if rules is None:
         return None
     report.note(f"profile {profile.name}: rules {profile.rules} read")
-    from tlsfront.remotehost import needs_host
+    from tlsfront.inbound.remotehost import needs_host
 
     if needs_host(rules):
         report.note(

@@ -1,6 +1,6 @@
 """Test backend: the bundled sink, recording each session for the test to read.
 
-Run as ``python tests/backends/capture.py --dir DIR [sink options]``. It speaks
+Run as ``python tests/support/backends/capture.py --dir DIR [sink options]``. It speaks
 exactly like ``python -m tlsfront.sink`` (same options; ``--maildir`` defaults
 to ``DIR/Maildir``) and keeps ``DIR/session-<pid>-<n>.json`` up to date:
 
@@ -81,7 +81,7 @@ class Recorder:
         os.replace(tmp, self.path)
 
 
-class CaptureSession(sink.Session):
+class CaptureSession(sink.SinkSession):
     def __init__(self, recorder: Recorder, config: sink.Config, store: sink.MessageStore) -> None:
         super().__init__(config, store)
         self.recorder = recorder

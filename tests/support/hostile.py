@@ -315,7 +315,7 @@ async def send_split(client: Client, head: bytes, tail: bytes) -> None:
 
 
 class SessionLog(logging.Handler):
-    """Collects tlsfront.session log lines and lets a test wait for session ends."""
+    """Collects tlsfront.inbound.session log lines and lets a test wait for session ends."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -338,7 +338,7 @@ class SessionLog(logging.Handler):
 
 @contextmanager
 def session_log() -> Iterator[SessionLog]:
-    logger = logging.getLogger("tlsfront.session")
+    logger = logging.getLogger("tlsfront.inbound.session")
     handler = SessionLog()
     level = logger.level
     logger.setLevel(logging.INFO)
