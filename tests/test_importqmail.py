@@ -70,7 +70,7 @@ def test_full_qmail_tls_host(tmp_path: Path, ca: trustme.CA) -> None:
     assert data["defaults"] == {
         "qmail_control": str(control),
         "hostname": "mx.example.org",
-        "backend": ["/var/qmail/bin/qmail-smtpd"],
+        "backend": [str(tmp_path / "bin" / "qmail-smtpd")],  # the qmail home's, not /var/qmail's
     }
     smtp = {
         "listen": ["0.0.0.0:25"],
