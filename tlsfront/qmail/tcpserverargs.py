@@ -13,6 +13,7 @@ import grp
 import ipaddress
 import pwd
 import re
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +220,24 @@ def _tcpsvd(step: Step, service: Service) -> list[str]:
     return operands
 
 
+def _absolute_program(backend: list[str], server: Step, service: Service) -> list[str]:
+    """The chain with its first program found as tcpserver would have found it."""
+    first = backend[0]
+    if "/" in first:
+        return list(backend)
+    found = shutil.which(first, path=server.env.get("PATH", ""))
+    if found is None:
+        service.untranslated.append(
+            f"{first}: not found in the PATH the script gave tcpserver; name it with its directory"
+        )
+        return list(backend)
+    service.notes.append(
+        f"{first} is {found} in the script's PATH; the rest of the chain is found through"
+        " the PATH tlsfront gives its backends"
+    )
+    return [found, *backend[1:]]
+
+
 def translate(evaluation: Evaluation) -> Service:
     """The service a run script's evaluation shows."""
     service = Service()
@@ -241,7 +260,7 @@ def translate(evaluation: Evaluation) -> Service:
         address = _address(host, port, service)
         if address is not None:
             service.listen.append(address)
-    service.backend = list(backend)
+    service.backend = _absolute_program(backend, server, service)
     for word in backend:
         if Path(word).name == "qmail-smtpd" and Path(word).is_absolute():
             service.qmail_home = Path(word).parent.parent
