@@ -27,7 +27,7 @@ _TCPSVD_VALUE = "cCxuibl"
 _PORTS = {"smtp": 25, "submission": 587, "smtps": 465, "urd": 465, "ssmtp": 465}
 # variables tcpserver sets for each connection, and tlsfront's own: never copied
 _OWNED_PREFIXES = ("TCP", "SSL_", "TLS_")
-_OWNED = frozenset({"PROTO", "RELAYCLIENT", "UID", "GID", "PATH", "PWD", "SHLVL", "_"})
+_OWNED = frozenset({"PROTO", "RELAYCLIENT", "UID", "GID", "PATH", "PWD", "OLDPWD", "SHLVL", "_"})
 TLS_MEMORY = 100_000_000  # bytes: measured, TLS starts with 100 MB, fails with 30 MB
 
 
