@@ -318,3 +318,15 @@ async def test_served_as_the_script_served_it(
     (session,) = Front(server, config, capture).sessions()
     assert session["env"]["QMAILQUEUE"] == str(host.home / "bin" / "simscan")
     assert "RELAYCLIENT" in session["env"]
+
+
+def test_values_toml_cannot_hold_are_said(host: Host) -> None:
+    script = """#!/bin/sh
+LATIN1=`printf 'caf\\351'`
+export LATIN1
+exec tcpserver 0 25 {home}/bin/qmail-smtpd
+"""
+    service = translate(evaluate(host.script(script)))
+    assert "LATIN1" not in service.env
+    assert any("is not UTF-8" in problem for problem in service.untranslated)
+    assert tomllib.loads(render_config(host.control, service=service))

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,6 @@ class Evaluation:
     start_env: Mapping[str, str]  # the environment the script was started with
     stderr: str  # what the script and its commands wrote
     text: str  # the script itself
-    extra: list[str] = field(default_factory=list)
 
     @property
     def server(self) -> Step:

@@ -220,6 +220,14 @@ def _tcpsvd(step: Step, service: Service) -> list[str]:
     return operands
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # bytes that were not UTF-8 are carried as lone surrogates
+        return False
+    return True
+
+
 def _absolute_program(backend: list[str], server: Step, service: Service) -> list[str]:
     """The chain with its first program found as tcpserver would have found it."""
     first = backend[0]
@@ -260,7 +268,10 @@ def translate(evaluation: Evaluation) -> Service:
         address = _address(host, port, service)
         if address is not None:
             service.listen.append(address)
-    service.backend = _absolute_program(backend, server, service)
+    if all(_utf8(word) for word in backend):
+        service.backend = _absolute_program(backend, server, service)
+    else:
+        service.untranslated.append(f"the chain {backend!r} is not UTF-8, which TOML needs")
     for word in backend:
         if Path(word).name == "qmail-smtpd" and Path(word).is_absolute():
             service.qmail_home = Path(word).parent.parent
@@ -278,7 +289,10 @@ def translate(evaluation: Evaluation) -> Service:
             elif name == "PATH":
                 service.notes.append(f"the script set PATH={value}")
             continue
-        service.env[name] = value
+        if _utf8(name) and _utf8(value):
+            service.env[name] = value
+        else:
+            service.untranslated.append(f"{name!r}={value!r} is not UTF-8, which TOML needs")
     for line in evaluation.stderr.splitlines():
         if line.strip():
             service.untranslated.append(f"the script said: {line.strip()}")
