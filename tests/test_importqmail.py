@@ -14,7 +14,7 @@ import trustme
 from tlsfront.config.load import Profile, Settings, load_config
 from tlsfront.ops.check import check_config
 from tlsfront.qmail.control import QmailControlError, read_control
-from tlsfront.qmail.importqmail import render_config, toml_string
+from tlsfront.qmail.importqmail import SYSTEMD_SOCKETS, render_config, toml_string
 from tlsfront.qmail.tcprules import RulesError
 
 ALL_FILES = ("servercert.pem", "clientca.pem", "tlsclients", "tlsserverciphers", "me")
@@ -70,7 +70,7 @@ def test_full_qmail_tls_host(tmp_path: Path, ca: trustme.CA) -> None:
     assert data["defaults"] == {
         "qmail_control": str(control),
         "hostname": "mx.example.org",
-        "backend": ["/var/qmail/bin/qmail-smtpd"],
+        "backend": [str(tmp_path / "bin" / "qmail-smtpd")],  # the qmail home's, not /var/qmail's
     }
     smtp = {
         "listen": ["0.0.0.0:25"],
@@ -247,3 +247,28 @@ def test_toml_string_round_trips(value: str) -> None:
 def test_toml_string_refuses_lone_surrogates() -> None:
     with pytest.raises(ValueError, match="not valid UTF-8"):
         toml_string("a\udcff")
+
+
+def test_systemd_names_are_the_shipped_units(tmp_path: Path, ca: trustme.CA) -> None:
+    """Each profile's systemd name is the FileDescriptorName of the socket unit
+    shipped for it, written as the key with --systemd, else as an alternative."""
+    units = Path(__file__).parent.parent / "systemd"
+    for profile, unit in SYSTEMD_SOCKETS.items():
+        assert f"\nFileDescriptorName={profile}\n" in (units / unit).read_text()
+    control = make_control(tmp_path / "control", ca)
+    text, data = render(control, smtps=True, systemd=True)
+    assert_schema_keys(data)
+    assert data["profile"]["smtp"]["systemd"] == "smtp"
+    assert data["profile"]["smtps"]["systemd"] == "smtps"
+    assert "listen" not in data["profile"]["smtp"]
+    assert '# systemd = "submission"' in text
+    text, data = render(control)
+    assert data["profile"]["smtp"]["listen"] == ["0.0.0.0:25"]
+    assert "systemd" not in data["profile"]["smtp"]
+    assert '# systemd = "smtp"' in text
+
+
+def test_backend_is_in_the_qmail_home(tmp_path: Path, ca: trustme.CA) -> None:
+    control = make_control(tmp_path / "home" / "control", ca)
+    _, data = render(control)
+    assert data["defaults"]["backend"] == [str(tmp_path / "home" / "bin" / "qmail-smtpd")]

@@ -277,17 +277,32 @@ def _check_units(config_arg: str | None, directory: Path) -> int:
 def cmd_import_qmail(args: argparse.Namespace) -> int:
     from tlsfront.qmail.control import QmailControlError
     from tlsfront.qmail.importqmail import render_config
+    from tlsfront.qmail.runscript import RunScriptError, evaluate
     from tlsfront.qmail.tcprules import RulesError
+    from tlsfront.qmail.tcpserverargs import Service, implied_control, translate
 
+    service: Service | None = None
+    control = Path(args.control) if args.control else None
     try:
-        sys.stdout.write(
-            render_config(
-                Path(args.control), Path(args.rules) if args.rules else None, smtps=args.smtps
-            )
+        if args.run:
+            evaluation = evaluate(Path(args.run))
+            service = translate(evaluation)
+            if control is None:
+                control = implied_control(evaluation, service)
+        text = render_config(
+            control or Path("/var/qmail/control"),
+            Path(args.rules) if args.rules else None,
+            smtps=args.smtps,
+            service=service,
+            systemd=args.systemd,
         )
-    except (QmailControlError, RulesError) as exc:
+    except (QmailControlError, RulesError, RunScriptError) as exc:
         log.error("%s", exc)
         return 1
+    sys.stdout.write(text)
+    if service is not None:
+        for problem in service.untranslated:
+            log.warning("could not translate: %s", problem)
     return 0
 
 
@@ -332,9 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--control",
-        default="/var/qmail/control",
         metavar="DIR",
-        help="qmail control directory (default: %(default)s)",
+        help="qmail control directory (default: the one the run script implies, "
+        "else /var/qmail/control)",
+    )
+    p.add_argument(
+        "--run",
+        metavar="FILE",
+        help="the daemontools/runit run script of the smtpd service: it is run with "
+        "stand-ins up to tcpserver, and its tcpserver, chain, environment and account "
+        "are translated",
+    )
+    p.add_argument(
+        "--systemd",
+        action="store_true",
+        help="take the sockets from the shipped systemd socket units instead of listen",
     )
     p.add_argument("--rules", metavar="FILE", help="tcprules source file, e.g. /etc/tcp.smtp")
     p.add_argument("--smtps", action="store_true", help="also a profile for port 465")

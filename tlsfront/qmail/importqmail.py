@@ -10,11 +10,21 @@ environment). Every choice carries a comment saying why.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tlsfront.qmail.control import QmailControl, QmailControlError, read_control
 from tlsfront.qmail.tcprules import Rule, Rules, RulesError
+from tlsfront.qmail.tcpserverargs import TLS_MEMORY, Service
+
+_BARE = re.compile(r"[A-Za-z0-9_-]+")
+# FileDescriptorName of the socket units shipped in systemd/, by profile
+SYSTEMD_SOCKETS = {
+    "smtp": "tlsfront.socket",
+    "submission": "tlsfront-submission.socket",
+    "smtps": "tlsfront-smtps.socket",
+}
 
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f"}
 _ESCAPES["\r"] = "\\r"
@@ -57,9 +67,13 @@ class _Out:
     def comment(self, *lines: str) -> None:
         self.lines.extend(f"# {_comment_safe(line)}".rstrip() for line in lines)
 
-    def key(self, name: str, value: str | bool | Sequence[str], *, commented: bool = False) -> None:
+    def key(
+        self, name: str, value: str | bool | int | Sequence[str], *, commented: bool = False
+    ) -> None:
         if isinstance(value, bool):
             text = "true" if value else "false"
+        elif isinstance(value, int):
+            text = str(value)
         elif isinstance(value, str):
             text = toml_string(value)
         else:
@@ -98,7 +112,11 @@ def _rules_source(rules: Path) -> tuple[Path, list[str]]:
 
 
 def _defaults(
-    out: _Out, qc: QmailControl, backend: Sequence[str], environ: Mapping[str, str]
+    out: _Out,
+    qc: QmailControl,
+    backend: Sequence[str],
+    environ: Mapping[str, str],
+    service: Service | None,
 ) -> None:
     d = qc.directory
     out.blank()
@@ -128,13 +146,53 @@ def _defaults(
         out.key("hostname", qc.me)
     else:
         out.comment("no control/me: the host name comes from the system")
-    out.comment(
-        "The program run for each session, connected by pipes, with the environment",
-        "tcpserver gave it. If the run script ran a chain (rblsmtpd ... qmail-smtpd,",
-        "qmail-smtpd with a checkpassword program), write that whole command here.",
-    )
+    if service is None:
+        out.comment(
+            "The program run for each session, connected by pipes, with the environment",
+            "tcpserver gave it. If the run script ran a chain (rblsmtpd ... qmail-smtpd,",
+            "qmail-smtpd with a checkpassword program), write that whole command here.",
+        )
+    else:
+        out.comment("The chain the run script gave tcpserver, run for each session.")
     out.key("backend", list(backend))
     _ciphers(out, qc, environ)
+    if service is not None:
+        _service_defaults(out, service)
+
+
+def _key(name: str) -> str:
+    """`name` as a TOML key."""
+    return name if _BARE.fullmatch(name) else toml_string(name)
+
+
+def _service_defaults(out: _Out, service: Service) -> None:
+    """The run script's environment, account, look-ups and limits."""
+    env = {k: v for k, v in service.env.items() if k not in ("TLSCIPHERS", "SMTPS")}
+    if env:
+        out.comment("Exported by the run script; given to every backend as tcpserver gave it.")
+        out.lines.append(
+            "env = {" + ", ".join(f"{_key(k)} = {toml_string(v)}" for k, v in env.items()) + "}"
+        )
+    if "SMTPS" in service.env:
+        out.comment("SMTPS is set by the run script: implicit TLS is a profile (--smtps).")
+    if service.user is not None or service.group is not None:
+        out.comment("The account tcpserver ran qmail-smtpd as (-u/-g, setuidgid, envuidgid).")
+        if service.user is not None:
+            out.key("user", service.user)
+        if service.group is not None:
+            out.key("group", service.group)
+    if service.remote_host_lookup is False:
+        out.comment("tcpserver -H: no TCPREMOTEHOST look-up.")
+        out.key("remote_host_lookup", False)
+    if service.remote_host_paranoid:
+        out.comment("tcpserver -p: TCPREMOTEHOST only when the name maps back to the address.")
+        out.key("remote_host_paranoid", True)
+    if service.memory_limit is not None:
+        out.comment(
+            f"The run script limited memory (softlimit -m {service.memory_limit}). If you keep",
+            f"a limit in front of tlsfront, give it at least {TLS_MEMORY // 1_000_000} MB: TLS",
+            "does not start with less (libssl fails to map its segments, or it crashes).",
+        )
 
 
 def _ciphers(out: _Out, qc: QmailControl, environ: Mapping[str, str]) -> None:
@@ -199,16 +257,38 @@ def _inbound(
     rules: str | None,
     *,
     commented: bool = False,
+    systemd: bool = False,
+    service: Service | None = None,
 ) -> None:
     """The keys of one inbound profile."""
 
-    def key(name: str, value: str | bool | Sequence[str]) -> None:
+    def key(name: str, value: str | bool | int | Sequence[str]) -> None:
         out.key(name, value, commented=commented)
 
     out.lines.append(f"{'# ' if commented else ''}[profile.{name}]")
-    key("listen", [f"0.0.0.0:{port}"])
+    listen = service.listen if service is not None and service.listen else [f"0.0.0.0:{port}"]
+    unit = SYSTEMD_SOCKETS[name]
+    if systemd:
+        if not commented:
+            out.comment(f"sockets from systemd's {unit} (or listen, instead of it):")
+        key("systemd", name)
+        out.key("listen", listen, commented=True)
+    else:
+        key("listen", listen)
+        if not commented:
+            out.comment(f"or, with systemd's {unit} (import-qmail --systemd):")
+        out.key("systemd", name, commented=True)
+    if service is not None:
+        if service.max_connections is not None:
+            key("max_connections", service.max_connections)
+        if service.hostname is not None and service.hostname != qc.me:
+            if not commented:
+                out.comment("tcpserver -l: the local name qmail-smtpd saw in TCPLOCALHOST.")
+            key("hostname", service.hostname)
     key("tls", tls)
     if tls == "none":
+        if rules is not None:
+            key("rules", rules)
         return
     if qc.clientca is not None and qc.tlsclients is not None:
         if not commented:
@@ -238,18 +318,33 @@ def render_config(
     control: Path,
     rules: Path | None = None,
     smtps: bool = False,
-    backend: Sequence[str] = ("/var/qmail/bin/qmail-smtpd",),
+    backend: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    service: Service | None = None,
+    systemd: bool = False,
 ) -> str:
     """A commented tlsfront.toml doing what the qmail-tls setup in `control` did.
 
     `rules` is the tcprules source (a compiled .cdb is swapped for its source
-    beside it); `smtps` adds an implicit-TLS profile on 465. Raises
-    QmailControlError for control files that cannot be read, RulesError for a
-    rules file that tcprules would refuse.
+    beside it); `smtps` adds an implicit-TLS profile on 465. `service` is what
+    a run script's tcpserver was asked to do (import-qmail --run): its listen
+    address, backend chain, environment, account, rules and limits are used,
+    and what it could not translate is written as comments. The backend is
+    otherwise qmail-smtpd in the qmail home, the parent of `control`.
+    `systemd` takes the sockets from the shipped socket units instead of
+    listening. Raises QmailControlError for control files that cannot be read,
+    RulesError for a rules file that tcprules would refuse.
     """
+    if service is not None:
+        environ = service.server_env
     environ = os.environ if environ is None else environ
     qc = read_control(control, environ)
+    if backend is None:
+        if service is not None and service.backend:
+            backend = service.backend
+        else:
+            backend = [_path_text(control.absolute().parent / "bin" / "qmail-smtpd")]
     out = _Out()
     out.comment(
         "tlsfront configuration written by `tlsfront import-qmail` from the qmail",
@@ -259,11 +354,15 @@ def render_config(
     rules_text: str | None = None
     parsed: Rules | None = None
     notes: list[str] = []
+    if rules is None and service is not None and service.rules is not None:
+        rules = _service_rules(service)
     if rules is not None:
         source, notes = _rules_source(rules)
         parsed = Rules.load(source)
         rules_text = _path_text(source)
-    _defaults(out, qc, backend, environ)
+    if service is not None:
+        _service_header(out, service)
+    _defaults(out, qc, backend, environ, service)
 
     out.blank()
     out.comment('Port 25, where tcpserver ran qmail-smtpd. Add "[::]:25" for IPv6.')
@@ -273,10 +372,10 @@ def render_config(
             "here and neither does this profile. Put the key and certificate there",
             '(one PEM file) and set tls = "starttls" to offer it.',
         )
-        _inbound(out, "smtp", 25, "none", qc, rules_text)
+        _inbound(out, "smtp", 25, "none", qc, rules_text, systemd=systemd, service=service)
     else:
         out.comment("control/servercert.pem exists: STARTTLS is offered, as the patch did.")
-        _inbound(out, "smtp", 25, "starttls", qc, rules_text)
+        _inbound(out, "smtp", 25, "starttls", qc, rules_text, systemd=systemd, service=service)
     if parsed is not None:
         out.comment(*notes)
         _rules_notes(out, parsed)
@@ -286,23 +385,52 @@ def render_config(
         "Port 587 for your own users, TLS required before MAIL (the patch had no such",
         "service). Uncomment to use; relaying then comes from client certificates.",
     )
-    _inbound(out, "submission", 587, "starttls", qc, None, commented=True)
+    _inbound(out, "submission", 587, "starttls", qc, None, commented=True, systemd=systemd)
     out.key("require_tls", True, commented=True)
 
     out.blank()
     if not smtps:
         out.comment("Port 465 (TLS from the first byte) was not asked for: --smtps adds it.")
-        _inbound(out, "smtps", 465, "implicit", qc, rules_text, commented=True)
+        _inbound(out, "smtps", 465, "implicit", qc, rules_text, commented=True, systemd=systemd)
     elif qc.servercert is None:
         out.comment(
             "Port 465 was asked for, but it needs control/servercert.pem, which is",
             "missing; uncomment once it is there.",
         )
-        _inbound(out, "smtps", 465, "implicit", qc, rules_text, commented=True)
+        _inbound(out, "smtps", 465, "implicit", qc, rules_text, commented=True, systemd=systemd)
     else:
         out.comment(
             "Port 465: TLS from the first byte (what SMTPS=1 made the patched",
             "qmail-smtpd do), then the same qmail-smtpd and rules as port 25.",
         )
-        _inbound(out, "smtps", 465, "implicit", qc, rules_text)
+        _inbound(out, "smtps", 465, "implicit", qc, rules_text, systemd=systemd)
     return out.text()
+
+
+def _service_rules(service: Service) -> Path | None:
+    """The tcprules source of the run script's -x FILE.cdb, or None (said why)."""
+    assert service.rules is not None
+    rules = service.rules
+    if rules.suffix == ".cdb" and not rules.with_suffix("").is_file():
+        service.untranslated.append(
+            f"-x {rules}: its source {rules.with_suffix('')} is not there; "
+            "set rules to the file tcprules compiled it from"
+        )
+        return None
+    if rules.suffix != ".cdb" and not rules.is_file():
+        service.untranslated.append(f"-x {rules}: no such file")
+        return None
+    if service.rules_optional:
+        service.notes.append("-X: tcpserver allowed every client when the .cdb was missing")
+    return rules
+
+
+def _service_header(out: _Out, service: Service) -> None:
+    out.blank()
+    out.comment("From the run script (import-qmail --run):")
+    for note in service.notes:
+        out.comment(f"  {note}")
+    if service.untranslated:
+        out.comment("COULD NOT TRANSLATE (set these by hand, or decide they do not matter):")
+        for problem in service.untranslated:
+            out.comment(f"  - {problem}")
