@@ -23,7 +23,7 @@ from support.front import Front, toml_str
 from support.hostile import Client, code
 
 from tlsfront.inbound.backend import Address
-from tlsfront.ops.metrics import _Exposed, render, serve_metrics
+from tlsfront.ops.metrics_endpoint import _Exposed, render, serve_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "conf" / "grafana-dashboard.json"

@@ -71,7 +71,7 @@ def _startup_errors(exc: BaseException) -> list[BaseException] | None:
 def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     """SIGHUP: the configuration and every file it names, read again."""
     from tlsfront.inbound.server import StartupError
-    from tlsfront.ops import metrics
+    from tlsfront.ops import counters
     from tlsfront.ops.systemd import session_status
 
     notifier.reloading()
@@ -82,11 +82,11 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
         server.reload(config)
     except (ConfigError, StartupError) as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
-        metrics.RELOADS.labels("failed").inc()
+        counters.RELOADS.labels("failed").inc()
         status = "reload failed, old configuration serving; "
     except Exception:
         log.exception("reload failed, keeping the running configuration")
-        metrics.RELOADS.labels("failed").inc()
+        counters.RELOADS.labels("failed").inc()
         status = "reload failed, old configuration serving; "
     else:
         new = config.settings
@@ -95,7 +95,7 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
             if getattr(old, key) != getattr(new, key):
                 log.warning("reload: %s changed: restart to apply", key)
         log.info("reloaded the configuration%s", f" from {config.path}" if config.path else "")
-        metrics.RELOADS.labels("ok").inc()
+        counters.RELOADS.labels("ok").inc()
     notifier.ready(status + session_status(server.session_counts()))
 
 
@@ -124,7 +124,7 @@ async def _serve(
 ) -> None:
     """One server process: all of it, or one of `workers` (then on `sockets`)."""
     from tlsfront.inbound.server import Server
-    from tlsfront.ops.metrics import serve_metrics
+    from tlsfront.ops.metrics_endpoint import serve_metrics
     from tlsfront.ops.systemd import (
         Notifier,
         listeners_by_profile,

@@ -32,11 +32,12 @@ from tlsfront.config.load import Config, Profile, split_host_port
 from tlsfront.inbound.backend import Address
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
+from tlsfront.inbound.record import SessionLabel
 from tlsfront.inbound.remotehost import lookup_host, needs_host
 from tlsfront.inbound.session import Session, ShutdownNotice
 from tlsfront.net.netstream import NetStream
 from tlsfront.net.proxyproto import accept_proxied
-from tlsfront.ops import metrics
+from tlsfront.ops import counters
 
 log = logging.getLogger("tlsfront")
 
@@ -109,7 +110,7 @@ class ProfileServer:
         refusal = self.limits.admit(profile, client.ip)
         if refusal is not None:
             log.warning("profile %s: refused [%s]: %s", profile.name, client.ip, refusal)
-            metrics.connection_refused(profile.name, "refused")
+            counters.connection_refused(profile.name, SessionLabel.REFUSED)
             await _refuse(stream, profile, refusal)
             return
         try:
@@ -121,7 +122,7 @@ class ProfileServer:
                 rule = rules.match(client.ip, host)
                 if rule is not None and not rule.allow:
                     log.info("profile %s: [%s] denied by %s", profile.name, client.ip, rule.source)
-                    metrics.connection_refused(profile.name, "denied")
+                    counters.connection_refused(profile.name, SessionLabel.DENIED)
                     await stream.aclose()
                     return
                 if rule is not None:
@@ -200,7 +201,7 @@ class Server:
         self.stopping = False
         self._stop = trio.Event()
         self._ended = trio.Event()  # pulsed when a connection ends
-        metrics.declare_profiles(self.profiles)
+        counters.declare_profiles(self.profiles)
 
     def session_counts(self) -> dict[str, int]:
         """Sessions in progress, per profile."""
@@ -239,7 +240,7 @@ class Server:
         except Exception:
             # One session's bug must not take every other session down.
             log.exception("profile %s: internal error in a session", server.name)
-            metrics.connection_refused(server.name, "error")
+            counters.connection_refused(server.name, SessionLabel.ERROR)
         finally:
             self.active -= 1
             self._ended.set()
