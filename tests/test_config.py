@@ -11,21 +11,14 @@ from types import MappingProxyType
 
 import pytest
 
-from tlsfront.config import load as config_module
+from tlsfront.config import files as config_module
 from tlsfront.config import machine as defaults_module
 from tlsfront.config.embedded import embedded_config, ensure_default_files
-from tlsfront.config.load import (
-    Config,
-    ConfigError,
-    Profile,
-    Settings,
-    config_from_dict,
-    find_config,
-    load_config,
-    parse_config,
-    split_host_port,
-)
+from tlsfront.config.errors import ConfigError
+from tlsfront.config.files import config_from_dict, find_config, load_config, parse_config
 from tlsfront.config.machine import default_hostname, default_state_dir
+from tlsfront.config.schema import Config, Profile, Settings
+from tlsfront.net.address import split_host_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV: dict[str, str] = {"HOME": "/home/alice"}  # never the test runner's environment
@@ -384,7 +377,7 @@ def test_unknown_keys_and_tables(tmp_path: Path) -> None:
 
     err = fails(tmp_path, MINIMAL + "workers = 4\n")
     assert_at(err, path, 5, "profile.smtp", "workers")
-    assert "put it in [defaults]" in err.message
+    assert err.message == "applies to [defaults] only (a global setting)"
 
     err = fails(tmp_path, MINIMAL + "name = 'other'\n")
     assert_at(err, path, 5, "profile.smtp", "name")
@@ -769,9 +762,9 @@ BROKEN: list[tuple[str, str, str, str]] = [
         "equals source_address",
     ),
     ("", "proxy_protocol = true", "proxy_protocol", "needs proxy_trusted"),
-    ("", "allow_from = ['127.0.0.1']", "allow_from", "mode = 'inbound'"),
-    ("", "routes = {}", "routes", "mode = 'inbound'"),
-    ("", "helo_name = 'a.example'", "helo_name", "mode = 'inbound'"),
+    ("", "allow_from = ['127.0.0.1']", "allow_from", "applies to outbound profiles only"),
+    ("", "routes = {}", "routes", "applies to outbound profiles only"),
+    ("", "helo_name = 'a.example'", "helo_name", "applies to outbound profiles only"),
     ('backend = ["/bin/cat"]', "backend = []", "backend", "must name a program"),
     ('backend = ["/bin/cat"]', 'backend = [""]', "backend", "must name a program"),
 ]
@@ -804,7 +797,7 @@ def test_outbound_rejects_inbound_keys(tmp_path: Path) -> None:
     for key, value in [("tls", '"none"'), ("cert", '"c.pem"'), ("backend", '["/bin/cat"]')]:
         err = fails(tmp_path, base + f"{key} = {value}\n")
         assert_at(err, tmp_path / "tlsfront.toml", 4, "profile.out", key)
-        assert "mode = 'outbound'" in err.message
+        assert err.message == "applies to inbound profiles only"
     err = fails(tmp_path, base.replace('listen = ["127.0.0.1:10025"]\n', ""))
     assert err.key == "listen"
 

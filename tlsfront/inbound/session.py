@@ -49,7 +49,6 @@ from datetime import datetime
 import trio
 
 from tlsfront.inbound.backend import (
-    Address,
     Backend,
     BackendError,
     BackendStarter,
@@ -59,6 +58,7 @@ from tlsfront.inbound.backend import (
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.relaypolicy import RelayDecision
+from tlsfront.net.address import Address
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import logs, metrics
 from tlsfront.smtp import Dialogue, Phase, TraceInfo, build_received

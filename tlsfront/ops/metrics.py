@@ -35,8 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from tlsfront.config.load import split_host_port
-from tlsfront.inbound.backend import Address
+from tlsfront.net.address import Address, split_host_port
 
 if TYPE_CHECKING:
     from tlsfront.inbound.server import Server
