@@ -83,3 +83,19 @@ def split_host_port(text: str) -> tuple[str, int]:
     if not host:
         raise ValueError("missing host before ':port' (use * for every address)")
     return host, int(port_text)
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]:port`, `[v4]`, a bare IPv6 address: lenient.
+
+    For values the configuration has already checked (routes, resolvers);
+    `split_host_port` is the strict form that says what is wrong.
+    """
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, default_port

@@ -13,16 +13,12 @@ import dns.flags
 import dns.nameserver
 import dns.resolver
 
+from tlsfront.net.address import parse_hostport
+
 
 def parse_server(text: str) -> tuple[str, int]:
-    """`ip`, `ip:port`, `[v6]:port` or a bare IPv6 address."""
-    if text.startswith("["):
-        address, _, port = text[1:].partition("]")
-        return address, int(port.lstrip(":") or 53)
-    if text.count(":") == 1:
-        address, port = text.split(":")
-        return address, int(port)
-    return text, 53
+    """`ip`, `ip:port`, `[v6]:port` or a bare IPv6 address; port 53 by default."""
+    return parse_hostport(text, 53)
 
 
 def make_resolver(servers: Sequence[str], *, dnssec: bool) -> dns.asyncresolver.Resolver:

@@ -30,7 +30,7 @@ import dns.rdata
 import dns.rdatatype
 import dns.resolver
 
-from tlsfront.net.address import ip_literal
+from tlsfront.net.address import ip_literal, parse_hostport
 
 MAX_HOPS = 10
 MAX_ADDRESSES = 4  # per host
@@ -121,18 +121,6 @@ def lookup_route(routes: Mapping[str, str], domain: str) -> str | None:
         if char == "." and domain[i:] in keys:
             return keys[domain[i:]]
     return keys.get("")
-
-
-def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
-    """`host`, `host:port`, `[v6]:port`, `[v4]`."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return host, int(port)
-    return text, default_port
 
 
 async def find_hops(
