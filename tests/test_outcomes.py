@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from OpenSSL import SSL
 from test_smtp_dialogue import Harness
 
-from tlsfront.inbound.backend import Address
 from tlsfront.inbound.record import (
     BACKEND_LABELS,
     SESSION_LABELS,
@@ -19,6 +18,7 @@ from tlsfront.inbound.record import (
     SessionLabel,
     SessionRecord,
 )
+from tlsfront.net.address import Address
 from tlsfront.ops import counters
 from tlsfront.smtp import Ending, Outcome
 from tlsfront.smtp.outcome import BACKEND_FAILURES
