@@ -1,4 +1,4 @@
-"""tlsfront.tls.engine: the OpenSSL engine behind a trio stream.
+"""tlsfront.tls.context and tlsfront.tls.stream: OpenSSL behind a trio stream.
 
 The client side is Python's ssl module (trio.SSLStream), so every handshake
 here is checked against a TLS implementation we did not write; one test uses
@@ -28,13 +28,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from support.tls_certs import DAY, NOW, Issued, crl_pem, from_trustme, issue, make_crl
 
 from tlsfront.tls.certs import ServerCredentials, load_server_credentials
-from tlsfront.tls.engine import (
-    ServerTLS,
-    TLSConfigError,
-    TLSHandshakeError,
-    TLSSettings,
-    TLSStream,
-)
+from tlsfront.tls.context import ServerTLS, TLSConfigError, TLSSettings
+from tlsfront.tls.stream import TLSHandshakeError, TLSStream
 
 TIMEOUT = 20
 

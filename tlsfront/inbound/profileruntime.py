@@ -17,7 +17,7 @@ from tlsfront.config.load import Profile
 from tlsfront.inbound.relaypolicy import RelayPolicy
 from tlsfront.ops.watch import FileWatch
 from tlsfront.tls.certs import load_server_credentials
-from tlsfront.tls.engine import ServerTLS, TLSSettings
+from tlsfront.tls.context import ServerTLS, TLSSettings
 
 if TYPE_CHECKING:
     from tlsfront.qmail.tcprules import Rules

@@ -62,7 +62,8 @@ from tlsfront.inbound.relaypolicy import RelayDecision
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import logs, metrics
 from tlsfront.smtp import Dialogue, Phase, TraceInfo, build_received
-from tlsfront.tls.engine import ServerTLS, TLSHandshakeError, TLSInfo
+from tlsfront.tls.context import ServerTLS
+from tlsfront.tls.stream import TLSHandshakeError, TLSInfo
 
 log = logging.getLogger("tlsfront.inbound.session")
 
