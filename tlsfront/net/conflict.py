@@ -43,8 +43,3 @@ class ConflictDetector:
         tb: TracebackType | None,
     ) -> None:
         self._held = False
-
-    @property
-    def held(self) -> bool:
-        """Whether a task is inside (for `aclose`, which must not interrupt a send)."""
-        return self._held
