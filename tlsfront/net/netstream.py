@@ -61,7 +61,11 @@ class _TryFirst:
         raise NotImplementedError
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with self._send_conflict:
+        conflict = self._send_conflict
+        if conflict.held:
+            raise conflict.busy()
+        conflict.held = True
+        try:
             self._check_open()
             view = memoryview(data)
             sent = 0
@@ -76,13 +80,19 @@ class _TryFirst:
                     return
                 await trio.lowlevel.wait_writable(self._handle)
                 self._check_open()
+        finally:
+            conflict.held = False
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check_open()
         await trio.lowlevel.wait_writable(self._handle)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        with self._receive_conflict:
+        conflict = self._receive_conflict
+        if conflict.held:
+            raise conflict.busy()
+        conflict.held = True
+        try:
             self._check_open()
             size = max_bytes or 65536
             waited = False
@@ -99,6 +109,8 @@ class _TryFirst:
                 if not waited:
                     await trio.lowlevel.cancel_shielded_checkpoint()  # fairness (module doc)
                 return data
+        finally:
+            conflict.held = False
 
     def _check_open(self) -> None:
         if self._closed:

@@ -452,7 +452,11 @@ class TLSStream(trio.abc.Stream):
             max_bytes = _CHUNK
         elif max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
-        with self._receive_conflict:
+        conflict = self._receive_conflict
+        if conflict.held:
+            raise conflict.busy()
+        conflict.held = True
+        try:
             await trio.lowlevel.checkpoint_if_cancelled()
             state = self._state
             if state is not StreamState.OPEN and state is not StreamState.SEND_FAILED:
@@ -480,7 +484,12 @@ class TLSStream(trio.abc.Stream):
                 if self._outgoing:
                     with contextlib.suppress(trio.BrokenResourceError):
                         await self._flush(wait=False)
-                ciphertext = await self._receive_transport()
+                try:
+                    ciphertext = await self.transport_stream.receive_some(_CHUNK)
+                except trio.ClosedResourceError:
+                    if self._state is StreamState.CLOSED:
+                        raise
+                    raise trio.BrokenResourceError("transport closed") from None
                 awaited = True
                 if not ciphertext:
                     self._on(_Event.PEER_EOF)
@@ -491,6 +500,8 @@ class TLSStream(trio.abc.Stream):
             if not awaited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return b""
+        finally:
+            conflict.held = False
 
     def _feed(self) -> None:
         """Give OpenSSL the next slice of the ciphertext read from the transport.
@@ -544,7 +555,11 @@ class TLSStream(trio.abc.Stream):
         return b"".join(pieces)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with self._send_conflict:
+        conflict = self._send_conflict
+        if conflict.held:
+            raise conflict.busy()
+        conflict.held = True
+        try:
             await trio.lowlevel.checkpoint_if_cancelled()
             state = self._state
             if state is not StreamState.OPEN and state is not StreamState.PEER_CLOSED:
@@ -574,9 +589,15 @@ class TLSStream(trio.abc.Stream):
                     self._on(_Event.TLS_ERROR)
                     raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
                 await self._flush()
+        finally:
+            conflict.held = False
 
     async def wait_send_all_might_not_block(self) -> None:
-        with self._send_conflict:
+        conflict = self._send_conflict
+        if conflict.held:
+            raise conflict.busy()
+        conflict.held = True
+        try:
             if self._state in _FINAL:
                 self._raise_unusable()
             try:
@@ -585,6 +606,8 @@ class TLSStream(trio.abc.Stream):
                 if self._state is StreamState.CLOSED:
                     raise
                 raise trio.BrokenResourceError("transport closed") from None
+        finally:
+            conflict.held = False
 
     async def aclose(self) -> None:
         """Send close_notify if that can be done quickly, then close the transport.
