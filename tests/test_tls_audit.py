@@ -45,7 +45,7 @@ from support.front import need_tool, toml_str
 from support.hostile import RecordingBackend
 
 from tlsfront.tls.certs import load_server_credentials
-from tlsfront.tls.engine import ServerTLS, TLSSettings
+from tlsfront.tls.context import ServerTLS, TLSSettings
 
 CERTIFICATE_FINDINGS = frozenset({"cert_revocation"})
 SEVERE = frozenset({"MEDIUM", "HIGH", "CRITICAL", "FATAL"})

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from tlsfront.net.address import Address
 from tlsfront.smtp.outcome import Ending, Outcome
-from tlsfront.tls.engine import HandshakeFailure
+from tlsfront.tls.stream import HandshakeFailure
 
 
 class SessionLabel(enum.StrEnum):

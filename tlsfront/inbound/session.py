@@ -62,7 +62,8 @@ from tlsfront.net.address import Address
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import counters, logs
 from tlsfront.smtp import Dialogue, Outcome, Phase, TraceInfo, build_received
-from tlsfront.tls.engine import HandshakeFailure, ServerTLS, TLSHandshakeError, TLSInfo
+from tlsfront.tls.context import ServerTLS
+from tlsfront.tls.stream import HandshakeFailure, TLSHandshakeError, TLSInfo
 
 log = logging.getLogger("tlsfront.inbound.session")
 
