@@ -132,18 +132,15 @@ async def test_timeout_kills_the_process_group(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
         pids = [int(p) for p in (await trio.to_thread.run_sync(fifo.read_text)).split()]
+        pidfds = [os.pidfd_open(pid) for pid in pids]
         mock_clock.jump(11)
     assert results == [Verdict.TEMPFAIL]
-    for pid in pids:
-        assert not alive(pid)
-
-
-def alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
+        for pidfd in pidfds:  # readable once the process has died (SIGKILL: at once)
+            await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
 
 
 @pytest.fixture
