@@ -197,6 +197,8 @@ class ClientAuth:
     def __init__(
         self, offered: Iterable[str], user: str, password: Secret, authzid: str = ""
     ) -> None:
+        if "\0" in user + authzid or b"\0" in password.reveal():
+            raise ValueError("a user name or password with NUL cannot be sent")
         offers = {m.upper() for m in offered}
         mechanism = next((m for m in MECHANISMS if m in offers), None)
         if mechanism is None:
