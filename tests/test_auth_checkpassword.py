@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -146,3 +147,16 @@ async def test_timeout_kills_the_process_group(
 @pytest.fixture
 def mock_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock()
+
+
+async def test_the_password_never_reaches_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """At DEBUG, for every outcome, nothing logged or returned holds the password."""
+    password = b"Tr0ub4dor&3"
+    v = verifier()
+    results = []
+    with caplog.at_level(logging.DEBUG):
+        for user in ("alice", "bob", "tempfail", "noisy"):
+            results.append(await v.verify(creds(user, password), ENV))
+    assert {r.verdict for r in results} == {Verdict.BAD, Verdict.TEMPFAIL}
+    text = caplog.text + "".join(repr(r) + str(r.reply.raw) for r in results)
+    assert password.decode() not in text

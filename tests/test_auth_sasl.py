@@ -103,7 +103,7 @@ def test_syntax(argument: str) -> None:
 
 def test_another_authorization_identity_is_refused_and_counts() -> None:
     [step] = run("PLAIN " + b64(b"root\0alice\0wonderland"))
-    assert step == Refused(replies.INVALID, attempt=True, user="alice")
+    assert step == Refused(replies.INVALID, attempt=True, user="alice", mechanism="PLAIN")
 
 
 @pytest.mark.parametrize(
@@ -116,10 +116,10 @@ def test_malformed_plain(message: bytes) -> None:
 
 def test_empty_passwords_fail_without_a_check() -> None:
     assert run("PLAIN " + b64(b"\0alice\0")) == [
-        Refused(replies.INVALID, attempt=True, user="alice")
+        Refused(replies.INVALID, attempt=True, user="alice", mechanism="PLAIN")
     ]
     steps = run("LOGIN", b64(b"alice").encode(), b"")
-    assert steps[-1] == Refused(replies.INVALID, attempt=True, user="alice")
+    assert steps[-1] == Refused(replies.INVALID, attempt=True, user="alice", mechanism="LOGIN")
 
 
 def test_overlong_lines() -> None:

@@ -19,8 +19,9 @@ those are set (what `setuidgid` does), and when it outlives the timeout the
 whole group is killed and the verdict is a temporary failure.
 
 File descriptor 3 is arranged by `/bin/sh` (the pipe is its stdin, which it
-moves to 3 before it replaces itself with the program by `exec`): the ways to place a descriptor at a fixed
-number in a child (`preexec_fn`) are unsafe in a process with threads.
+moves to 3 before it replaces itself with the program by `exec`): the other
+way to place a descriptor at a fixed number in a child (`preexec_fn`) is
+unsafe in a process with threads.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ import base64
 import binascii
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tlsfront.auth import replies
 from tlsfront.auth.secret import Secret
@@ -71,6 +71,7 @@ class Refused:
     reply: Reply
     attempt: bool = False
     user: str | None = None  # when known, for the failure log
+    mechanism: str = ""  # set when `attempt`, for the failure log
 
 
 Step = Challenge | Credentials | Refused
@@ -159,6 +160,8 @@ class ServerAuth:
 
     def _finish(self, step: Step) -> Step:
         self._done = True
+        if isinstance(step, Refused) and step.attempt:
+            return replace(step, mechanism=self._mechanism)
         return step
 
 
