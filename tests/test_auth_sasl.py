@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import pickle
+import smtplib
 
 import pytest
 from hypothesis import given
@@ -217,3 +218,45 @@ def test_offered_mechanisms_from_an_ehlo_reply() -> None:
     assert offered_mechanisms(lines) == ["LOGIN", "PLAIN", "CRAM-MD5"]
     assert offered_mechanisms(["SIZE 100", "8BITMIME"]) == []
     assert offered_mechanisms(["AUTH=PLAIN LOGIN"]) == ["PLAIN", "LOGIN"]
+
+
+class ExchangeSMTP(smtplib.SMTP):
+    """smtplib's own AUTH code, talking to a ServerAuth instead of a socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.esmtp_features = {"auth": "PLAIN LOGIN"}
+        self.does_esmtp = True
+        self.ehlo_resp = b"ok"
+        self.result: Step | None = None
+        self._server: ServerAuth | None = None
+
+    def docmd(self, cmd: str, args: str = "") -> tuple[int, bytes]:
+        if cmd == "AUTH":
+            self._server = ServerAuth(args)
+            step = self._server.start()
+        else:
+            assert self._server is not None
+            step = self._server.receive(cmd.encode())
+        if isinstance(step, Challenge):
+            return step.reply.code, step.reply.lines[0]
+        self.result = step
+        return (235, b"ok") if isinstance(step, Credentials) else (step.reply.code, b"no")
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+@pytest.mark.parametrize("initial", [True, False])
+def test_smtplib_logins_are_understood(mechanism: str, initial: bool) -> None:
+    client = ExchangeSMTP()
+    client.user, client.password = "alice@example.org", "wonder land-7"
+    method = client.auth_plain if mechanism == "PLAIN" else client.auth_login
+    code, _ = client.auth(mechanism, method, initial_response_ok=initial)
+    assert code == 235
+    assert client.result is not None
+    assert creds_of(client.result) == (
+        mechanism,
+        "alice@example.org",
+        b"wonder land-7",
+        "",
+    )
