@@ -85,10 +85,12 @@ async def test_runs_as_the_given_user_without_groups(shared_dir: Path) -> None:
     if python is None:
         pytest.skip("no system python3 a plain user can run")
     report = shared_dir / "report.json"
-    v = verifier(python, uid=65534)
+    v = CheckpasswordVerifier.as_user([python, PROGRAM, "/bin/true"], "nobody")
+    assert (v.uid, v.gid) != (None, None)
     assert await check(v, "alice", b"wonderland", CHECKPW_REPORT=str(report)) is Verdict.GOOD
     seen = json.loads(report.read_text())
-    assert (seen["uid"], seen["gid"], seen["groups"]) == (65534, 65534, [])
+    assert (seen["uid"], seen["gid"], seen["groups"]) == (v.uid, v.gid, [])
+    assert seen["uid"] != 0
 
 
 async def test_a_program_that_cannot_start_is_temporary() -> None:
@@ -115,6 +117,8 @@ async def test_overlong_credentials_are_refused_without_running() -> None:
 def test_a_command_without_the_program_to_run_is_refused() -> None:
     with pytest.raises(ValueError, match="on success"):
         CheckpasswordVerifier(["/home/vpopmail/bin/vchkpw"])
+    with pytest.raises(ValueError, match="both"):
+        CheckpasswordVerifier(["/home/vpopmail/bin/vchkpw", "/bin/true"], uid=89)
 
 
 @pytest.mark.timeout(LIMIT)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -62,10 +63,20 @@ class CheckpasswordVerifier:
     ) -> None:
         if len(argv) < 2:
             raise ValueError("a checkpassword command needs the program to run on success")
+        if (uid is None) != (gid is None):
+            raise ValueError("give both uid and gid, or neither")
         self.argv = list(argv)
         self.timeout = timeout
         self.uid = uid
         self.gid = gid
+
+    @classmethod
+    def as_user(
+        cls, argv: Sequence[str], user: str, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> CheckpasswordVerifier:
+        """Runs as the named account's uid and gid, as `setuidgid user` does."""
+        entry = pwd.getpwnam(user)  # KeyError for an unknown user
+        return cls(argv, timeout=timeout, uid=entry.pw_uid, gid=entry.pw_gid)
 
     async def verify(self, creds: Credentials, env: Mapping[str, str]) -> AuthResult:
         password = creds.password.reveal()

@@ -170,11 +170,6 @@ class DovecotVerifier:
         finally:
             connection.fail("dovecot auth connection closed")
 
-    def close(self) -> None:
-        """Closes the connection (the next request opens a new one)."""
-        if self._connection is not None and self._connection.stream is not None:
-            self._nursery.start_soon(self._connection.stream.aclose)
-
 
 def _parameters(verifier: DovecotVerifier, env: Mapping[str, str]) -> list[str]:
     params = [f"service={escape(verifier.service)}", "nologin"]
