@@ -20,6 +20,9 @@ RSS_SLACK_KIB = 24 * 1024
 RSS_SLACK_RATIO = 0.5
 FD_SLACK = 2
 WARM_UP_SESSIONS = 12
+# Sessions the server ends early must all be the killed worker's, ending this
+# soon after the kill; any other is a defect.
+KILL_WINDOW = 3.0
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -38,9 +41,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def chaos(stand: Stand, rng: random.Random, seconds: float, hup_every: float) -> list[str]:
-    """SIGHUPs, relay-list rewrites and one worker kill, until the time is up."""
+def chaos(
+    stand: Stand, rng: random.Random, seconds: float, hup_every: float
+) -> tuple[list[str], float]:
+    """SIGHUPs, relay-list rewrites and one worker kill, until the time is up.
+
+    Returns notes for the report and the moment of the kill.
+    """
     notes = []
+    killed = 0.0
     start = time.monotonic()
     deadline = start + seconds
     kill_at = start + seconds * rng.uniform(0.3, 0.6)
@@ -50,6 +59,7 @@ def chaos(stand: Stand, rng: random.Random, seconds: float, hup_every: float) ->
     while (now := time.monotonic()) < deadline:
         if kill_at and now >= kill_at:
             index = rng.randrange(len(stand.workers()))
+            killed = time.monotonic()
             took = stand.kill_worker(index)
             notes.append(f"worker {index} killed with SIGKILL, replaced in {took * 1000:.0f} ms")
             kill_at = 0
@@ -62,7 +72,7 @@ def chaos(stand: Stand, rng: random.Random, seconds: float, hup_every: float) ->
         rewrites += 1
         time.sleep(min(rng.uniform(0.3, 1.5), max(0.0, deadline - time.monotonic())))
     notes.append(f"SIGHUP sent {hups} times; relay list rewritten {rewrites} times")
-    return notes
+    return notes, killed
 
 
 def run_clients(clients: list[Client], deadline: float) -> list[threading.Thread]:
@@ -109,7 +119,7 @@ def soak(args: argparse.Namespace, directory: Path) -> int:
         clients = [Client(i, seed, target, tally) for i in range(args.clients)]
         started = time.monotonic()
         threads = run_clients(clients, started + args.seconds)
-        notes = chaos(stand, rng, args.seconds, args.hup_every)
+        notes, killed = chaos(stand, rng, args.seconds, args.hup_every)
         for t in threads:  # each session is bounded by the client timeouts
             t.join()
         drained = time.monotonic() - started - args.seconds
@@ -130,6 +140,10 @@ def soak(args: argparse.Namespace, directory: Path) -> int:
             "sessions cut short by the server, by kind: "
             + (", ".join(f"{k} {n}" for k, n in sorted(tally.cut.items())) or "none")
         )
+        elsewhere = sum(1 for t in tally.cut_times if not 0 <= t - killed < KILL_WINDOW)
+        print(f"  {len(tally.cut_times) - elsewhere} of them when the worker was killed")
+        for reason, n in tally.cut_reasons.most_common(8):
+            print(f"  {n} x {reason}")
         for note in notes:
             print(note)
         print(f"active sessions at the end: {active} (idle {idle_after:.1f} s after the clients)")
@@ -142,6 +156,8 @@ def soak(args: argparse.Namespace, directory: Path) -> int:
         problems += verdict.problems
         problems += [f"hung: {h}" for h in tally.hung]
         problems += [f"client error: {e}" for e in tally.errors]
+        if elsewhere:
+            problems.append(f"{elsewhere} sessions cut short with no worker killed")
         if active:
             problems.append(f"{active} sessions still active")
         problems += leaks(before, after)

@@ -71,6 +71,8 @@ class Tally:
     sent: list[Sent] = field(default_factory=list)
     sessions: Counter[str] = field(default_factory=Counter)
     cut: Counter[str] = field(default_factory=Counter)  # sessions the server ended early
+    cut_reasons: Counter[str] = field(default_factory=Counter)
+    cut_times: list[float] = field(default_factory=list)
     hung: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # the soak's own failures
     replies: Counter[str] = field(default_factory=Counter)  # final-dot replies by code
@@ -194,9 +196,11 @@ class Client:
         except Hung as exc:
             with tally.lock:
                 tally.hung.append(f"{kind}/{profile}: {exc}")
-        except (Closed, OSError):
+        except (Closed, OSError) as exc:
             with tally.lock:
                 tally.cut[kind] += 1
+                tally.cut_reasons[f"{kind}/{profile}: {str(exc)[:70]}"] += 1
+                tally.cut_times.append(time.monotonic())
         finally:
             if conn is not None:
                 conn.close()
