@@ -55,8 +55,8 @@ def test_the_checker_reports_each_kind_of_loss(queued: list[Queued], problem: st
 
 
 def test_a_valid_message_refused_is_a_failure() -> None:
-    verdict = check([Sent("a", "d-a", "refused")], [])
-    assert verdict.problems == ["a: a valid message was refused"]
+    verdict = check([Sent("a", "d-a", "refused", reply="554 no")], [])
+    assert verdict.problems == ["a: a valid message was refused: 554 no"]
 
 
 def test_the_wire_form_unstuffs_to_what_the_digest_covers() -> None:

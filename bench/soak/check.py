@@ -38,6 +38,7 @@ class Sent:
     sha256: str
     outcome: str
     doomed: bool = False
+    reply: str = ""  # the reply to the final dot, when there was one
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def _judge(s: Sent, copies: list[Queued]) -> list[str]:
     elif s.outcome == "refused" and copies:
         problems.append(f"{s.id}: refused to the client but queued")
     elif s.outcome == "refused" and not s.doomed:
-        problems.append(f"{s.id}: a valid message was refused")
+        problems.append(f"{s.id}: a valid message was refused: {s.reply}")
     return problems
 
 

@@ -250,6 +250,7 @@ class Client:
         conn.command(b"DATA", 354)
         # from here on the message exists for the checker
         outcome = "abandoned"
+        reply = b""
         try:
             if fault == "vanish-data":
                 conn.send(msg.wire[: self.rng.randrange(len(msg.wire) - 1)])
@@ -263,13 +264,14 @@ class Client:
             if fault == "vanish-dot":
                 conn.vanish(self.rng)
                 return False
-            code, text = conn.reply()
+            code, reply = conn.reply()
             outcome = "acked" if code == 250 else "refused"
             with self.tally.lock:
-                self.tally.replies[text[:3].decode("ascii", "replace")] += 1
+                self.tally.replies[reply[:3].decode("ascii", "replace")] += 1
             return code == 250
         finally:
-            self.tally.add(Sent(ident, msg.sha256, outcome, doomed))
+            text = reply.decode("ascii", "replace")
+            self.tally.add(Sent(ident, msg.sha256, outcome, doomed, text))
 
     def send_slowly(self, conn: Conn, data: bytes) -> None:
         view = memoryview(data)
