@@ -152,5 +152,10 @@ async def test_killed_worker_closes_its_clients_and_is_replaced(
             assert await process.wait() == 0
     finally:
         if process.returncode is None:
+            # SIGTERM first: the parent passes it on, so no worker outlives the test
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(15):
+                await process.wait()
+        if process.returncode is None:
             process.kill()
             await process.wait()

@@ -102,9 +102,9 @@ def soak(args: argparse.Namespace, directory: Path) -> int:
     print(f"soak: seed {seed}, {args.seconds:g} s, {args.clients} clients, in {directory}")
     rng = random.Random(seed)
     stand = Stand(directory)
-    stand.start()
     problems: list[str] = []
     try:
+        stand.start()
         plain, with_cert = stand.client_contexts()
         target = Target(stand.ports, plain, with_cert, dot_max=args.dot_line_max)
         tally = Tally()
