@@ -2,10 +2,10 @@
 
 The rest of the suite measures tlsfront against stand-ins written for it
 (the capture backend, the recording backend); those are stricter than
-qmail, which takes a bare LF as a line end and any line length. Here the
-backend is qmail-smtpd itself, with a queue program of the tests
-(tests/support/qmail.py): what qmail queues is what a real host would
-deliver. The tests skip when the binary is absent on a user's clone and
+qmail, which ends a command line at a bare LF, takes a body line of any
+length and a lone CR in a body as text. Here the backend is qmail-smtpd
+itself, with a queue program of the tests (tests/support/qmail.py): what
+qmail queues is what a real host would deliver. The tests skip when the binary is absent on a user's clone and
 fail when it is absent in CI.
 """
 
@@ -272,10 +272,10 @@ async def test_smuggling_at_every_split_into_qmail(
 ) -> None:
     """A fake end of data with a second message behind it, split at every
     position from just before the fake end to well into the second envelope:
-    qmail, which would take `\\n.\\n` as an end, never receives one; the
-    client gets 550 and nothing is queued, so never two messages. (Splits
-    further out only move plain text from one write to the other; the
-    recording-backend test in test_threats.py takes every one of them.)"""
+    the fake end never reaches qmail (to which a lone CR is body text); the
+    client gets tlsfront's 550 and nothing is queued, so never two messages.
+    (Splits further out only move plain text from one write to the other;
+    the recording-backend test in test_threats.py takes every one of them.)"""
     front: Front = await start_front(profile(qmail, "none", "max_per_ip = 100\n"))
     body = FIRST + fake_end + SECOND
     start = len(FIRST) - 2
