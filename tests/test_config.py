@@ -79,6 +79,7 @@ relay_source_address = "127.0.0.3"
 env = { DATABYTES = "1000", RELAYCLIENT = "" }
 rules = "tcp.smtp"
 received_header = false
+pipelining_strict = false
 max_connections = 10
 max_per_ip = 2
 max_message_size = 1000000
@@ -125,6 +126,7 @@ timeout_connect = 5
     assert p.relay_fingerprints == (":".join(["AB"] * 32),)
     assert p.relay_fingerprints_file == tmp_path / "fps"
     assert dict(p.env) == {"DATABYTES": "1000", "RELAYCLIENT": ""}
+    assert p.pipelining_strict is False
     assert p.timeout_command == 60.0
     assert isinstance(p.timeout_command, float)
     assert p.hostname == "in.example.com"
@@ -231,6 +233,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "env": ('{ "A-B" = "1" }', "not an environment variable name"),
     "rules": ("1979-05-27", "not a date"),
     "received_header": ("1", "must be true or false, not 1"),
+    "pipelining_strict": ('"no"', "must be true or false, not 'no'"),
     "max_connections": ("true", "must be a whole number, not true"),
     "max_per_ip": ("1.5", "must be a whole number, not 1.5"),
     "max_message_size": ('"10M"', "must be a whole number, not '10M'"),

@@ -62,6 +62,7 @@ SAMPLES: dict[str, tuple[str, dict[str, str]]] = {
     "env": ("{ X = '1' }", {}),
     "rules": ('"tcp.smtp"', {}),
     "received_header": ("false", {}),
+    "pipelining_strict": ("false", {}),
     "max_connections": ("7", {}),
     "max_per_ip": ("3", {}),
     "max_message_size": ("1000000", {}),

@@ -109,6 +109,7 @@ class Profile:
     env: Mapping[str, str] = inbound(factory=_empty_map)  # extra backend environment
     rules: Path | None = inbound(None)  # tcprules source file (/etc/tcp.smtp)
     received_header: bool = inbound(True)  # add tlsfront's Received header to each message
+    pipelining_strict: bool = inbound(True)  # 554 5.5.0 to input pipelined against RFC 2920
     # limits and timeouts
     max_connections: int = both(200)  # sessions at once on this profile
     max_per_ip: int = both(50)  # sessions at once from one client address

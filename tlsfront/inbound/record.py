@@ -35,6 +35,7 @@ class SessionLabel(enum.StrEnum):
     BACKEND_FAILED = "backend_failed"
     BACKEND_CLOSED = "backend_closed"
     PROTOCOL_ERROR = "protocol_error"
+    PIPELINING = "pipelining"  # SMTP protocol synchronization (554 5.5.0)
     REFUSED = "refused"  # turned away by a connection limit, before a session
     DENIED = "denied"  # turned away by an access rule, before a session
     SHUTDOWN = "shutdown"
@@ -57,6 +58,7 @@ SESSION_LABELS: dict[Outcome, SessionLabel] = {
     Outcome.CLIENT_LOST: SessionLabel.CLIENT_LOST,
     Outcome.CLIENT_TIMEOUT: SessionLabel.TIMEOUT,
     Outcome.PROTOCOL_ERROR: SessionLabel.PROTOCOL_ERROR,
+    Outcome.PIPELINING: SessionLabel.PIPELINING,
     Outcome.SHUTDOWN: SessionLabel.SHUTDOWN,
     Outcome.BACKEND_CLOSED: SessionLabel.BACKEND_CLOSED,
     Outcome.BACKEND_TIMEOUT: SessionLabel.BACKEND_FAILED,

@@ -255,6 +255,8 @@ class Session:
             max_message_size=p.max_message_size,
             received=self._received if p.received_header else None,
             swallow_greeting=swallow_greeting,
+            pipelining_strict=p.pipelining_strict,
+            trusted=bool(self._decision and self._decision.relay),
         )
 
     def _received(self, helo: str | None, esmtp: bool) -> bytes:

@@ -25,7 +25,8 @@ Three commands change how client bytes are read:
   The shell keeps reading meanwhile (`client_read_ahead`, up to
   `DATA_WAIT_BUFFER`), so that a body sent without waiting for the reply is
   seen as such, as Postfix sees input pending when its reply goes out, and
-  not run as commands.
+  not run as commands. Unless synchronization is relaxed (below), such a
+  body is refused outright.
 * In the body, `BodyScanner` finds the one true end (CRLF.CRLF) and refuses
   bare CR, bare LF and NUL rather than passing them to a lenient backend.
   tlsfront's Received header is written to the backend before the body.
@@ -35,6 +36,11 @@ Three commands change how client bytes are read:
   `starttls_accept()` (or `454` through `starttls_refuse()` when TLS cannot
   be had), and does the handshake. After TLS the shell builds a new
   `Dialogue` with a fresh backend: nothing from before TLS survives.
+
+Synchronization (`tlsfront.smtp.synchronization`): input pipelined where
+RFC 2920 forbids it (behind DATA, BDAT or QUIT; any from a HELO client)
+gets `554 5.5.0` in the place of the reply to the command it broke and ends
+the session, unless the session is `trusted` or not `pipelining_strict`.
 
 A phase change that the shell must act on is visible in `phase`,
 `client_wants_data`, `client_read_ahead`, `waiting_for` and
@@ -52,6 +58,7 @@ from tlsfront.smtp.command import Command, line_too_long, parse_command
 from tlsfront.smtp.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from tlsfront.smtp.outcome import Ending, Outcome
 from tlsfront.smtp.reply import Reply, ReplyReader, rewrite_ehlo
+from tlsfront.smtp.synchronization import GROUP_ENDERS, Discipline
 
 
 class Phase(enum.Enum):
@@ -82,6 +89,7 @@ class _Pending:
     reply: Reply | None = None
     swallow: bool = False  # the fresh backend's greeting after TLS
     close_after: bool = False  # a fatal local error: close once it is sent
+    desync: bool = False  # input pipelined behind it: 554 5.5.0 in its place, close
 
 
 # Keywords tlsfront never passes on from the backend's EHLO reply: STARTTLS
@@ -104,6 +112,10 @@ def _local(code: int, status: str, text: str) -> Reply:
 
 def _message_lost() -> Reply:
     return _local(451, "4.3.0", "Error: backend failed, message not accepted")
+
+
+def _out_of_sync() -> Reply:
+    return _local(554, "5.5.0", "Error: SMTP protocol synchronization")
 
 
 @dataclass
@@ -134,6 +146,8 @@ class Dialogue:
         max_pipeline: int = 100,
         received: Callable[[str | None, bool], bytes] | None = None,
         swallow_greeting: bool = False,
+        pipelining_strict: bool = True,
+        trusted: bool = False,
     ) -> None:
         self.hostname = hostname
         self.tls_offered = tls_offered
@@ -160,6 +174,8 @@ class Dialogue:
         self._body: BodyScanner | None = None
         self._backend_dead: Ending | None = None
         self.backend_should_close = False
+        self._sync = Discipline(strict=pipelining_strict, trusted=trusted)
+        self._desync = False
         self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting))
 
     # ------------------------------------------------------------------ output
@@ -211,6 +227,7 @@ class Dialogue:
         return (
             self.phase is Phase.DATA_WAIT
             and not self._client_eof
+            and not self._desync
             and len(self._client_buffer) < DATA_WAIT_BUFFER
         )
 
@@ -224,6 +241,15 @@ class Dialogue:
         if self._client_eof:
             return None
         return "client"
+
+    @property
+    def trusted(self) -> bool:
+        """Authenticated or relaying by certificate: pipelining is not policed."""
+        return self._sync.trusted
+
+    @trusted.setter
+    def trusted(self, value: bool) -> None:
+        self._sync.trusted = value
 
     @property
     def backend_error(self) -> Ending | None:
@@ -247,6 +273,10 @@ class Dialogue:
             return
         if self.phase in (Phase.STARTTLS_WAIT, Phase.STARTTLS_READY, Phase.HANDSHAKE):
             self.stats.discarded_after_starttls += len(data)
+            return
+        if self._desync:
+            return  # refused already; nothing more is read
+        if self.phase is not Phase.BODY and self._arrived_early(data):
             return
         if self.phase is Phase.BODY and not self._client_buffer:
             self._process_body(data)  # the bulk of a message: no copy into the buffer
@@ -404,6 +434,10 @@ class Dialogue:
         while self._pending and self._pending[0].reply is not None:
             entry = self._pending.pop(0)
             assert entry.reply is not None
+            if entry.desync:
+                self._to_client += _out_of_sync().raw
+                self._close(Outcome.PIPELINING, "SMTP protocol synchronization")
+                return
             if not entry.swallow:
                 self._to_client += entry.reply.raw
             self._after_reply(entry, entry.reply)
@@ -491,8 +525,49 @@ class Dialogue:
             self._answer(_Pending(_Kind.OTHER), _local(exc.code, exc.status, exc.text))
             self._deliver()
             return
-        self._command(command)
+        why = self._sync.command(
+            command.verb, followed=bool(self._client_buffer), owed=bool(self._pending)
+        )
+        if why is not None:
+            self._out_of_sync(why, self._client_buffer)
+            self._answer(_Pending(_Kind.OTHER, command, desync=True), _out_of_sync(), close=True)
+        else:
+            self._command(command)
         self._deliver()
+
+    # ---------------------------------------------------------- synchronization
+
+    def _arrived_early(self, data: bytes) -> bool:
+        """Client bytes outside the body: refused if a reply they should await is owed."""
+        if not self._pending:
+            return False
+        ender = next(
+            (
+                p
+                for p in self._pending
+                if p.command is not None and p.command.verb in GROUP_ENDERS and not p.desync
+            ),
+            None,
+        )
+        assert ender is None or ender.command is not None
+        why = self._sync.arrival(ender=ender and ender.command.verb, owed=True)
+        if why is None:
+            return False
+        self._out_of_sync(why, self._client_buffer + data)
+        if ender is not None:
+            ender.desync = ender.close_after = True  # its reply, when it comes, is replaced
+        else:
+            self._answer(_Pending(_Kind.OTHER, desync=True), _out_of_sync(), close=True)
+        self._deliver()
+        return True
+
+    def _out_of_sync(self, why: str, input: bytes | bytearray) -> None:
+        """Record a synchronization error; nothing more the client sent is read."""
+        self._desync = True
+        self.stats.events.append(f"{why}: {bytes(input[:40])!r}")
+        self._client_buffer.clear()
+        if self.stats.ending is None:
+            self.stats.ending = Ending(Outcome.PIPELINING, why)
 
     def _command(self, command: Command) -> None:
         verb = command.verb
@@ -564,6 +639,11 @@ class Dialogue:
             self._to_client += _message_lost().raw
             self._close(self._backend_dead.outcome, self._backend_dead.text)
             return
+        owed = bool(self._pending)
         dot = _Pending(_Kind.DOT)
         self._pending.append(dot)
         self._awaiting.append(dot)
+        why = self._sync.command(".", followed=bool(self._client_buffer), owed=owed)
+        if why is not None:  # the message stands; what was pipelined behind it does not
+            self._out_of_sync(why, self._client_buffer)
+            self._answer(_Pending(_Kind.OTHER, desync=True), _out_of_sync(), close=True)
