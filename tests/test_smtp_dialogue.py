@@ -292,6 +292,33 @@ def test_body_line_too_long(bytewise: bool) -> None:
     assert h.d.closing
 
 
+@pytest.mark.parametrize("dot", [False, True])
+@pytest.mark.parametrize("text", [998, 999])
+def test_body_line_limit_as_rfc_5321_counts_it(dot: bool, text: int) -> None:
+    """998 octets of text pass, 999 do not; a transparency dot is not counted.
+
+    The line (and the terminator behind it) is cut in two at every place.
+    """
+    line = (b"." if dot else b"x") + b"y" * (text - 1)
+    wire = (b"." + line if dot else line) + b"\r\n.\r\n"
+    for cut in range(len(wire) + 1):
+        h = make(False, received=None).ehloed()
+        _to_data(h)
+        h.backend(b"354 go ahead\r\n")
+        h.take()
+        for piece in (wire[:cut], wire[cut:]):
+            if piece:  # b"" would be the client's end of input
+                h.client(piece)
+        client, backend = h.take()
+        if text == 998:
+            assert (client, backend) == (b"", wire), cut
+            assert phase(h) is Phase.COMMAND
+        else:
+            assert client == b"500 5.5.2 Error: message line too long\r\n", cut
+            assert b"\r\n.\r\n" not in backend
+            assert h.d.closing
+
+
 def test_command_line_too_long_closes_at_the_limit() -> None:
     """THREATS row 14: 64 MiB without LF never buffers more than the limit."""
     h = make(False).greeted()

@@ -24,6 +24,11 @@ decryption of the same bytes, so there are few passes:
 * NUL: a memchr;
 * line length: from each line start, the last LF within the limit (memrchr)
   is where the next look starts, a few finds per 64 KiB.
+
+The line limit counts as RFC 5321 §4.5.3.1.6 does: `max_line` is the
+longest line with its CRLF, and the dot a client adds for transparency
+(§4.5.2) does not count, so a 998-octet line that starts with "." passes
+although it is 1001 octets on the wire.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ class BodyScanner:
             return BodyResult(body, True, rest)
         complete_end = data.rfind(b"\n") + 1
         complete, self._held = data[:complete_end], data[complete_end:]
-        if len(self._held) >= self._max_line:
+        if len(self._held) >= self._max_line + self._held.startswith(b"."):
             raise body_line_too_long()
         self._check(data, complete_end)
         self._count(complete_end)
@@ -114,16 +119,19 @@ class BodyScanner:
 
 
 def _has_long_line(data: bytes, end: int, limit: int) -> bool:
-    """Whether `data[:end]` (whole lines) holds `limit` or more bytes in a row without an LF.
+    """Whether a line of `data[:end]` (whole lines) counts `limit` or more bytes before its LF.
 
-    From a line start, every line that starts within the next `limit`
-    bytes up to the last LF among them is shorter than `limit`; no LF among
-    them is a line of `limit` or more.
+    A line's leading dot (the transparency dot) does not count. From a line
+    start, every line that starts within the next `limit` bytes (one more
+    when the line starts with a dot) up to the last LF among them is
+    shorter than `limit`; no LF among them is a line of `limit` or more.
     """
     start = 0
-    while end - start >= limit:
-        lf = data.rfind(b"\n", start, start + limit)
+    while True:
+        span = limit + 1 if data.startswith(b".", start) else limit
+        if end - start < span:
+            return False
+        lf = data.rfind(b"\n", start, start + span)
         if lf < 0:
             return True
         start = lf + 1
-    return False
