@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tlsfront.smtp import Dialogue, Phase
+from tlsfront.smtp import TRANSITIONS, Dialogue, Event, LocalProtocolError, Phase
 
 GREETING = b"220 mx.example.org ESMTP\r\n"
 EHLO_REPLY = b"250-mx.example.org\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
@@ -491,3 +491,30 @@ def test_xclient_from_the_client_is_refused(bytewise: bool) -> None:
     h = make(bytewise).ehloed()
     h.client(b"XCLIENT ADDR=10.0.0.1\r\n")
     assert h.take() == (b"502 5.5.1 Error: command not implemented\r\n", b"")
+
+
+def test_every_phase_is_reachable_and_may_close() -> None:
+    reached, todo = {Phase.COMMAND}, [Phase.COMMAND]
+    while todo:
+        for target in TRANSITIONS[todo.pop()].values():
+            if target not in reached:
+                reached.add(target)
+                todo.append(target)
+    assert reached == set(Phase)
+    assert all(moves[Event.CLOSE] is Phase.CLOSING for moves in TRANSITIONS.values())
+
+
+@pytest.mark.parametrize("event", [e for e in Event if e not in TRANSITIONS[Phase.COMMAND]])
+def test_a_move_the_table_lacks_is_refused(event: Event) -> None:
+    h = make(False).ehloed()
+    with pytest.raises(LocalProtocolError, match="no move on"):
+        h.d._move(event)
+    assert phase(h) is Phase.COMMAND
+
+
+def test_starttls_answers_only_when_pending() -> None:
+    h = make(False).ehloed()
+    with pytest.raises(LocalProtocolError, match="STARTTLS is not pending"):
+        h.d.starttls_accept()
+    with pytest.raises(LocalProtocolError, match="STARTTLS is not pending"):
+        h.d.starttls_refuse()

@@ -37,6 +37,7 @@ from tlsfront.inbound.session import Session, ShutdownNotice
 from tlsfront.net.netstream import NetStream
 from tlsfront.net.proxyproto import accept_proxied
 from tlsfront.ops import metrics
+from tlsfront.smtp import replies
 
 log = logging.getLogger("tlsfront")
 
@@ -154,7 +155,7 @@ async def _refuse(stream: trio.abc.Stream, profile: Profile, why: str) -> None:
     with trio.move_on_after(5):
         try:
             if profile.tls != "implicit":
-                await stream.send_all(f"421 4.7.0 {profile.hostname} Error: {why}\r\n".encode())
+                await stream.send_all(replies.refused_connection(profile.hostname, why).raw)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     await stream.aclose()

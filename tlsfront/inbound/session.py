@@ -62,6 +62,7 @@ from tlsfront.inbound.relaypolicy import RelayDecision
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import logs, metrics
 from tlsfront.smtp import Dialogue, Phase, TraceInfo, build_received
+from tlsfront.smtp.replies import backend_unavailable
 from tlsfront.tls.engine import ServerTLS, TLSHandshakeError, TLSInfo
 
 log = logging.getLogger("tlsfront.inbound.session")
@@ -447,7 +448,7 @@ class Session:
             self.record.reason = f"backend failure: {exc}"
             self.record.backend_failure = "start"
             log.error("profile %s: %s", p.name, exc)
-            reply = f"421 4.3.0 {p.hostname} Service temporarily unavailable\r\n".encode()
+            reply = backend_unavailable(p.hostname).raw
             with trio.move_on_after(10), contextlib.suppress(*STREAM_ERRORS):
                 await self._stream.send_all(reply)
             return None
