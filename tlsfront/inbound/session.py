@@ -58,7 +58,7 @@ from tlsfront.inbound.backend import (
 )
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
-from tlsfront.inbound.relaypolicy import RelayDecision
+from tlsfront.inbound.relaypolicy import RelayDecision, RelayGrant
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import logs, metrics
 from tlsfront.smtp import Dialogue, Phase, TraceInfo, build_received
@@ -145,7 +145,7 @@ class SessionRecord:
     tls_version: str | None = None
     tls_cipher: str | None = None
     cert_status: str = "none"
-    relay: str = "no"
+    relay: RelayGrant = RelayGrant.NO
     messages: int = 0
     refused: int = 0
     bytes: int = 0
@@ -175,7 +175,7 @@ class SessionRecord:
             "tls_version": self.tls_version,
             "tls_cipher": self.tls_cipher,
             "cert": self.cert_status,
-            "relay": self.relay,
+            "relay": self.relay.value,
             "messages": self.messages,
             "refused": self.refused,
             "bytes": self.bytes,
@@ -190,7 +190,7 @@ class SessionRecord:
         exit_status = "-" if self.backend_exit is None else str(self.backend_exit)
         return (
             f"session end: client={self.client.ip}:{self.client.port} profile={self.profile} "
-            f"tls={tls} cert={self.cert_status} relay={self.relay} messages={self.messages} "
+            f"tls={tls} cert={self.cert_status} relay={self.relay.value} messages={self.messages} "
             f"refused={self.refused} bytes={self.bytes} backend_exit={exit_status} "
             f"duration={now - self.started:.3f}s outcome={self.outcome} reason={self.reason!r}"
         )
@@ -241,6 +241,7 @@ class Session:
         self.local = local
         self.rules_env = rules_env or {}
         self.record = SessionRecord(self.profile.name, client, trio.current_time())
+        self.record.relay = RelayGrant.before_tls({**self.profile.env, **self.rules_env})
         self._stream: trio.abc.Stream = stream
         self._client_closed = False
         self._tls_info: TLSInfo | None = None
@@ -389,7 +390,8 @@ class Session:
         decision = self._decision = self.runtime.relay.decide(info)
         self.record.tls_version, self.record.tls_cipher = info.version, info.cipher
         self.record.cert_status = decision.status
-        self.record.relay = "yes" if decision.relay else "no"
+        if decision.relay:
+            self.record.relay = RelayGrant.CERT
         if log.isEnabledFor(logging.INFO):  # the fields cost even when not logged
             # Postfix's words; "unknown": tlsfront does no reverse lookup
             log.info(
@@ -408,7 +410,7 @@ class Session:
                         "tls_version": info.version,
                         "tls_cipher": info.cipher,
                         "cert": decision.status,
-                        "relay": "yes" if decision.relay else "no",
+                        "relay": self.record.relay.value,
                     },
                 ),
             )

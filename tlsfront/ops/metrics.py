@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from tlsfront.config.load import split_host_port
 from tlsfront.inbound.backend import Address
+from tlsfront.inbound.relaypolicy import RelayGrant
 
 if TYPE_CHECKING:
     from tlsfront.inbound.server import Server
@@ -145,7 +146,7 @@ def session_ended(record: SessionRecord) -> None:
     if record.tls_version is not None:
         HANDSHAKES.labels(profile, record.tls_version, record.tls_cipher or "").inc()
         if record.cert_status not in ("none", "Anonymous"):
-            decision = "granted" if record.relay == "yes" else "refused"
+            decision = "granted" if record.relay is RelayGrant.CERT else "refused"
             RELAY.labels(profile, decision, record.cert_status).inc()
     if record.tls_failure is not None:
         HANDSHAKE_FAILURES.labels(profile, record.tls_failure).inc()
