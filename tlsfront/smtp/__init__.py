@@ -1,7 +1,8 @@
 """SMTP as tlsfront speaks it, in both directions: protocol logic only, no I/O."""
 
-from tlsfront.smtp.dialogue import TRANSITIONS, Dialogue, DialogueStats, Event, Phase, Side
+from tlsfront.smtp.dialogue import Dialogue, DialogueStats
 from tlsfront.smtp.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from tlsfront.smtp.phases import TRANSITIONS, Event, Phase, Side
 from tlsfront.smtp.received import TraceInfo, build_received
 from tlsfront.smtp.reply import Reply, rewrite_ehlo
 from tlsfront.smtp.replyreader import ReplyReader

@@ -37,9 +37,8 @@ Three commands change how client bytes are read:
   `Dialogue` with a fresh backend: nothing from before TLS survives.
 
 The phases and the events that move between them are one table,
-`TRANSITIONS`; every change of `phase` goes through `_move`, which refuses
-a move the table does not have (a `LocalProtocolError`: a bug in the
-dialogue, never something a peer can cause). A phase change that the shell
+`TRANSITIONS` in `tlsfront.smtp.phases`; every change of `phase` goes
+through `_move`, which refuses a move the table does not have. A phase change that the shell
 must act on is visible in `phase`, `client_wants_data`, `client_read_ahead`,
 `waiting_for` and `backend_should_close`.
 """
@@ -49,65 +48,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from tlsfront.smtp import replies
 from tlsfront.smtp.body import BodyScanner
 from tlsfront.smtp.command import Command, parse_command, take_line
 from tlsfront.smtp.errors import ProtocolError, RemoteProtocolError
+from tlsfront.smtp.phases import TRANSITIONS, Event, Phase, Side
 from tlsfront.smtp.reply import Reply, rewrite_ehlo
 from tlsfront.smtp.replyreader import ReplyReader
-
-
-class Phase(enum.Enum):
-    COMMAND = "command"  # reading command lines
-    DATA_WAIT = "data-wait"  # DATA sent to the backend, client paused until its reply
-    BODY = "body"  # reading the message body
-    STARTTLS_WAIT = "starttls-wait"  # STARTTLS read, replies owed before it still out
-    STARTTLS_READY = "starttls-ready"  # the shell must accept or refuse STARTTLS now
-    HANDSHAKE = "handshake"  # 220 queued: the shell does the TLS handshake
-    CLOSING = "closing"  # send what the client outbox holds, then close both sides
-
-
-class Event(enum.Enum):
-    """What moves the dialogue from one phase to another."""
-
-    DATA_SENT = "DATA passed to the backend"
-    GO_AHEAD = "the backend's 354"
-    DATA_REFUSED = "the backend's reply to DATA, not 354"
-    BODY_END = "the end of the body"
-    STARTTLS_READ = "STARTTLS read"
-    STARTTLS_DUE = "every reply owed before STARTTLS sent"
-    TLS_ACCEPTED = "220 to STARTTLS"
-    TLS_REFUSED = "454 to STARTTLS"
-    CLOSE = "the session ends"
-
-
-# Every legal move: the phase, the event, the phase it leads to. Whatever
-# the phase, the session may end (CLOSE).
-TRANSITIONS: dict[Phase, dict[Event, Phase]] = {
-    Phase.COMMAND: {
-        Event.DATA_SENT: Phase.DATA_WAIT,
-        Event.STARTTLS_READ: Phase.STARTTLS_WAIT,
-    },
-    Phase.DATA_WAIT: {
-        Event.GO_AHEAD: Phase.BODY,
-        Event.DATA_REFUSED: Phase.COMMAND,
-    },
-    Phase.BODY: {Event.BODY_END: Phase.COMMAND},
-    Phase.STARTTLS_WAIT: {Event.STARTTLS_DUE: Phase.STARTTLS_READY},
-    Phase.STARTTLS_READY: {
-        Event.TLS_ACCEPTED: Phase.HANDSHAKE,
-        Event.TLS_REFUSED: Phase.COMMAND,
-    },
-    Phase.HANDSHAKE: {},
-    Phase.CLOSING: {},
-}
-for _moves in TRANSITIONS.values():
-    _moves[Event.CLOSE] = Phase.CLOSING
-
-# Who the dialogue waits for; the shell's timer for that side runs meanwhile.
-Side = Literal["client", "backend"]
 
 
 class _Kind(enum.Enum):
