@@ -122,9 +122,9 @@ class RelayGrant(enum.Enum):
     RULE = "rule"  # a tcprules line or the profile's env sets RELAYCLIENT
 
     @classmethod
-    def before_tls(cls, env: Mapping[str, str]) -> RelayGrant:
-        """The grant a session starts with: by rule when `env` sets RELAYCLIENT."""
-        return cls.RULE if "RELAYCLIENT" in env else cls.NO
+    def before_tls(cls, *envs: Mapping[str, str]) -> RelayGrant:
+        """The grant a session starts with: by rule when one of `envs` sets RELAYCLIENT."""
+        return cls.RULE if any("RELAYCLIENT" in env for env in envs) else cls.NO
 
 
 @dataclass(frozen=True)
