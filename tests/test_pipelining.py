@@ -139,7 +139,8 @@ def test_next_message_pipelined_with_its_body_is_refused(split: int, quick: bool
     assert len(be.messages) == 1  # the first message stands
     assert b"second" not in be.seen
     assert h.d.closing
-    assert h.d.stats.ending is not None and h.d.stats.ending.outcome is Outcome.PIPELINING
+    assert h.d.stats.ending is not None
+    assert h.d.stats.ending.outcome is Outcome.PIPELINING
 
 
 def test_legitimate_pipelining_passes_in_one_write() -> None:
@@ -154,7 +155,8 @@ def test_legitimate_pipelining_passes_in_one_write() -> None:
     be.answer()
     assert h.take()[0] == b"250 ok queued\r\n221 bye\r\n"
     assert len(be.messages) == 2
-    assert h.d.stats.ending is not None and h.d.stats.ending.outcome is Outcome.QUIT
+    assert h.d.stats.ending is not None
+    assert h.d.stats.ending.outcome is Outcome.QUIT
 
 
 # ---------------------------------------------------------------------------
@@ -182,13 +184,14 @@ def test_a_command_behind_quit_at_every_split(quick: bool) -> None:
     data = b"NOOP\r\nQUIT\r\nNOOP\r\n"
     after_quit = mark(data, b"QUIT\r\n")
     for split in splits(data):
-        h, be, got = run(data, split, quick=quick)
+        h, _be, got = run(data, split, quick=quick)
         assert h.d.closing
         if quick and split == after_quit:
             assert got == b"250 ok\r\n221 bye\r\n"  # closed before the NOOP came
             continue
         assert got == b"250 ok\r\n" + DESYNC, split
-        assert h.d.stats.ending is not None and h.d.stats.ending.outcome is Outcome.PIPELINING
+        assert h.d.stats.ending is not None
+        assert h.d.stats.ending.outcome is Outcome.PIPELINING
 
 
 @pytest.mark.parametrize("quick", [True, False], ids=["quick", "slow"])
@@ -198,7 +201,7 @@ def test_chunk_behind_bdat_at_every_split(quick: bool) -> None:
     data = ENVELOPE + b"BDAT %d LAST\r\n" % len(chunk) + chunk
     after_bdat = mark(data, b"LAST\r\n")
     for split in splits(data):
-        h, be, got = run(data, split, quick=quick)
+        _h, be, got = run(data, split, quick=quick)
         if split == after_bdat and quick:
             continue  # the 502 went out before the chunk came: it is commands then
         assert got.endswith(DESYNC), split
@@ -227,17 +230,18 @@ def test_helo_client_may_not_pipeline_at_every_split(quick: bool) -> None:
 
 
 def test_helo_client_waiting_for_every_reply_passes() -> None:
-    h, be, got = run(b"", 0, prefix=(b"HELO c\r\n",), quick=True)
+    h, be, _got = run(b"", 0, prefix=(b"HELO c\r\n",), quick=True)
     for line in [*ENVELOPE.splitlines(keepends=True), b"DATA\r\n", FIRST, b"QUIT\r\n"]:
         h.client(line)
         be.answer()
     assert h.take()[0] == b"250 ok\r\n250 ok\r\n354 go ahead\r\n250 ok queued\r\n221 bye\r\n"
     assert be.messages == [RECEIVED + FIRST]
-    assert h.d.stats.ending is not None and h.d.stats.ending.outcome is Outcome.QUIT
+    assert h.d.stats.ending is not None
+    assert h.d.stats.ending.outcome is Outcome.QUIT
 
 
 def test_helo_client_pipelining_behind_the_end_of_data() -> None:
-    h, be, got = run(b"", 0, prefix=(b"HELO c\r\n",), quick=True)
+    h, be, _got = run(b"", 0, prefix=(b"HELO c\r\n",), quick=True)
     for line in [*ENVELOPE.splitlines(keepends=True), b"DATA\r\n"]:
         h.client(line)
         be.answer()
@@ -249,7 +253,7 @@ def test_helo_client_pipelining_behind_the_end_of_data() -> None:
 
 
 def test_ehlo_after_helo_allows_pipelining_again() -> None:
-    h, be, got = run(b"EHLO c\r\n" + ENVELOPE, 0, prefix=(b"HELO c\r\n",), quick=False)
+    _h, _be, got = run(b"EHLO c\r\n" + ENVELOPE, 0, prefix=(b"HELO c\r\n",), quick=False)
     assert got == EHLO_REPLY.replace(b"250 8BITMIME", b"250-STARTTLS\r\n250 8BITMIME") + (
         b"250 ok\r\n250 ok\r\n"
     )
@@ -266,7 +270,7 @@ def test_not_policed_the_body_waits_for_354(options: dict[str, Any]) -> None:
     """Relaxed profile or trusted client: the old defence, DATA mode only on 354."""
     data = b"HELO c\r\n" + ENVELOPE + b"DATA\r\n" + FIRST + b"QUIT\r\n"
     for split in splits(data):
-        h, be, got = run(data, split, prefix=(), quick=False, **options)
+        _h, be, got = run(data, split, prefix=(), quick=False, **options)
         assert DESYNC not in got
         assert got.endswith(b"354 go ahead\r\n250 ok queued\r\n221 bye\r\n"), split
         assert be.messages == [RECEIVED + FIRST]
@@ -292,7 +296,7 @@ def test_discipline_words() -> None:
 
 
 def test_the_log_event_shows_what_was_sent() -> None:
-    h, be, got = run(b"QUIT\r\nNOOP\r\n", 0, quick=False)
+    h, _be, _got = run(b"QUIT\r\nNOOP\r\n", 0, quick=False)
     assert any(
         e.startswith("improper command pipelining after QUIT: b'NOOP") for e in h.d.stats.events
     )
