@@ -213,7 +213,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "tls": ('"startls"', "must be one of 'starttls', 'implicit', 'none', not 'startls'"),
     "require_tls": ('"yes"', "must be true or false, not 'yes'"),
     "cert": ("[1]", "item 1: must be a path"),
-    "key": ("{}", "must be a string or a list, not a table"),
+    "key": ("{}", 'a table by server name needs a "default" entry'),
     "ciphers": ('""', "must not be empty"),
     "ciphersuites": ("1", "must be a string"),
     "min_tls_version": ('"SSLv3"', "must be one of 'TLSv1'"),

@@ -30,6 +30,9 @@ ClientCert = Literal["none", "request", "require"]
 TlsPolicy = Literal["none", "may", "encrypt", "verify"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+# PEM files, one per key type (RSA, ECDSA); or a table of such lists by
+# server name (SNI), with a "default" entry (tlsfront.config.certtable)
+CertFiles = tuple[Path, ...] | Mapping[str, tuple[Path, ...]]
 
 _APPLIES = "applies"
 
@@ -85,8 +88,8 @@ class Profile:
     # TLS (inbound)
     tls: TlsMode = inbound("starttls")  # STARTTLS, TLS from the first byte (465), or none
     require_tls: bool = inbound(False)  # 530 for MAIL/RCPT/DATA/AUTH before STARTTLS
-    cert: tuple[Path, ...] = inbound(())  # PEM certificate chain(s); servercert.pem works alone
-    key: tuple[Path, ...] = inbound(())  # PEM keys, one per cert; empty: key is in the cert file
+    cert: CertFiles = inbound(())  # PEM chain(s), or a table by server name; servercert.pem alone
+    key: CertFiles = inbound(())  # PEM keys, one per cert (same names); empty: key is in the cert
     ciphers: str | None = inbound(None)  # OpenSSL cipher string for TLS <= 1.2
     ciphersuites: str | None = inbound(None)  # TLS 1.3 cipher suites
     min_tls_version: TlsVersion = both("TLSv1.2")  # oldest protocol accepted (and offered out)

@@ -12,20 +12,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlsfront.config import certtable
 from tlsfront.config.schema import Profile
 from tlsfront.inbound.relaypolicy import RelayPolicy
 from tlsfront.ops.watch import FileWatch, watch_file
 from tlsfront.qmail.tcprules import Rules
 from tlsfront.tls.certs import load_server_credentials
 from tlsfront.tls.context import ServerTLS, TLSSettings
+from tlsfront.tls.sni import DEFAULT
 
 
 def tls_settings(profile: Profile) -> TLSSettings:
-    keys: list[Path | None] = list(profile.key) or [None] * len(profile.cert)
+    by_name = {
+        name: tuple(
+            load_server_credentials(cert, key) for cert, key in zip(certs, keys, strict=True)
+        )
+        for name, (certs, keys) in certtable.entries(profile.cert, profile.key).items()
+    }
+    default = by_name.pop(DEFAULT)
     return TLSSettings(
-        credentials=tuple(
-            load_server_credentials(cert, key) for cert, key in zip(profile.cert, keys, strict=True)
-        ),
+        credentials=default,
+        by_name=by_name,
         min_version=profile.min_tls_version,
         ciphers=profile.ciphers,
         ciphersuites=profile.ciphersuites,
@@ -37,7 +44,7 @@ def tls_settings(profile: Profile) -> TLSSettings:
 
 
 def tls_files(profile: Profile) -> list[Path]:
-    files = [*profile.cert, *profile.key]
+    files = certtable.files(profile.cert, profile.key)
     files += [p for p in (profile.client_ca, profile.client_crl, profile.dhparams) if p]
     return files
 

@@ -94,6 +94,7 @@ class SessionRecord:
     started: float
     tls_version: str | None = None
     tls_cipher: str | None = None
+    sni: str | None = None  # the server-name entry whose certificate was sent, if a table
     cert_status: str = "none"
     relay: RelayGrant = RelayGrant.NO
     messages: int = 0
@@ -150,6 +151,7 @@ class SessionRecord:
             "profile": self.profile,
             "tls_version": self.tls_version,
             "tls_cipher": self.tls_cipher,
+            "sni": self.sni,
             "cert": self.cert_status,
             "relay": self.relay.value,
             "messages": self.messages,
@@ -163,6 +165,8 @@ class SessionRecord:
 
     def line(self, now: float) -> str:
         tls = f"{self.tls_version}/{self.tls_cipher}" if self.tls_version else "none"
+        if self.sni is not None:
+            tls += f" sni={self.sni}"
         exit_status = "-" if self.backend_exit is None else str(self.backend_exit)
         return (
             f"session end: client={self.client.ip}:{self.client.port} profile={self.profile} "

@@ -64,6 +64,7 @@ from tlsfront.ops import counters, logs
 from tlsfront.smtp import Dialogue, Outcome, Phase, TraceInfo, build_received
 from tlsfront.smtp.replies import backend_unavailable
 from tlsfront.tls.context import ServerTLS
+from tlsfront.tls.sni import server_name
 from tlsfront.tls.stream import HandshakeFailure, TLSHandshakeError, TLSInfo
 
 log = logging.getLogger("tlsfront.inbound.session")
@@ -144,8 +145,9 @@ def tls_environment(info: TLSInfo) -> dict[str, str]:
         "SSL_CIPHER_ALGKEYSIZE": str(info.alg_bits),
         "SSL_SESSION_RESUMED": "Resumed" if info.resumed else "Initial",
     }
-    if info.server_name:
-        env["SSL_TLS_SNI"] = info.server_name
+    name = server_name(info.server_name)  # a host name, or nothing at all
+    if name:
+        env["SSL_TLS_SNI"] = name
     return env
 
 
@@ -320,6 +322,7 @@ class Session:
         info = self._tls_info = tls_stream.info()
         decision = self._decision = self.runtime.relay.decide(info)
         self.record.tls_version, self.record.tls_cipher = info.version, info.cipher
+        self.record.sni = info.cert_name
         self.record.cert_status = decision.status
         if decision.relay:
             self.record.relay = RelayGrant.CERT
@@ -340,6 +343,7 @@ class Session:
                         "profile": self.profile.name,
                         "tls_version": info.version,
                         "tls_cipher": info.cipher,
+                        "sni": info.cert_name,
                         "cert": decision.status,
                         "relay": self.record.relay.value,
                     },
