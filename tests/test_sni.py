@@ -24,7 +24,8 @@ from support.hostile import SessionLog, session_log
 
 from tlsfront.config.errors import ConfigError
 from tlsfront.config.files import parse_config
-from tlsfront.inbound.profileruntime import tls_settings
+from tlsfront.inbound.profileruntime import ProfileRuntime, tls_settings
+from tlsfront.ops import watch
 from tlsfront.ops.check import check_config
 from tlsfront.tls import sni
 from tlsfront.tls.certs import load_server_credentials
@@ -300,3 +301,26 @@ async def test_swaks_tls_sni_gets_the_certificate_for_its_name(
         assert f" sni={entry} " in line, line
     after_tls = [s for s in front.sessions() if "SSL_PROTOCOL" in s["env"]]
     assert [s["env"].get("SSL_TLS_SNI") for s in after_tls] == [sent for sent, _, _ in CASES]
+
+
+def test_a_renewed_name_certificate_is_taken_for_new_sessions(
+    hosted: Hosted, tls_dir: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file of the table is watched, as a plain cert is: an ACME client
+    renewing one name's certificate needs no reload."""
+    monkeypatch.setattr(watch, "RECHECK_SECONDS", 0.0)
+    text = profile_text(hosted.table(toml_str(tls_dir / "servercert.pem")))
+    runtime = ProfileRuntime.build(parse_config(text).profiles["smtp"])
+    assert runtime.tls is not None
+    first = runtime.tls.get()
+    assert first is not None
+    staged = hosted.net.with_suffix(".new")
+    ca.issue_cert("*.example.net").private_key_and_cert_chain_pem.write_to_path(str(staged))
+    staged.replace(hosted.net)  # a new file renamed in place
+    second = runtime.tls.get()
+    assert second is not None
+    assert second is not first
+    old_leaf = first.settings.by_name["*.example.net"][0].chain[0]
+    new_leaf = second.settings.by_name["*.example.net"][0].chain[0]
+    assert new_leaf != old_leaf
+    assert new_leaf == load_server_credentials(hosted.net, None).chain[0]
