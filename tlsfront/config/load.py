@@ -38,6 +38,7 @@ from pathlib import Path
 from types import MappingProxyType, UnionType
 from typing import Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
+from tlsfront.config.account import AccountError, check_group, check_user, resolve_account
 from tlsfront.config.machine import default_hostname, default_state_dir
 from tlsfront.config.tomllines import KeyLines
 from tlsfront.qmail.control import QmailControl, QmailControlError, read_control
@@ -133,6 +134,10 @@ class Profile:
     relay_source_address: str | None = None  # same, for sessions allowed to relay
     backend_rules: Path | None = None  # the TCP backend's own tcprules source, for `check`
     env: Mapping[str, str] = field(default_factory=_empty_map)  # extra backend environment
+    env_inherit: tuple[str, ...] = ()  # variables taken from tlsfront's own environment (run)
+    user: str | None = None  # account backends run as (name or number), as tcpserver -u
+    group: str | None = None  # its only group (default: the user's login group), tcpserver -g
+    allow_root_backend: bool = False  # let tlsfront started as root run backends as root
     rules: Path | None = None  # tcprules source file (/etc/tcp.smtp)
     received_header: bool = True  # add tlsfront's Received header to each message
     # limits and timeouts
@@ -176,6 +181,7 @@ _INBOUND_ONLY = frozenset(
         *("client_cert", "client_ca", "client_crl", "relay_clients", "relay_fingerprints"),
         *("relay_fingerprints_file", "backend", "backend_connect", "relay_backend_connect"),
         *("source_address", "relay_source_address", "backend_rules", "env", "rules"),
+        *("env_inherit", "allow_root_backend"),
         *("proxy_protocol", "proxy_trusted"),
     }
 )
@@ -485,6 +491,44 @@ def _env(env: Mapping[str, str]) -> Mapping[str, str]:
     return env
 
 
+# Set by tlsfront for every session: never taken from its own environment.
+OWNED_PREFIXES = ("SSL_",)
+OWNED_NAMES = frozenset(
+    {
+        *("PROTO", "TCPLOCALIP", "TCPLOCALPORT", "TCPLOCALHOST"),
+        *("TCPREMOTEIP", "TCPREMOTEPORT", "TCPREMOTEHOST"),
+    }
+)
+
+
+def is_owned(name: str) -> bool:
+    """Whether tlsfront itself sets the backend variable `name` (see docs/configuration.md)."""
+    return name in OWNED_NAMES or name.startswith(OWNED_PREFIXES)
+
+
+def _inherit_name(name: str) -> str:
+    if not _ENV_NAME.fullmatch(name):
+        raise _Bad(f"{name!r} is not an environment variable name")
+    if name == "RELAYCLIENT":
+        raise _Bad(
+            "RELAYCLIENT is never taken from tlsfront's own environment: "
+            "a RELAYCLIENT rule in `rules` or a client certificate grants it"
+        )
+    if is_owned(name):
+        raise _Bad(f"{name!r} is set by tlsfront for each session")
+    return name
+
+
+def _account(check: Callable[[str], str]) -> Callable[[str], str]:
+    def run(value: str) -> str:
+        try:
+            return check(value)
+        except AccountError as exc:
+            raise _Bad(str(exc)) from None
+
+    return run
+
+
 def _domains(table: Mapping[str, Any]) -> Mapping[str, Any]:
     for name in table:
         if name and not _DOMAIN.fullmatch(name):
@@ -548,6 +592,9 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "source_address": _bind_ip,
     "relay_source_address": _bind_ip,
     "env": _env,
+    "env_inherit": _each(_inherit_name),
+    "user": _account(check_user),
+    "group": _account(check_group),
     "max_connections": _at_least(1),
     "max_per_ip": _at_least(1),
     "max_command_line": _at_least(512, " (RFC 5321 4.5.3.1.4)"),
@@ -575,8 +622,30 @@ _NEEDS_LISTEN: _Rule = (
     lambda p: not p.listen and p.systemd is None,
     'needs listen = ["host:port", ...] or systemd = "NAME"',
 )
+
+
+def _unknown_numeric_user(p: Profile) -> bool:
+    if p.user is None or p.group is not None:
+        return False
+    try:
+        resolve_account(p.user, None)
+    except AccountError:
+        return True
+    return False
+
+
+_ACCOUNT_RULES: tuple[_Rule, ...] = (
+    ("group", lambda p: p.group is not None and p.user is None, "needs user as well"),
+    (
+        "user",
+        _unknown_numeric_user,
+        "{p.user!r} is not in the user database: give group as well",
+    ),
+)
+
 _INBOUND_RULES: tuple[_Rule, ...] = (
     _NEEDS_LISTEN,
+    *_ACCOUNT_RULES,
     (
         "backend",
         lambda p: not p.backend and p.backend_connect is None,
@@ -654,7 +723,7 @@ _INBOUND_RULES: tuple[_Rule, ...] = (
         "needs proxy_trusted: otherwise any client could claim any address",
     ),
 )
-_OUTBOUND_RULES: tuple[_Rule, ...] = (_NEEDS_LISTEN,)
+_OUTBOUND_RULES: tuple[_Rule, ...] = (_NEEDS_LISTEN, *_ACCOUNT_RULES)
 
 
 # -- building a Config ----------------------------------------------------------

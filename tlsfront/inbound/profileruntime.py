@@ -9,11 +9,14 @@ and re-read for new sessions without any reload.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tlsfront.config.load import Profile
+from tlsfront.inbound.backend import chosen_environment
 from tlsfront.inbound.relaypolicy import RelayPolicy
 from tlsfront.ops.watch import FileWatch
 from tlsfront.tls.certs import load_server_credentials
@@ -51,10 +54,17 @@ class ProfileRuntime:
     tls: FileWatch[ServerTLS] | None
     relay: RelayPolicy
     rules: FileWatch[Rules] | None  # tcprules
+    # the base of every backend environment: env_inherit's variables (run),
+    # or all that tlsfront inherited but what it owns (inetd)
+    inherited: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, profile: Profile, *, eager: bool = True) -> ProfileRuntime:
+    def build(
+        cls, profile: Profile, *, eager: bool = True, inherited: Mapping[str, str] | None = None
+    ) -> ProfileRuntime:
         """Eager: load every file now and raise on the first error."""
+        if inherited is None:
+            inherited = chosen_environment(profile.env_inherit, os.environ)
         tls = None
         if profile.mode == "inbound" and profile.tls != "none":
             tls = FileWatch(
@@ -68,7 +78,7 @@ class ProfileRuntime:
 
             path = profile.rules
             rules = FileWatch(f"profile {profile.name}: rules", [path], lambda: Rules.load(path))
-        runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules)
+        runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules, dict(inherited))
         if eager:
             runtime.load_all()
         return runtime

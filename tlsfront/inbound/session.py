@@ -366,6 +366,7 @@ class Session:
             rules_env=self.rules_env,
             tls_env=tls_env,
             relay=relay,
+            inherited=self.runtime.inherited,
         )
         try:
             with trio.CancelScope(deadline=trio.current_time() + p.timeout_backend):
