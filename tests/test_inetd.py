@@ -38,7 +38,7 @@ rules = {rules}
 """
 
 
-def write_setup(tmp_path: Path, tls_dir: Path, rules: str) -> tuple[Path, Path]:
+def write_setup(tmp_path: Path, tls_dir: Path, rules: str, *extra: str) -> tuple[Path, Path]:
     """A config with a capture backend and these tcprules; (config, capture dir)."""
     capture = tmp_path / "capture"
     capture.mkdir()
@@ -48,7 +48,7 @@ def write_setup(tmp_path: Path, tls_dir: Path, rules: str) -> tuple[Path, Path]:
     config.write_text(
         PROFILE.format(
             cert=toml_str(tls_dir / "servercert.pem"),
-            backend=capture_backend(capture),
+            backend=capture_backend(capture, *extra),
             rules=toml_str(rules_path),
         )
     )
@@ -241,7 +241,9 @@ async def test_under_tcpserver(
     got it from tcpserver: the message is relayed, and queued through the
     run script's QMAILQUEUE.
     """
-    config, capture = write_setup(tmp_path, tls_dir, '127.0.0.1:allow,FROM_RULES="yes"\n')
+    config, capture = write_setup(
+        tmp_path, tls_dir, '127.0.0.1:allow,FROM_RULES="yes"\n', "--qmailqueue"
+    )
     queue = queue_program(tmp_path)
     outer = tmp_path / "tcp.outer"
     outer.write_text('127.0.0.1:allow,RELAYCLIENT="",FROM_TCPSERVER="yes"\n:deny\n')

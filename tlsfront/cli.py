@@ -16,7 +16,9 @@ from typing import IO, TYPE_CHECKING
 import trio
 
 from tlsfront import __version__
-from tlsfront.config.load import Config, ConfigError, find_config, load_config
+from tlsfront.config.errors import ConfigError
+from tlsfront.config.files import load_chosen
+from tlsfront.config.schema import Config
 from tlsfront.ops import logs
 from tlsfront.ops.systemd import SystemdError
 from tlsfront.ops.workers import metrics_address
@@ -43,9 +45,9 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 
 def load(path: str | None) -> Config:
     """The configuration named, or the system one, or the embedded default."""
-    found = find_config(Path(path) if path else None)
-    if found is not None:
-        return load_config(found)
+    config = load_chosen(path)
+    if config is not None:
+        return config
     from tlsfront.config.embedded import embedded_config, ensure_default_files
 
     config = embedded_config()
@@ -359,14 +361,13 @@ def _check_units(config_arg: str | None, directory: Path) -> int:
     """`check --units DIR`: the unit files against the configuration."""
     from tlsfront.ops.systemd import check_units
 
-    path = find_config(Path(config_arg) if config_arg else None)
-    if path is None:
-        print("no configuration file: no profile to check the units against")
-        return 0
     try:
-        config = load_config(path)
+        config = load_chosen(config_arg)
     except ConfigError:
         return 1  # run_check has said why
+    if config is None:
+        print("no configuration file: no profile to check the units against")
+        return 0
     if not directory.is_dir():
         print(f"error: {directory} is not a directory of unit files")
         return 1

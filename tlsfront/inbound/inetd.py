@@ -12,7 +12,7 @@ tlsfront is then one link of a UCSPI chain, like rblsmtpd or fixsmtpio: the
 environment it was started with reaches the backend (the run script's
 QMAILQUEUE, DATABYTES, CHKUSER_*, ..., and what tcpserver's -x rules set for
 this client, RELAYCLIENT included: tcpserver saw the real client). tlsfront
-replaces only the variables it owns (tlsfront.config.load.is_owned: PROTO,
+replaces only the variables it owns (tlsfront.config.checks.is_owned: PROTO,
 TCPLOCALIP/PORT/HOST, TCPREMOTEIP/PORT/HOST, SSL_*), sets RELAYCLIENT when a
 certificate grants it, and leaves out systemd's LISTEN_* variables. The
 profile's `env` and its own `rules` still apply, above the inherited ones.
@@ -29,11 +29,12 @@ from collections.abc import Mapping
 import trio
 
 from tlsfront.config.account import Account
-from tlsfront.config.load import Profile
-from tlsfront.inbound.backend import Address, inherited_environment, unmap
+from tlsfront.config.schema import Profile
+from tlsfront.inbound.backend import inherited_environment
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.remotehost import safe_host
 from tlsfront.inbound.server import ProfileServer
+from tlsfront.net.address import Address, unmap
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops.privileges import drop_to
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from tlsfront.inbound.backend import Address
+from tlsfront.net.address import Address
 from tlsfront.smtp.outcome import Ending, Outcome
-from tlsfront.tls.engine import HandshakeFailure
+from tlsfront.tls.stream import HandshakeFailure
 
 
 class SessionLabel(enum.StrEnum):

@@ -28,13 +28,13 @@ from functools import partial
 
 import trio
 
-from tlsfront.config.load import Config, Profile, split_host_port
-from tlsfront.inbound.backend import Address
+from tlsfront.config.schema import Config, Profile
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionLabel
 from tlsfront.inbound.remotehost import lookup_host, needs_host
 from tlsfront.inbound.session import Session, ShutdownNotice
+from tlsfront.net.address import Address, split_host_port
 from tlsfront.net.netstream import NetStream
 from tlsfront.net.proxyproto import accept_proxied
 from tlsfront.ops import counters

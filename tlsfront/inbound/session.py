@@ -48,7 +48,6 @@ from datetime import datetime
 import trio
 
 from tlsfront.inbound.backend import (
-    Address,
     Backend,
     BackendError,
     BackendStarter,
@@ -59,10 +58,12 @@ from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionRecord
 from tlsfront.inbound.relaypolicy import RelayDecision
+from tlsfront.net.address import Address
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import counters, logs
 from tlsfront.smtp import Dialogue, Outcome, Phase, TraceInfo, build_received
-from tlsfront.tls.engine import HandshakeFailure, ServerTLS, TLSHandshakeError, TLSInfo
+from tlsfront.tls.context import ServerTLS
+from tlsfront.tls.stream import HandshakeFailure, TLSHandshakeError, TLSInfo
 
 log = logging.getLogger("tlsfront.inbound.session")
 

@@ -27,9 +27,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from tlsfront.config.load import split_host_port
-from tlsfront.inbound.backend import Address
 from tlsfront.inbound.server import Server, StartupError
+from tlsfront.net.address import Address, split_host_port
 from tlsfront.ops.counters import REGISTRY
 from tlsfront.outbound import stats
 

@@ -34,7 +34,7 @@ import os
 from collections.abc import Iterable
 
 from tlsfront.config.account import Account, resolve_account
-from tlsfront.config.load import Config, Profile
+from tlsfront.config.schema import Config, Profile
 
 log = logging.getLogger("tlsfront")
 

@@ -10,11 +10,11 @@ STARTTLS, bytes the server sent before the handshake are a protocol error
 from __future__ import annotations
 
 import contextlib
-import ssl
 
 import trio
 
 from tlsfront.outbound.protocol import Reply, ReplyReader, SmtpSyntaxError
+from tlsfront.tls.client import ClientContext, ClientTLSStream, client_stream
 
 
 class RemoteError(Exception):
@@ -100,13 +100,11 @@ class SmtpClient:
             raise RemoteError(f"HELO refused: {reply.first_line}")
         return set()
 
-    async def handshake(
-        self, ctx: ssl.SSLContext, server_hostname: str | None
-    ) -> trio.SSLStream[trio.abc.Stream]:
+    async def handshake(self, ctx: ClientContext, server_hostname: str | None) -> ClientTLSStream:
         """Start TLS on the connection (after the server's 220 to STARTTLS)."""
         if not self._reader.idle:
             raise RemoteError("server sent data after its 220 to STARTTLS")
-        tls = trio.SSLStream(self.stream, ctx, server_hostname=server_hostname)
+        tls = client_stream(self.stream, ctx, server_hostname)
         try:
             with trio.fail_after(self.handshake_timeout):
                 await tls.do_handshake()

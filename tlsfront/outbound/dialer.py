@@ -25,23 +25,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import ssl
 from dataclasses import dataclass
 
 import trio
 from cryptography import x509
 
-from tlsfront.config.load import Profile
+from tlsfront.config.schema import Profile
+from tlsfront.net.address import ip_literal
 from tlsfront.outbound import stats
-from tlsfront.outbound.certcheck import client_context, matches_any, peer_chain
 from tlsfront.outbound.client import RemoteError, SmtpClient
 from tlsfront.outbound.context import Runtime
 from tlsfront.outbound.control import ControlDirs, host_facts
 from tlsfront.outbound.dane import check_chain, lookup_tlsa
 from tlsfront.outbound.mtasts import StsPolicy
-from tlsfront.outbound.mx import Destination, Dns, DnsFailure, Hop, find_hops, ip_literal
+from tlsfront.outbound.mx import Destination, Dns, DnsFailure, Hop, find_hops
 from tlsfront.outbound.policy import Decision, HostFacts, TlsAttempt, Trust, decide
 from tlsfront.outbound.protocol import Reply
+from tlsfront.tls.client import (
+    ClientContext,
+    ClientTLSStream,
+    client_context,
+    matches_any,
+    peer_chain,
+)
 
 log = logging.getLogger("tlsfront.outbound")
 
@@ -186,7 +192,7 @@ class Dialer:
             )
         return _Failed("no attempt left")  # pragma: no cover - attempts is never empty
 
-    def _context(self, attempt: TlsAttempt, decision: Decision) -> ssl.SSLContext:
+    def _context(self, attempt: TlsAttempt, decision: Decision) -> ClientContext:
         verify = attempt.trust in (Trust.PEM, Trust.WEBPKI)
         pem = attempt.trust is Trust.PEM
         return client_context(
@@ -274,7 +280,7 @@ class Dialer:
             return None
         try:
             ctx = self._context(attempt, decision)
-        except (OSError, ssl.SSLError) as err:
+        except OSError as err:  # ssl.SSLError is an OSError
             return _Failed(f"cannot set up TLS: {err}", tls=True)
         sni = None if ip_literal(hop.host) is not None else hop.host
         try:
@@ -296,14 +302,12 @@ class Dialer:
             policy=decision.source,
         )
 
-    def _check(
-        self, tls: trio.SSLStream[trio.abc.Stream], attempt: TlsAttempt, decision: Decision
-    ) -> str | None:
+    def _check(self, tls: ClientTLSStream, attempt: TlsAttempt, decision: Decision) -> str | None:
         """Why the certificate does not satisfy the policy, or None."""
         if attempt.trust is Trust.NONE:
             return None
         if attempt.trust is Trust.DANE:
-            return check_chain(decision.tlsa, peer_chain(tls._ssl_object), decision.names)
+            return check_chain(decision.tlsa, peer_chain(tls), decision.names)
         leaf = tls.getpeercert(binary_form=True)
         if not leaf:
             return "server sent no certificate"

@@ -15,8 +15,8 @@ to ``DIR/Maildir``) and keeps ``DIR/session-<pid>-<n>.json`` up to date:
 - ``exit``: the exit code, null while the session runs
 - ``pid``, ``argv``, ``started`` (time.time_ns() at start)
 - ``ids``: ``{"uid": ..., "gid": ..., "groups": [...]}``, the account it ran as
-- ``queued``: the exit codes of ``$QMAILQUEUE`` when it is set: each complete
-  message is also handed to that program as qmail-smtpd hands it to
+- ``queued``: with ``--qmailqueue``, the exit codes of ``$QMAILQUEUE`` when it
+  is set: each complete message is also handed to that program as qmail-smtpd hands it to
   qmail-queue (the message on descriptor 0, the envelope on descriptor 1)
 
 The file is rewritten (atomically) before each write of replies, at the end
@@ -90,9 +90,16 @@ class Recorder:
 
 
 class CaptureSession(sink.SinkSession):
-    def __init__(self, recorder: Recorder, config: sink.Config, store: sink.MessageStore) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        config: sink.Config,
+        store: sink.MessageStore,
+        qmailqueue: bool = False,
+    ) -> None:
         super().__init__(config, store)
         self.recorder = recorder
+        self.qmailqueue = qmailqueue
 
     def read_input(self) -> bytes:
         data = super().read_input()
@@ -116,7 +123,7 @@ class CaptureSession(sink.SinkSession):
         if complete:
             rec.messages.append(body)
             queue = os.environ.get("QMAILQUEUE")
-            if queue:
+            if queue and self.qmailqueue:
                 rec.queued.append(_queue(queue, body, envelope))
         else:
             rec.partial = body
@@ -152,6 +159,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = sink.build_parser(prog="capture.py", maildir_required=False)
     parser.add_argument("--dir", type=Path, required=True, help="where session files go")
+    parser.add_argument("--qmailqueue", action="store_true", help="queue through $QMAILQUEUE too")
     args = parser.parse_args(argv)
     recorder = Recorder(args.dir)
     signal.signal(signal.SIGTERM, _terminate)
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         except sink.ControlError as exc:
             return sink.control_failure("capture.py", exc)
         maildir = args.maildir if args.maildir is not None else args.dir / "Maildir"
-        code = CaptureSession(recorder, config, sink.Maildir(maildir)).run()
+        code = CaptureSession(recorder, config, sink.Maildir(maildir), args.qmailqueue).run()
         return code
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
