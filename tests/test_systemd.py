@@ -53,6 +53,7 @@ TWO_PROFILES = """
 hostname = "front.example.org"
 log_format = "json"
 workers = 1  # one process: these tests watch its own notifications
+allow_root_backend = true  # as root (CI), the capture backend stays root
 shutdown_grace = 5
 state_dir = {state}
 
