@@ -164,6 +164,8 @@ async def _serve(
         from tlsfront.ops.privileges import drop_to
 
         drop_to(account)
+        for profile_server in server.profiles.values():
+            profile_server.runtime.restamp()
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 

@@ -90,6 +90,7 @@ async def serve_inetd(
             runtime.tls.load()
         runtime.relay.load()
         drop_to(account)
+        runtime.restamp()
     # tcpserver's variables, when present, are what tcpserver saw.
     client = _from_env(environ, "REMOTE") or client or Address("0.0.0.0", 0)
     local = _from_env(environ, "LOCAL") or local or Address("0.0.0.0", 0)

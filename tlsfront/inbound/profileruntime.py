@@ -75,6 +75,13 @@ class ProfileRuntime:
             runtime.load_all()
         return runtime
 
+    def restamp(self) -> None:
+        """After giving up root: see FileWatch.restamp."""
+        for watch in (self.tls, self.rules):
+            if watch is not None:
+                watch.restamp()
+        self.relay.restamp()
+
     def load_all(self) -> None:
         if self.tls is not None:
             self.tls.load()
