@@ -9,78 +9,37 @@ parent, still root, starts fresh workers). The tests need root: CI runs them
 as root, elsewhere they are skipped.
 
 The backend and the workers run as nobody, so what they run must be
-readable by nobody: a working directory under /tmp, and a Python nobody can
-start (`sys.executable` when it can, else the system's python3 with this
-tree and its dependencies on PYTHONPATH).
+readable by nobody (tests/support/accounts.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pwd
-import re
-import shutil
 import signal
 import smtplib
 import ssl
 import subprocess
 import sys
-import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from support.accounts import NOBODY, StreamLog, nobody_python, shared_directory
 from support.front import CAPTURE, toml_str
 
-import tlsfront
 from tlsfront.config.files import parse_config
 from tlsfront.inbound.server import Server
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as CI runs the tests")
 
-TREE = Path(tlsfront.__file__).resolve().parent.parent
-NOBODY = pwd.getpwnam("nobody")
-
-
-def nobody_python() -> tuple[list[str], dict[str, str]]:
-    """A Python argv prefix nobody can run, and the PYTHONPATH it needs."""
-    try:
-        probe = subprocess.run(
-            [sys.executable, "-c", "import trio, tlsfront"],
-            user=NOBODY.pw_uid,
-            group=NOBODY.pw_gid,
-            extra_groups=[],
-            cwd="/",
-            capture_output=True,
-            check=False,
-        )
-    except PermissionError:  # it cannot even start it
-        pass
-    else:
-        if probe.returncode == 0:
-            return [sys.executable], {}
-    system = shutil.which("python3", path="/usr/bin:/bin")
-    assert system is not None
-    path = f"{TREE}:{sysconfig.get_paths()['purelib']}"
-    return [system], {"PYTHONPATH": path}
-
 
 @pytest.fixture
 def shared() -> Iterator[Path]:
-    """A directory nobody can reach, with a capture directory nobody can write."""
-    directory = Path(tempfile.mkdtemp(prefix="tlsfront-accounts-"))
-    directory.chmod(0o755)
-    capture = directory / "capture"
-    capture.mkdir()
-    os.chown(capture, NOBODY.pw_uid, NOBODY.pw_gid)
-    try:
+    with shared_directory() as directory:
         yield directory
-    finally:
-        shutil.rmtree(directory)
 
 
 def capture_argv(python: list[str], capture: Path) -> str:
@@ -112,28 +71,6 @@ def status(pid: int) -> dict[str, str]:
             key, _, value = line.partition(":")
             out[key] = value.strip()
     return out
-
-
-class Daemon:
-    """`tlsfront run` as a real process, its stderr collected as it comes."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.log = ""
-        self._more = trio.Event()
-
-    async def collect(self) -> None:
-        assert self.process.stderr is not None
-        async for chunk in self.process.stderr:
-            self.log += chunk.decode()
-            self._more.set()
-            self._more = trio.Event()
-
-    async def wait_for(self, pattern: str, count: int = 1) -> list[re.Match[str]]:
-        with trio.fail_after(30):
-            while len(found := list(re.finditer(pattern, self.log))) < count:
-                await self._more.wait()
-        return found
 
 
 CONFIG = """
@@ -179,7 +116,8 @@ async def test_run_as_root_serves_as_the_account(
         env={"PATH": os.environ["PATH"], **pythonpath},
         cwd="/",
     )
-    daemon = Daemon(process)
+    assert process.stderr is not None
+    daemon = StreamLog(process.stderr)
     nursery.start_soon(daemon.collect)
     try:
         (started,) = await daemon.wait_for(r"worker 0 started \(pid (\d+)\)")
@@ -213,8 +151,8 @@ async def test_run_as_root_serves_as_the_account(
         await daemon.wait_for(r"session end: .* messages=1 ", 2)
         assert status(int(fresh.group(1)))["Uid"].split()[0] == str(NOBODY.pw_uid)
         assert all(r["ids"] == ids for r in records(capture))
-        assert " ERROR " not in daemon.log
-        assert "cannot load" not in daemon.log
+        assert " ERROR " not in daemon.text
+        assert "cannot load" not in daemon.text
 
         # a reload that does not load keeps the workers serving
         config.write_text("[profile.smtp]\nnonsense = 1\n")
