@@ -411,12 +411,13 @@ def test_unit_files_verify(tmp_path: Path) -> None:
         "tlsfront-inetd.socket",
         "tlsfront-inetd@.service",
     } <= set(names)
-    # The units name /usr/bin/tlsfront; verify checks that it is executable.
+    # The units name /usr/local/bin/tlsfront (docs/install.md); verify checks that it
+    # is executable.
     tlsfront = shutil.which("tlsfront") or str(Path(sys.executable).parent / "tlsfront")
     for name in names:
         text = (UNITS / name).read_text()
-        assert "/usr/bin/tlsfront " in text or name.endswith(".socket")
-        (units / name).write_text(text.replace("/usr/bin/tlsfront ", f"{tlsfront} "))
+        assert "/usr/local/bin/tlsfront " in text or name.endswith(".socket")
+        (units / name).write_text(text.replace("/usr/local/bin/tlsfront ", f"{tlsfront} "))
     result = subprocess.run(
         [analyze, "verify", "--man=no", *(str(units / n) for n in names)],
         capture_output=True,
