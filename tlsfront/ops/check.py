@@ -131,7 +131,7 @@ def _check_account(profile: Profile, report: Report) -> None:
         return
     who = "root" if account is not None else "tlsfront's own account (root when started as root)"
     if profile.allow_root_backend:
-        report.warn(f"profile {profile.name}: backends run as {who} (allow_root_backend = true)")
+        report.note(f"profile {profile.name}: backends run as {who} (allow_root_backend = true)")
     else:
         report.warn(
             f"profile {profile.name}: backends would run as {who}; `tlsfront run` as "
