@@ -224,7 +224,13 @@ def _check_privileges(config: Config) -> Account | None:
     problem = root_backend_problem(config)
     if problem is not None:
         raise ConfigError(problem, path=config.path)
-    return serving_account(config.profiles.values())
+    account = serving_account(config.profiles.values())
+    if account is None:
+        log.warning(
+            "serving as root: the profiles name no single account (user, group) "
+            "for the workers to become"
+        )
+    return account
 
 
 def cmd_run(args: argparse.Namespace) -> int:
