@@ -82,6 +82,7 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     """SIGHUP: the configuration and every file it names, read again."""
     from tlsfront.inbound.server import StartupError
     from tlsfront.ops import counters
+    from tlsfront.ops.privileges import PrivilegeError
     from tlsfront.ops.systemd import session_status
 
     notifier.reloading()
@@ -91,7 +92,7 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
         config = load(config_arg)
         _check_privileges(config)
         server.reload(config)
-    except (ConfigError, StartupError) as exc:
+    except (ConfigError, StartupError, PrivilegeError) as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
         counters.RELOADS.labels("failed").inc()
         status = "reload failed, old configuration serving; "
