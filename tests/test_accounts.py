@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import trio
-from support.accounts import NOBODY, StreamLog, nobody_python, shared_directory
+from support.accounts import NOBODY, StreamLog, kill_group, nobody_python, shared_directory
 from support.front import CAPTURE, toml_str
 
 from tlsfront.config.files import parse_config
@@ -115,6 +115,7 @@ async def test_run_as_root_serves_as_the_account(
         stderr=subprocess.PIPE,
         env={"PATH": os.environ["PATH"], **pythonpath},
         cwd="/",
+        start_new_session=True,  # its workers too are ended, whatever happens
     )
     assert process.stderr is not None
     daemon = StreamLog(process.stderr)
@@ -165,9 +166,8 @@ async def test_run_as_root_serves_as_the_account(
         with trio.fail_after(30):
             assert await process.wait() == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        kill_group(process)
+        await process.wait()
 
 
 async def test_backends_switch_account_when_tlsfront_keeps_root(

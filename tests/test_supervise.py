@@ -30,7 +30,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from support.accounts import NOBODY, TREE, StreamLog, nobody_python, shared_directory
+from support.accounts import (
+    NOBODY,
+    TREE,
+    StreamLog,
+    kill_group,
+    nobody_python,
+    shared_directory,
+)
 from support.front import CAPTURE, need_tool, toml_str
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as CI runs the tests")
@@ -183,7 +190,7 @@ async def test_the_run_script_logs_to_standard_output(
     assert argv[1:] == ["run", "-c", str(shared / "tlsfront.toml"), "--log-stdout"]
     assert shutil.which("tlsfront", path=str(shared / "bin")) == argv[0]
     process = await trio.lowlevel.open_process(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/"
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", start_new_session=True
     )
     assert process.stdout is not None
     assert process.stderr is not None
@@ -200,8 +207,7 @@ async def test_the_run_script_logs_to_standard_output(
             assert await process.wait() == 0
         await out.wait_for(r"worker 0 \(pid \d+\) stopped")
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        kill_group(process)
+        await process.wait()
     assert "INFO serving as nobody:nogroup" in out.text
     assert err.text == ""

@@ -8,10 +8,12 @@ its dependencies on PYTHONPATH.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -84,3 +86,10 @@ class StreamLog:
             while len(found := list(re.finditer(pattern, self.text))) < count:
                 await self._more.wait()
         return found
+
+
+def kill_group(process: trio.Process) -> None:
+    """SIGKILL to the process group `process` leads (started with
+    start_new_session): a worker left behind by a failed test would serve on."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
