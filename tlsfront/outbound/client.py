@@ -55,6 +55,7 @@ class SmtpClient:
         self.data_timeout = timeout if data_timeout is None else data_timeout
         self.handshake_timeout = timeout if handshake_timeout is None else handshake_timeout
         self._reader = ReplyReader()
+        self.ehlo: Reply | None = None  # the last reply to EHLO (its AUTH line)
 
     async def read_reply(self, *, final: bool = False) -> Reply:
         """The next reply; `final` for the reply to the final dot."""
@@ -91,6 +92,7 @@ class SmtpClient:
     async def hello(self, name: str) -> set[str]:
         """EHLO (HELO when EHLO is refused); the extension keywords."""
         reply = await self.command(b"EHLO " + name.encode("ascii", "replace"))
+        self.ehlo = reply
         if reply.code == 250:
             return ehlo_keywords(reply)
         if reply.code < 500:
