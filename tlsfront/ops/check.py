@@ -247,45 +247,16 @@ def check_tcp_backend(
 
 
 def check_route_credentials(profile: Profile, report: Report) -> None:
-    """The credentials files: private, well formed; which routes log in, and
-    that their TLS policy is raised to `verify` for it."""
-    from tlsfront.outbound.credentials import CredentialsError, profile_logins
-    from tlsfront.outbound.policy import table_level
+    """The credentials files: private, well formed; which routes log in."""
+    from tlsfront.outbound.credentials import CredentialsError, describe_logins
 
-    where = f"profile {profile.name}"
     try:
-        logins = profile_logins(profile)
+        notes = describe_logins(profile)
     except CredentialsError as exc:
-        report.error(f"{where}: {exc}")
+        report.error(f"profile {profile.name}: {exc}")
         return
-    for login in logins.logins:
-        routed = [
-            domain
-            for domain, target in profile.routes.items()
-            if target and _same_target(target, login.host, login.port)
-        ]
-        text = (
-            f"{where}: {login.source}: logs in to {login.target} as {login.user}"
-            " (PLAIN or LOGIN), only inside TLS verified for that host: TLS required,"
-            " policy at least 'verify'"
-        )
-        for domain in routed:
-            level = table_level(profile.tls_policy, domain)
-            raised = (
-                f" (tls_policy '{level}' raised)" if level in ("none", "may", "encrypt") else ""
-            )
-            text += f"; route {domain or '(default)'!s} -> {profile.routes[domain]}{raised}"
-        if not routed:
-            text += "; no route names it (used when an MX host is that host)"
-        report.note(text)
-
-
-def _same_target(target: str, host: str, port: int | None) -> bool:
-    from tlsfront.net.address import parse_hostport
-
-    route_host, route_port = parse_hostport(target, 25)
-    same_host = route_host.lower().rstrip(".") == host
-    return same_host and (port is None or port == route_port)
+    for note in notes:
+        report.note(f"profile {profile.name}: {note}")
 
 
 def check_config(config: Config, now: datetime.datetime | None = None) -> Report:

@@ -36,7 +36,9 @@ from pathlib import Path
 
 from tlsfront.auth.secret import Secret
 from tlsfront.config.schema import Profile
+from tlsfront.net.address import parse_hostport
 from tlsfront.ops.watch import FileWatch
+from tlsfront.outbound.policy import table_level
 
 
 class CredentialsError(Exception):
@@ -188,10 +190,6 @@ def read_smtproutes(path: Path) -> list[Login]:
     return logins
 
 
-def credential_files(profile: Profile) -> list[Path]:
-    return [p for p in (profile.route_credentials, profile.smtproutes) if p is not None]
-
-
 def read_logins(route_credentials: Path | None, smtproutes: Path | None) -> LoginTable:
     """Both sources, `route_credentials` first; raises CredentialsError."""
     logins: list[Login] = []
@@ -205,6 +203,35 @@ def read_logins(route_credentials: Path | None, smtproutes: Path | None) -> Logi
 def profile_logins(profile: Profile) -> LoginTable:
     """A profile's credentials, read now; raises CredentialsError."""
     return read_logins(profile.route_credentials, profile.smtproutes)
+
+
+def _same_target(target: str, login: Login) -> bool:
+    host, port = parse_hostport(target, 25)
+    return _host_key(host) == login.host and login.port in (None, port)
+
+
+def describe_logins(profile: Profile) -> list[str]:
+    """What `check` says of each login: where, as whom, which routes, their TLS.
+
+    Raises CredentialsError when a file cannot be used.
+    """
+    notes = []
+    for login in profile_logins(profile).logins:
+        text = (
+            f"{login.source}: logs in to {login.target} as {login.user} (PLAIN or LOGIN)"
+            " only inside TLS verified for that host: TLS required, policy at least 'verify'"
+        )
+        routed = [d for d, t in profile.routes.items() if t and _same_target(t, login)]
+        for domain in routed:
+            level = table_level(profile.tls_policy, domain)
+            raised = (
+                f" (tls_policy '{level}' raised)" if level in ("none", "may", "encrypt") else ""
+            )
+            text += f"; route {domain or '(default)'} -> {profile.routes[domain]}{raised}"
+        if not routed:
+            text += "; no route names it (used where an MX host is that host)"
+        notes.append(text)
+    return notes
 
 
 class RouteLogins:
@@ -238,7 +265,7 @@ __all__ = [
     "LoginTable",
     "RouteLogins",
     "check_private",
-    "credential_files",
+    "describe_logins",
     "parse_route_credentials",
     "parse_smtproutes",
     "profile_logins",

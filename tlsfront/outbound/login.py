@@ -27,8 +27,8 @@ from tlsfront.auth.sasl import ClientAuth, Finished, Outcome, offered_mechanisms
 from tlsfront.outbound import stats
 from tlsfront.outbound.client import RemoteError, SmtpClient
 from tlsfront.outbound.credentials import Login
-from tlsfront.outbound.protocol import Reply
-from tlsfront.smtp.reply import Reply as SaslReply
+from tlsfront.smtp import replies
+from tlsfront.smtp.reply import Reply
 
 log = logging.getLogger("tlsfront.outbound")
 
@@ -52,12 +52,12 @@ async def log_in(client: SmtpClient, login: Login, domain: str, where: str) -> R
     except ValueError as err:
         stats.record_login("unavailable", "-")
         log.warning("outbound domain=%s mx=%s login as %s impossible: %s", domain, where, user, err)
-        return Reply.make(451, f"4.7.0 {where}: cannot log in as {user}: {err}")
+        return replies.relay_login_impossible(where, user, str(err))
     line = auth.command()
     for _ in range(MAX_ROUNDS):
         await client.send(line.reveal())
         reply = await client.read_reply()
-        step = auth.receive(SaslReply(reply.code, reply.lines))
+        step = auth.receive(reply)
         if isinstance(step, Finished):
             return _finished(step, auth.mechanism, user, domain, where, reply)
         line = step
@@ -84,8 +84,8 @@ def _finished(
         said,
     )
     if step.outcome is Outcome.REJECTED:
-        return Reply.make(554, f"5.7.8 {where} refused the login as {user}: {said}")
-    return Reply.make(451, f"4.7.0 {where}: login as {user} failed for now: {said}")
+        return replies.relay_login_refused(where, user, said)
+    return replies.relay_login_failed(where, user, said)
 
 
 __all__ = ["log_in"]
