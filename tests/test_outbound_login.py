@@ -126,7 +126,9 @@ async def test_logs_in_with_plain_inside_pinned_tls(
     assert stats.logins == {("succeeded", "PLAIN"): 1}
     lines = outbound_lines(caplog)
     assert any(f"logged in as {USER} mechanism=PLAIN" in line for line in lines)
-    assert any("verified=yes policy=tlshosts result=delivered" in line for line in lines)
+    assert any(
+        f"verified=yes policy=tlshosts login={USER} result=delivered" in line for line in lines
+    )
 
 
 async def test_logs_in_with_login_and_raises_a_weak_policy_to_verify(

@@ -95,6 +95,7 @@ class RemoteSession:
     where: str  # host[address]:port
     tls: TlsInfo
     mail_reply: Reply
+    login: str | None = None  # the user logged in as (AUTH), for the log
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,7 @@ class Dialer:
             await client.aclose()
             return _Failed(f"{where}: {err.reason}")
         stats.record_attempt(tls.label)
-        return RemoteSession(client, domain, where, tls, mail)
+        return RemoteSession(client, domain, where, tls, mail, login.user if login else None)
 
     async def _log_in(
         self, client: SmtpClient, login: Login, tls: TlsInfo, domain: str, where: str
