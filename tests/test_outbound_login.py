@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import trustme
 from support.far_smtp import FarSmtp
 from support.outbound_fakes import (
@@ -27,9 +28,14 @@ from support.outbound_fakes import (
     write_pem,
 )
 
+from tlsfront.auth.secret import Secret
 from tlsfront.config.schema import Profile
 from tlsfront.ops import watch
 from tlsfront.outbound import stats
+from tlsfront.outbound.client import RemoteError, SmtpClient
+from tlsfront.outbound.credentials import Login
+from tlsfront.outbound.login import MAX_ROUNDS, log_in
+from tlsfront.smtp.reply import Reply
 
 SMARTHOST = "smarthost.example.test"
 USER = "alice@example.test"
@@ -184,6 +190,45 @@ async def test_temporary_login_failure_defers(
     assert far.messages == []
     assert stats.logins == {("tempfail", "PLAIN"): 1}
     assert stats.outcomes == {("deferred", "none"): 1}
+
+
+async def test_no_common_mechanism_defers(
+    nursery: trio.Nursery, tmp_path: Path, good_ca: trustme.CA, start_far: StartFar
+) -> None:
+    far = start_far(mechanisms=("CRAM-MD5",))
+    profile = await smarthost_profile(nursery, tmp_path, far, **pinned(tmp_path, good_ca))
+    with trio.fail_after(20):
+        result = await relay_message(profile, make_runtime(), [RCPT])
+    assert result.rcpt[0].startswith(b"451 4.7.0 ")
+    assert b"offers neither PLAIN nor LOGIN" in result.rcpt[0]
+    assert far.auth_commands == []
+    assert stats.logins == {("unavailable", "-"): 1}
+
+
+async def test_a_server_that_keeps_challenging_is_left() -> None:
+    """LOGIN answers two prompts, then cancels; a server that goes on is broken."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+    client = SmtpClient(client_end, 5.0)
+    client.ehlo = Reply.make(250, "smarthost", "AUTH LOGIN")
+    login = Login(SMARTHOST, None, USER, Secret(PASSWORD.encode()), "test")
+    sent: list[bytes] = []
+
+    async def server() -> None:
+        while True:
+            data = await server_end.receive_some(4096)
+            if not data:
+                return
+            sent.append(bytes(data))
+            await server_end.send_all(b"334 VXNlcm5hbWU6\r\n")
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(server)
+        with trio.fail_after(5), pytest.raises(RemoteError, match="does not end"):
+            await log_in(client, login, "example.org", "smarthost")
+        await client_end.aclose()
+    assert sent[0] == b"AUTH LOGIN\r\n"
+    assert sent[-1] == b"*\r\n"
+    assert len(sent) == MAX_ROUNDS
 
 
 async def test_untrusted_certificate_gets_no_credentials(

@@ -46,7 +46,8 @@ async def log_in(client: SmtpClient, login: Login, domain: str, where: str) -> R
     Raises RemoteError when the connection breaks during the exchange.
     """
     user = _printable(login.user)
-    ehlo_lines = client.ehlo.lines[1:] if client.ehlo is not None else ()
+    ehlo = client.ehlo
+    ehlo_lines = ehlo.lines[1:] if ehlo is not None and ehlo.code == 250 else ()
     try:
         auth = ClientAuth(offered_mechanisms(ehlo_lines), login.user, login.password)
     except ValueError as err:
