@@ -31,7 +31,7 @@ from support.outbound_fakes import (
 from tlsfront.auth.secret import Secret
 from tlsfront.config.schema import Profile
 from tlsfront.ops import watch
-from tlsfront.outbound import stats
+from tlsfront.outbound import dialer, stats
 from tlsfront.outbound.client import RemoteError, SmtpClient
 from tlsfront.outbound.credentials import Login
 from tlsfront.outbound.login import MAX_ROUNDS, log_in
@@ -275,6 +275,23 @@ async def test_server_without_starttls_gets_no_credentials(
     assert b"STARTTLS not offered" in result.rcpt[0]
     assert far.auth_commands == []
     assert far.messages == []
+
+
+async def test_unverified_tls_gets_no_credentials_even_if_the_policy_were_not_raised(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    start_far: StartFar,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dialer's own check, behind the raised policy: encrypted is not enough."""
+    monkeypatch.setattr(dialer, "with_credentials", lambda decision, host, pem: decision)
+    far = start_far()
+    profile = await smarthost_profile(nursery, tmp_path, far, tls_policy={"": "encrypt"})
+    with trio.fail_after(20):
+        result = await relay_message(profile, make_runtime(), [RCPT])
+    assert result.rcpt[0].startswith(b"451 4.7.5 ")
+    assert b"credentials withheld: TLS not verified" in result.rcpt[0]
+    assert far.auth_commands == []
 
 
 async def test_route_without_credentials_does_not_log_in(
