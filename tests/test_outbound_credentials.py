@@ -51,6 +51,12 @@ def test_route_credentials_lines() -> None:
     assert "correct" not in repr(logins[0])
 
 
+def test_a_password_is_split_only_at_line_ends() -> None:
+    text = "smart.example.net alice form\x0cfeed\x1cand\u2028more\r\n"
+    (login,) = parse_route_credentials(text, FILE)
+    assert login.password.reveal() == "form\x0cfeed\x1cand\u2028more".encode()
+
+
 def test_lookup_by_host_and_port_then_host_alone() -> None:
     table = LoginTable(
         parse_route_credentials(

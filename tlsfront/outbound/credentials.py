@@ -121,7 +121,7 @@ def _user_and_password(rest: str) -> tuple[str, str] | None:
 def parse_route_credentials(text: str, path: Path) -> list[Login]:
     """The lines of a `route_credentials` file."""
     logins = []
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -138,7 +138,7 @@ def parse_route_credentials(text: str, path: Path) -> list[Login]:
 def parse_smtproutes(text: str, path: Path) -> list[Login]:
     """The lines of qmail's smtproutes that carry credentials (AUTH patch form)."""
     logins = []
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
         parts = line.split(None, 1)
         if len(parts) < 2 or line.startswith("#"):
