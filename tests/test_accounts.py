@@ -235,3 +235,33 @@ backend = ["/bin/cat"]
     checked = tlsfront_cli("check", "-c", str(config))
     assert "profile smtp: backends run as nobody:nogroup" in checked.stdout
     assert "would run as" not in checked.stdout
+
+
+def test_not_root_runs_backends_only_as_itself(shared: Path) -> None:
+    """Only root can switch accounts: started as nobody, a profile naming
+    another account is refused before anything is served."""
+    python, pythonpath = nobody_python()
+    config = shared / "tlsfront.toml"
+    body = '[profile.smtp]\nlisten = ["127.0.0.1:0"]\ntls = "none"\nbackend = ["/bin/cat"]\n'
+
+    def run_as_nobody() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*python, "-m", "tlsfront", "run", "-c", str(config)],
+            user=NOBODY.pw_uid,
+            group=NOBODY.pw_gid,
+            extra_groups=[],
+            env={"PATH": os.environ["PATH"], **pythonpath},
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    config.write_text(body + 'user = "root"\n')
+    result = run_as_nobody()
+    assert result.returncode == 1
+    assert "profile smtp: backends cannot run as root:root: tlsfront is not started as root" in (
+        result.stderr
+    )
+    assert "listening on" not in result.stderr

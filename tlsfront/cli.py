@@ -220,7 +220,7 @@ def _check_privileges(config: Config) -> Account | None:
     from tlsfront.ops.privileges import check_accounts, root_backend_problem, serving_account
 
     if os.geteuid() != 0:
-        check_accounts(config)
+        check_accounts(config.profiles.values())
         return None
     problem = root_backend_problem(config)
     if problem is not None:
@@ -350,7 +350,7 @@ def cmd_inetd(args: argparse.Namespace) -> int:
         if os.geteuid() == 0:
             account = profile_account(profile)
         else:
-            check_accounts(config)
+            check_accounts([profile])
     except PrivilegeError as exc:
         log.error("%s", exc)
         return 1

@@ -112,16 +112,16 @@ def drop_to(account: Account) -> None:
     log.info("serving as %s (uid %d, gid %d)", account.name, account.uid, account.gid)
 
 
-def check_accounts(config: Config) -> None:
+def check_accounts(profiles: Iterable[Profile]) -> None:
     """As a non-root user, backends can run only as that user's own account."""
     if os.geteuid() == 0:
         return
-    for name, p in config.profiles.items():
+    for p in profiles:
         account = profile_account(p)
         if account is None or not (p.mode == "inbound" and p.backend):
             continue
         if (account.uid, account.gid) != (os.geteuid(), os.getegid()):
             raise PrivilegeError(
-                f"profile {name}: backends cannot run as {account.name}: "
+                f"profile {p.name}: backends cannot run as {account.name}: "
                 "tlsfront is not started as root"
             )
