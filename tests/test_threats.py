@@ -670,11 +670,13 @@ async def test_row_08_only_a_valid_listed_certificate_relays(
         assert reply == b"250 ok\r\n"
         assert tls["env"]["RELAYCLIENT"] == ""
         assert f"relaying allowed for cert {LISTED}" in "\n".join(log.lines)
+        assert " relay=cert " in log.ends[-1]
     else:
         assert reply == (
             b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)\r\n"
         )
         assert "RELAYCLIENT" not in tls["env"]
+        assert " relay=no " in log.ends[-1]
     assert "RELAYCLIENT" not in plain["env"]
     assert tls["env"]["TCPREMOTEIP"] == plain["env"]["TCPREMOTEIP"] == "127.0.0.1"
 

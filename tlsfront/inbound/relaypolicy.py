@@ -24,6 +24,7 @@ relay, and never keeps an address the admin has just removed.
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from tlsfront.tls.engine import TLSInfo
 
 __all__ = [
     "RelayDecision",
+    "RelayGrant",
     "RelayListError",
     "RelayPolicy",
     "read_fingerprints",
@@ -112,6 +114,31 @@ def read_fingerprints(path: Path, *, strict: bool = True) -> frozenset[str]:
 # The decision
 
 
+class RelayGrant(enum.Enum):
+    """Why a session may relay (the backend gets RELAYCLIENT), in the session's log line."""
+
+    NO = "no"  # it may not
+    CERT = "cert"  # its client certificate authorized it (the decision below)
+    RULE = "rule"  # a tcprules line or the profile's env sets RELAYCLIENT
+
+    @classmethod
+    def before_tls(cls, *envs: Mapping[str, str]) -> RelayGrant:
+        """The grant a session starts with: by rule when one of `envs` sets RELAYCLIENT."""
+        return cls.RULE if any("RELAYCLIENT" in env for env in envs) else cls.NO
+
+
+# OpenSSL's verify errors that say the server's CRL is unusable, not the certificate
+CRL_FAULTS = frozenset(
+    {
+        "CRL has expired",
+        "CRL is not yet valid",
+        "unable to get certificate CRL",
+        "CRL signature failure",
+        "unable to get CRL issuer certificate",
+    }
+)
+
+
 @dataclass(frozen=True)
 class RelayDecision:
     relay: bool
@@ -122,6 +149,12 @@ class RelayDecision:
     env: Mapping[str, str] = field(default_factory=dict)  # SSL_CLIENT_*, sanitized
     verified: bool = False  # the certificate verified against client_ca
     issuer_cn: str = ""
+    verify_error: str | None = None  # OpenSSL's verdict when it did not verify
+
+    @property
+    def server_fault(self) -> bool:
+        """The certificate did not relay because of the server's own CRL (stale, unusable)."""
+        return self.verify_error in CRL_FAULTS
 
     @property
     def trace(self) -> ClientCertTrace | None:
@@ -266,7 +299,9 @@ class RelayPolicy:
         def refuse(reason: str) -> RelayDecision:
             status = "Trusted" if verified else "Untrusted"
             env = _cert_env(cert, raw, verify)
-            return RelayDecision(False, status, reason, None, cert, env, verified, issuer_cn)
+            return RelayDecision(
+                False, status, reason, None, cert, env, verified, issuer_cn, info.verify_error
+            )
 
         def allow(by: str) -> RelayDecision:
             env = _cert_env(cert, raw, verify)

@@ -32,12 +32,13 @@ from tlsfront.config.schema import Config, Profile
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionLabel
-from tlsfront.inbound.remotehost import lookup_host, needs_host
+from tlsfront.inbound.remotehost import PendingHost, needs_host
 from tlsfront.inbound.session import Session, ShutdownNotice
 from tlsfront.net.address import Address, split_host_port
 from tlsfront.net.netstream import NetStream
 from tlsfront.net.proxyproto import accept_proxied
 from tlsfront.ops import counters
+from tlsfront.qmail.tcprules import Rules
 
 log = logging.getLogger("tlsfront")
 
@@ -114,21 +115,6 @@ class ProfileServer:
             await _refuse(stream, profile, refusal)
             return
         try:
-            rules_env: dict[str, str] = {}
-            rules = runtime.rules.get() if runtime.rules is not None else None
-            if rules is not None:
-                if host is None and needs_host(rules):
-                    host = await lookup_host(client.ip, profile.dns_servers)
-                rule = rules.match(client.ip, host)
-                if rule is not None and not rule.allow:
-                    log.info("profile %s: [%s] denied by %s", profile.name, client.ip, rule.source)
-                    counters.connection_refused(profile.name, SessionLabel.DENIED)
-                    await stream.aclose()
-                    return
-                if rule is not None:
-                    rules_env = dict(rule.env)
-            if host is not None:  # after the rule's variables: they cannot misstate it
-                rules_env["TCPREMOTEHOST"] = host
             if profile.mode == "outbound":
                 from tlsfront.outbound.listener import serve_outbound
 
@@ -137,17 +123,52 @@ class ProfileServer:
                 finally:
                     await stream.aclose()
                 return
-            await Session(
-                runtime,
-                stream,
-                client,
-                local,
-                rules_env,
-                tls_rate=self.limits.tls_rate,
-                shutdown=self.shutdown,
-            ).run()
+            rules = runtime.rules.get() if runtime.rules is not None else None
+            if host is not None or not profile.remote_host_lookup:
+                pending = PendingHost.known(host)
+                await self._serve_inbound(runtime, rules, stream, client, local, pending)
+                return
+            # the client's name is looked up beside the session (see remotehost)
+            async with trio.open_nursery() as lookups:
+                confirm = rules is not None and needs_host(rules)
+                pending = PendingHost.start(lookups, client.ip, profile, confirm=confirm)
+                await self._serve_inbound(runtime, rules, stream, client, local, pending)
+                lookups.cancel_scope.cancel()
         finally:
             self.limits.release(client.ip)
+
+    async def _serve_inbound(
+        self,
+        runtime: ProfileRuntime,
+        rules: Rules | None,
+        stream: trio.abc.Stream,
+        client: Address,
+        local: Address,
+        host: PendingHost,
+    ) -> None:
+        """An inbound session, after the rules (`=host` keys: the confirmed name)."""
+        profile = runtime.profile
+        rules_env: dict[str, str] = {}
+        if rules is not None:
+            name = (await host.get()).confirmed if needs_host(rules) else None
+            rule = rules.match(client.ip, name)
+            if rule is not None and not rule.allow:
+                log.info("profile %s: [%s] denied by %s", profile.name, client.ip, rule.source)
+                counters.connection_refused(profile.name, SessionLabel.DENIED)
+                await stream.aclose()
+                return
+            if rule is not None:
+                rules_env = dict(rule.env)
+        await Session(
+            runtime,
+            stream,
+            client,
+            local,
+            rules_env,
+            tls_rate=self.limits.tls_rate,
+            shutdown=self.shutdown,
+            remote_host=host,
+        ).run()
 
 
 async def _refuse(stream: trio.abc.Stream, profile: Profile, why: str) -> None:

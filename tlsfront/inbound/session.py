@@ -57,7 +57,8 @@ from tlsfront.inbound.backend import (
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionRecord
-from tlsfront.inbound.relaypolicy import RelayDecision
+from tlsfront.inbound.relaypolicy import RelayDecision, RelayGrant
+from tlsfront.inbound.remotehost import PendingHost
 from tlsfront.net.address import Address
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import counters, logs
@@ -158,6 +159,7 @@ class Session:
         backend_starter: BackendStarter = start_backend,
         tls_rate: TLSRateLimiter | None = None,
         shutdown: ShutdownNotice | None = None,
+        remote_host: PendingHost | None = None,
     ) -> None:
         self.runtime = runtime
         self.profile = runtime.profile
@@ -165,6 +167,7 @@ class Session:
         self.local = local
         self.rules_env = rules_env or {}
         self.record = SessionRecord(self.profile.name, client, trio.current_time())
+        self.record.relay = RelayGrant.before_tls(self.profile.env, self.rules_env)
         self._stream: trio.abc.Stream = stream
         self._client_closed = False
         self._tls_info: TLSInfo | None = None
@@ -173,6 +176,7 @@ class Session:
         self._backend_starter = backend_starter
         self._tls_rate = tls_rate
         self.shutdown = shutdown  # set: close at the next idle point (421 4.3.2)
+        self.remote_host = remote_host  # the client's name, looked up beside the session
 
     # ------------------------------------------------------------- the whole
 
@@ -316,13 +320,16 @@ class Session:
         decision = self._decision = self.runtime.relay.decide(info)
         self.record.tls_version, self.record.tls_cipher = info.version, info.cipher
         self.record.cert_status = decision.status
-        self.record.relay = "yes" if decision.relay else "no"
+        if decision.relay:
+            self.record.relay = RelayGrant.CERT
         if log.isEnabledFor(logging.INFO):  # the fields cost even when not logged
-            # Postfix's words; "unknown": tlsfront does no reverse lookup
+            # Postfix's words: name[address], the name once its look-up is over
+            name = self.remote_host.peek().name if self.remote_host is not None else None
+            who = f"{name or 'unknown'}[{self.client.ip}]"
             log.info(
-                "%s TLS connection established from unknown[%s]: %s with cipher %s (%d/%d bits)",
+                "%s TLS connection established from %s: %s with cipher %s (%d/%d bits)",
                 decision.status,
-                self.client.ip,
+                who,
                 info.version,
                 info.cipher,
                 info.bits,
@@ -331,22 +338,21 @@ class Session:
                     "tls",
                     {
                         "client_ip": self.client.ip,
+                        "client_host": name,
                         "profile": self.profile.name,
                         "tls_version": info.version,
                         "tls_cipher": info.cipher,
                         "cert": decision.status,
-                        "relay": "yes" if decision.relay else "no",
+                        "relay": self.record.relay.value,
                     },
                 ),
             )
             if decision.relay:
-                log.info(
-                    "unknown[%s]: relaying allowed for cert %s", self.client.ip, decision.address
-                )
+                log.info("%s: relaying allowed for cert %s", who, decision.address)
             elif decision.cert is not None:
-                log.info(
-                    "unknown[%s]: no valid cert for gatewaying: %s", self.client.ip, decision.reason
-                )
+                # a stale CRL is the server's fault, and refuses every certificate
+                level = logging.WARNING if decision.server_fault else logging.INFO
+                log.log(level, "%s: no valid cert for gatewaying: %s", who, decision.reason)
         return True
 
     # -------------------------------------------------------------- backend
@@ -358,12 +364,17 @@ class Session:
         tls_env = tls_environment(self._tls_info) if self._tls_info else {}
         if decision is not None:
             tls_env.update(decision.env)
+        rules_env = self.rules_env
+        if self.remote_host is not None:  # bounded by remote_host_timeout
+            name = (await self.remote_host.get()).remote_host(p.remote_host_paranoid)
+            if name is not None:  # after the rule's variables: they cannot misstate it
+                rules_env = {**rules_env, "TCPREMOTEHOST": name}
         env = ucspi_environment(
             client=self.client,
             local=self.local,
             hostname=p.hostname,
             profile_env=p.env,
-            rules_env=self.rules_env,
+            rules_env=rules_env,
             tls_env=tls_env,
             relay=relay,
         )

@@ -143,10 +143,15 @@ def _check_rules(profile: Profile, report: Report) -> Rules | None:
     report.note(f"profile {profile.name}: rules {profile.rules} read")
     from tlsfront.inbound.remotehost import needs_host
 
-    if needs_host(rules):
+    if needs_host(rules) and not profile.remote_host_lookup:
+        report.warn(
+            f"profile {profile.name}: rules have host name (=host) keys, but"
+            " remote_host_lookup = false: they never match (as with tcpserver -H)"
+        )
+    elif needs_host(rules):
         report.note(
-            f"profile {profile.name}: rules have host name (=host) keys: tlsfront looks up"
-            " each client's name, confirmed as tcpserver -p does"
+            f"profile {profile.name}: rules have host name (=host) keys: they match the"
+            " client's name only when it points back to its address, as with tcpserver -p"
         )
     return rules
 
