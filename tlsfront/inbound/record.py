@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from tlsfront.inbound.relaypolicy import RelayGrant
 from tlsfront.net.address import Address
 from tlsfront.smtp.outcome import Ending, Outcome
-from tlsfront.tls.engine import HandshakeFailure
+from tlsfront.tls.stream import HandshakeFailure
 
 
 class SessionLabel(enum.StrEnum):

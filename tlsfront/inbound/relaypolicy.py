@@ -38,7 +38,7 @@ from tlsfront.config.schema import Profile
 from tlsfront.ops.watch import watch_file
 from tlsfront.smtp.received import ClientCertTrace
 from tlsfront.tls.certs import PeerCertificate, normalize_fingerprint, peer_certificate, sanitize
-from tlsfront.tls.engine import TLSInfo
+from tlsfront.tls.stream import TLSInfo
 
 __all__ = [
     "RelayDecision",

@@ -63,7 +63,9 @@ from tlsfront.net.address import Address
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import counters, logs
 from tlsfront.smtp import Dialogue, Outcome, Phase, TraceInfo, build_received
-from tlsfront.tls.engine import HandshakeFailure, ServerTLS, TLSHandshakeError, TLSInfo
+from tlsfront.smtp.replies import backend_unavailable
+from tlsfront.tls.context import ServerTLS
+from tlsfront.tls.stream import HandshakeFailure, TLSHandshakeError, TLSInfo
 
 log = logging.getLogger("tlsfront.inbound.session")
 
@@ -385,7 +387,7 @@ class Session:
         except (BackendError, trio.TooSlowError) as exc:
             self.record.end(Outcome.BACKEND_START, f"backend failure: {exc}")
             log.error("profile %s: %s", p.name, exc)
-            reply = f"421 4.3.0 {p.hostname} Service temporarily unavailable\r\n".encode()
+            reply = backend_unavailable(p.hostname).raw
             with trio.move_on_after(10), contextlib.suppress(*STREAM_ERRORS):
                 await self._stream.send_all(reply)
             return None

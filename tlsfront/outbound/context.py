@@ -8,7 +8,6 @@ that opens TCP connections.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,9 @@ from pathlib import Path
 import trio
 
 from tlsfront.net.dns import make_resolver
-from tlsfront.outbound.certcheck import client_context
 from tlsfront.outbound.mtasts import StsCache
 from tlsfront.outbound.mx import Dns
+from tlsfront.tls.client import ClientContext, https_context
 
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
@@ -45,12 +44,9 @@ class Runtime:
             self._resolvers[key] = Dns(make_resolver(servers, dnssec=dnssec))
         return self._resolvers[key]
 
-    def https_context(self) -> ssl.SSLContext:
+    def https_context(self) -> ClientContext:
         """WebPKI context for fetching MTA-STS policies (host name checked)."""
-        ctx = client_context(verify=True, cafile=self.trust_cafile, cadata=self.trust_cadata)
-        ctx.verify_flags &= ~ssl.VERIFY_X509_PARTIAL_CHAIN
-        ctx.check_hostname = True
-        return ctx
+        return https_context(self.trust_cafile, self.trust_cadata)
 
 
 _default: Runtime | None = None

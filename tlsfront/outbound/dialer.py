@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import ssl
 from dataclasses import dataclass
 
 import trio
@@ -34,7 +33,6 @@ from cryptography import x509
 from tlsfront.config.schema import Profile
 from tlsfront.net.address import ip_literal
 from tlsfront.outbound import stats
-from tlsfront.outbound.certcheck import client_context, matches_any, peer_chain
 from tlsfront.outbound.client import RemoteError, SmtpClient
 from tlsfront.outbound.context import Runtime
 from tlsfront.outbound.control import ControlDirs, host_facts
@@ -42,7 +40,15 @@ from tlsfront.outbound.dane import check_chain, lookup_tlsa
 from tlsfront.outbound.mtasts import StsPolicy
 from tlsfront.outbound.mx import Destination, Dns, DnsFailure, Hop, find_hops
 from tlsfront.outbound.policy import Decision, HostFacts, TlsAttempt, Trust, decide
-from tlsfront.outbound.protocol import Reply
+from tlsfront.smtp import replies
+from tlsfront.smtp.reply import Reply
+from tlsfront.tls.client import (
+    ClientContext,
+    ClientTLSStream,
+    client_context,
+    matches_any,
+    peer_chain,
+)
 
 log = logging.getLogger("tlsfront.outbound")
 
@@ -104,8 +110,8 @@ class Dialer:
             dest = await find_hops(domain, self.profile.routes, self.dns, self.runtime.smtp_port)
         except DnsFailure as err:
             if err.permanent:
-                return Reply.make(550, f"5.1.2 {err.message}")
-            return Reply.make(451, f"4.4.3 {err.message}")
+                return replies.relay_no_such_domain(err.message)
+            return replies.relay_dns_failed(err.message)
         sts = await self._sts(dest)
         last, tls_failed = f"{domain}: no host to try", False
         for hop in dest.hops:
@@ -135,8 +141,8 @@ class Dialer:
                     return result
                 last, tls_failed = result.reason, tls_failed or result.tls
         if tls_failed:
-            return Reply.make(451, f"4.7.5 TLS policy not met: {last}")
-        return Reply.make(451, f"4.4.0 no remote host reachable: {last}")
+            return replies.relay_tls_policy_not_met(last)
+        return replies.relay_unreachable(last)
 
     async def _sts(self, dest: Destination) -> StsPolicy | None:
         if not self.profile.mta_sts or dest.source not in ("mx", "implicit"):
@@ -187,7 +193,7 @@ class Dialer:
             )
         return _Failed("no attempt left")  # pragma: no cover - attempts is never empty
 
-    def _context(self, attempt: TlsAttempt, decision: Decision) -> ssl.SSLContext:
+    def _context(self, attempt: TlsAttempt, decision: Decision) -> ClientContext:
         verify = attempt.trust in (Trust.PEM, Trust.WEBPKI)
         pem = attempt.trust is Trust.PEM
         return client_context(
@@ -275,7 +281,7 @@ class Dialer:
             return None
         try:
             ctx = self._context(attempt, decision)
-        except (OSError, ssl.SSLError) as err:
+        except OSError as err:  # ssl.SSLError is an OSError
             return _Failed(f"cannot set up TLS: {err}", tls=True)
         sni = None if ip_literal(hop.host) is not None else hop.host
         try:
@@ -297,14 +303,12 @@ class Dialer:
             policy=decision.source,
         )
 
-    def _check(
-        self, tls: trio.SSLStream[trio.abc.Stream], attempt: TlsAttempt, decision: Decision
-    ) -> str | None:
+    def _check(self, tls: ClientTLSStream, attempt: TlsAttempt, decision: Decision) -> str | None:
         """Why the certificate does not satisfy the policy, or None."""
         if attempt.trust is Trust.NONE:
             return None
         if attempt.trust is Trust.DANE:
-            return check_chain(decision.tlsa, peer_chain(tls._ssl_object), decision.names)
+            return check_chain(decision.tlsa, peer_chain(tls), decision.names)
         leaf = tls.getpeercert(binary_form=True)
         if not leaf:
             return "server sent no certificate"
