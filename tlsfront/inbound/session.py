@@ -51,6 +51,7 @@ from tlsfront.inbound.backend import (
     Backend,
     BackendError,
     BackendStarter,
+    ExecBackend,
     start_backend,
     ucspi_environment,
 )
@@ -403,6 +404,9 @@ class Session:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(phase.client_reader)
                 nursery.start_soon(phase.backend_reader)
+                if isinstance(backend, ExecBackend):  # its stderr, logged as lines
+                    backend.stderr.session = self.record.id
+                    nursery.start_soon(backend.stderr.run)
                 await phase.supervise()
                 nursery.cancel_scope.cancel()
         finally:
