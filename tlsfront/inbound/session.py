@@ -64,6 +64,7 @@ from tlsfront.net.address import Address
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import counters, logs
 from tlsfront.smtp import Dialogue, Outcome, Phase, TraceInfo, build_received
+from tlsfront.smtp.dialogue import Carry
 from tlsfront.smtp.replies import backend_unavailable
 from tlsfront.tls.context import ServerTLS
 from tlsfront.tls.stream import HandshakeFailure, TLSHandshakeError, TLSInfo
@@ -221,15 +222,16 @@ class Session:
                     self.record.end(Outcome.TLS_UNAVAILABLE, "TLS unavailable")
                 return
         swallow_greeting = False
+        carry: Carry | None = None  # after a message dropped mid-body (Phase.RESET)
         while True:
             backend = await self._start_backend()
             if backend is None:
                 return
-            dialogue = self._dialogue(swallow_greeting)
+            dialogue = self._dialogue(swallow_greeting, carry)
             try:
                 await self._run_phase(dialogue, backend)
             finally:
-                if dialogue.phase is not Phase.HANDSHAKE:
+                if dialogue.phase not in _GOES_ON:
                     # The client has had its last reply: it does not wait for
                     # a hung backend to be reaped (up to EXIT_GRACE).
                     await self._close_client()
@@ -242,6 +244,9 @@ class Session:
                     self.record.ending = dialogue.stats.ending
                 if dialogue.backend_error is not None:
                     self.record.backend_failure = dialogue.backend_error.outcome
+            carry = dialogue.carry() if dialogue.phase is Phase.RESET else None
+            if carry is not None:
+                continue  # a fresh backend, the same client
             if dialogue.phase is not Phase.HANDSHAKE:
                 return
             assert self._next_tls is not None
@@ -249,7 +254,7 @@ class Session:
                 return
             swallow_greeting = True
 
-    def _dialogue(self, swallow_greeting: bool) -> Dialogue:
+    def _dialogue(self, swallow_greeting: bool, carry: Carry | None = None) -> Dialogue:
         p = self.profile
         return Dialogue(
             hostname=p.hostname,
@@ -261,6 +266,7 @@ class Session:
             max_message_size=p.max_message_size,
             received=self._received if p.received_header else None,
             swallow_greeting=swallow_greeting,
+            carry=carry,
         )
 
     def _received(self, helo: str | None, esmtp: bool) -> bytes:
@@ -414,7 +420,8 @@ class Session:
                 shutdown.unsubscribe(phase.server_stopping)
 
 
-_TERMINAL = frozenset({Phase.CLOSING, Phase.HANDSHAKE})
+_TERMINAL = frozenset({Phase.CLOSING, Phase.HANDSHAKE, Phase.RESET})
+_GOES_ON = frozenset({Phase.HANDSHAKE, Phase.RESET})  # the client stays; a new phase comes
 
 
 class _Phase:
