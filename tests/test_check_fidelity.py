@@ -1,6 +1,6 @@
 """What `tlsfront check` says, and logs at run time, about files a qmail host brings:
 a stale CRL, a certificate issued straight by a root, weak legacy ciphers,
-host-name rules with the look-up off."""
+host-name rules with the look-up off, CRLF line ends."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from support.tls_certs import DAY, NOW, crl_pem, make_crl
 
 from tlsfront.config.files import load_config
 from tlsfront.inbound.profileruntime import ProfileRuntime
+from tlsfront.inbound.relaypolicy import RelayListError, read_relay_clients
 from tlsfront.ops.check import Report, check_config
+from tlsfront.qmail.control import CR_LINE_END
 
 
 def config_with(tmp_path: Path, tls_dir: Path, extra: str) -> Path:
@@ -127,3 +129,34 @@ def test_host_rules_with_the_look_up_off_are_warned(tmp_path: Path, tls_dir: Pat
     )
     off = check(config_with(tmp_path, tls_dir, extra + "remote_host_lookup = false\n"))
     assert any("remote_host_lookup = false: they never match" in w for w in off.warnings)
+
+
+# -- CRLF line ends: tlsclients and tcp.smtp alike ----------------------------------
+
+
+def test_crlf_is_refused_alike_in_tlsclients_and_tcp_smtp(tmp_path: Path, tls_dir: Path) -> None:
+    """tcprules refuses a CRLF line; qmail would keep the CR in a tlsclients
+    address, which then never matches. Both are an error, with the same words."""
+    clients = tmp_path / "tlsclients"
+    clients.write_bytes(b"# made on Windows\r\nalice@example.net\r\n")
+    rules = tmp_path / "tcp.smtp"
+    rules.write_bytes(b'127.:allow,RELAYCLIENT=""\r\n:allow\r\n')
+    extra = (
+        f'client_cert = "request"\nclient_ca = {toml_str(tls_dir / "ca.pem")}\n'
+        f"relay_clients = {toml_str(clients)}\nrules = {toml_str(rules)}\n"
+    )
+    errors = check(config_with(tmp_path, tls_dir, extra)).errors
+    assert sorted(errors) == sorted(
+        f"profile smtp: {path}:{line}: {CR_LINE_END}" for path, line in ((clients, 2), (rules, 1))
+    )
+
+
+def test_a_crlf_line_in_tlsclients_changed_while_running_is_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clients = tmp_path / "tlsclients"
+    clients.write_bytes(b"alice@example.net\nbob@example.net\r\n")
+    with pytest.raises(RelayListError, match="ends in CR"):
+        read_relay_clients(clients)
+    assert read_relay_clients(clients, strict=False) == {"alice@example.net"}
+    assert any("ends in CR" in r.getMessage() for r in caplog.records)
