@@ -183,6 +183,20 @@ async def _refuse(stream: trio.abc.Stream, profile: Profile, why: str) -> None:
     await stream.aclose()
 
 
+def inetd_only(config: Config) -> list[str]:
+    """Profiles with neither `listen` nor `systemd`: `tlsfront inetd -p NAME` serves them."""
+    return [n for n, p in config.profiles.items() if not p.listen and p.systemd is None]
+
+
+def check_something_listens(config: Config) -> None:
+    """`tlsfront run` needs one profile it can listen for; raise StartupError if none."""
+    if len(inetd_only(config)) == len(config.profiles):
+        raise StartupError(
+            "no profile has listen or systemd: nothing for tlsfront run to serve"
+            " (such profiles are for tlsfront inetd -p NAME)"
+        )
+
+
 async def open_listeners(profile: Profile) -> list[trio.SocketListener]:
     listeners: list[trio.SocketListener] = []
     for spec in profile.listen:
@@ -293,6 +307,8 @@ class Server:
                 self.addresses[name] = [
                     Address.from_sockaddr(ln.socket.getsockname()) for ln in opened[name]
                 ]
+                if not opened[name]:
+                    log.info("profile %s: no listen: served by tlsfront inetd only", name)
                 for address in self.addresses[name]:
                     log.info("profile %s: listening on [%s]:%d", name, address.ip, address.port)
         except BaseException:
@@ -303,6 +319,8 @@ class Server:
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 for name, server in self.profiles.items():
+                    if not opened[name]:
+                        continue
                     serve = partial(
                         trio.serve_listeners,
                         partial(self._handle, server),

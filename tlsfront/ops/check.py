@@ -283,6 +283,11 @@ def check_config(config: Config, now: datetime.datetime | None = None) -> Report
     report = Report()
     now = now or datetime.datetime.now(datetime.UTC)
     for profile in config.profiles.values():
+        if not profile.listen and profile.systemd is None:
+            report.note(
+                f"profile {profile.name}: no listen or systemd: served only through"
+                f" tlsfront inetd -p {profile.name}"
+            )
         if profile.mode != "inbound":
             continue
         _check_certs(profile, report, now)
