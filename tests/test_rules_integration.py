@@ -357,3 +357,15 @@ async def test_servfail_means_no_name(nursery: trio.Nursery) -> None:
             "127.0.0.1", [address], seconds=10, cache=remotehost.HostCache()
         )
         assert found == remotehost.NO_NAME
+
+
+async def test_a_name_is_looked_up_once_for_many_sessions(
+    nursery: trio.Nursery, tmp_path: Path, tls_dir: Path, dns_server: tuple[DnsResponder, str]
+) -> None:
+    """The cache answers the client's next connections: no query, no task."""
+    responder, address = dns_server
+    front = await start_with_dns(nursery, tmp_path, tls_dir, ":allow\n", address)
+    for _ in range(3):
+        assert (await relay_attempt(front.port("smtp"))).startswith(b"553 ")
+    assert [s["env"]["TCPREMOTEHOST"] for s in front.sessions()] == ["mail.example.net"] * 3
+    assert responder.queries == [(reverse("127.0.0.1"), "PTR")]

@@ -146,7 +146,7 @@ async def lookup_host(
         address = ipaddress.ip_address(ip)
     except ValueError:
         return NO_NAME
-    key = (tuple(servers), address, confirm)
+    key = _key(servers, address, confirm)
     cached = cache.get(key)
     if cached is not None:
         return cached
@@ -167,6 +167,24 @@ async def lookup_host(
         log.debug("[%s]: no host name that points back to it", ip)
     cache.put(key, found, CACHE_TTL)
     return found
+
+
+def _key(
+    servers: Sequence[str],
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    confirm: bool,
+) -> tuple[object, ...]:
+    return (tuple(servers), address, confirm)
+
+
+def cached_host(ip: str, profile: Profile, *, confirm: bool) -> HostName | None:
+    """What the cache knows of `ip` for `profile`, or None: a look-up is due."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return NO_NAME
+    confirm = confirm or profile.remote_host_paranoid
+    return CACHE.get(_key(profile.dns_servers, address, confirm))
 
 
 async def _look_up(
@@ -250,6 +268,7 @@ __all__ = [
     "HostCache",
     "HostName",
     "PendingHost",
+    "cached_host",
     "lookup_host",
     "needs_host",
     "safe_host",

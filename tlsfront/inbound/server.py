@@ -32,7 +32,7 @@ from tlsfront.config.schema import Config, Profile
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionLabel
-from tlsfront.inbound.remotehost import PendingHost, needs_host
+from tlsfront.inbound.remotehost import PendingHost, cached_host, needs_host
 from tlsfront.inbound.session import Session, ShutdownNotice
 from tlsfront.net.address import Address, split_host_port
 from tlsfront.net.netstream import NetStream
@@ -125,13 +125,13 @@ class ProfileServer:
                     await stream.aclose()
                 return
             rules = runtime.rules.get() if runtime.rules is not None else None
-            if host is not None or not profile.remote_host_lookup:
-                pending = PendingHost.known(host)
-                await self._serve_inbound(runtime, rules, stream, client, local, pending)
+            confirm = rules is not None and needs_host(rules)
+            known = _known_host(profile, client.ip, host, confirm)
+            if known is not None:
+                await self._serve_inbound(runtime, rules, stream, client, local, known)
                 return
             # the client's name is looked up beside the session (see remotehost)
             async with trio.open_nursery() as lookups:
-                confirm = rules is not None and needs_host(rules)
                 pending = PendingHost.start(lookups, client.ip, profile, confirm=confirm)
                 await self._serve_inbound(runtime, rules, stream, client, local, pending)
                 lookups.cancel_scope.cancel()
@@ -170,6 +170,15 @@ class ProfileServer:
             shutdown=self.shutdown,
             remote_host=host,
         ).run()
+
+
+def _known_host(profile: Profile, ip: str, host: str | None, confirm: bool) -> PendingHost | None:
+    """The client's name without a look-up (tcpserver's, none as with -H, or the
+    cache's), or None: a look-up is due."""
+    if host is not None or not profile.remote_host_lookup:
+        return PendingHost.known(host)
+    cached = cached_host(ip, profile, confirm=confirm)
+    return None if cached is None else PendingHost(cached)
 
 
 async def _refuse(stream: trio.abc.Stream, profile: Profile, why: str) -> None:
