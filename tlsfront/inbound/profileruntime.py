@@ -81,6 +81,11 @@ class ProfileRuntime:
         return runtime
 
     def load_all(self) -> None:
+        if self.profile.mode == "outbound":
+            # a credentials file open to others is refused before serving
+            from tlsfront.outbound.credentials import profile_logins
+
+            profile_logins(self.profile)
         if self.tls is not None:
             self.tls.load()
         if self.rules is not None:
