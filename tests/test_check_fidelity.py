@@ -5,11 +5,15 @@ host-name rules with the look-up off, CRLF line ends."""
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 import trustme
 from support.front import toml_str
+from support.hostile import Client, code, session_log
 from support.tls_certs import DAY, NOW, crl_pem, make_crl
 
 from tlsfront.config.files import load_config
@@ -160,3 +164,30 @@ def test_a_crlf_line_in_tlsclients_changed_while_running_is_skipped(
         read_relay_clients(clients)
     assert read_relay_clients(clients, strict=False) == {"alice@example.net"}
     assert any("ends in CR" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_certificate_refused_for_a_stale_crl_is_a_warning(
+    start_front: Any, tmp_path: Path, ca: trustme.CA
+) -> None:
+    """At run time the CRL goes stale unnoticed; each refused certificate then says
+    so at WARNING (the server's fault), even with log_level = warning."""
+    crl = tmp_path / "clientcrl.pem"
+    crl.write_bytes(crl_pem(make_crl(ca, next_update=NOW - DAY)))
+    front = await start_front(
+        '[profile.smtp]\nlisten = ["127.0.0.1:0"]\ncert = {cert}\nbackend = {backend}\n'
+        f'client_cert = "request"\nclient_ca = {{ca}}\nclient_crl = {toml_str(crl)}\n'
+    )
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    ca.issue_cert("alice@example.net").configure_cert(context)
+    with session_log() as log, trio.fail_after(30):
+        logging.getLogger("tlsfront.inbound.session").setLevel(logging.WARNING)
+        client = await Client.connect(front.port("smtp"))
+        assert code(await client.reply()) == 220
+        assert code(await client.command(b"STARTTLS")) == 220
+        await client.starttls(context)
+        assert code(await client.command(b"EHLO c")) == 250
+        assert code(await client.command(b"QUIT")) == 221
+        await client.aclose()
+    (line,) = [x for x in log.lines if "no valid cert" in x]
+    assert line.endswith("no valid cert for gatewaying: CRL has expired")

@@ -331,10 +331,12 @@ class Session:
         self.record.cert_status = decision.status
         if decision.relay:
             self.record.relay = RelayGrant.CERT
+        # Postfix's words: name[address], the name once its look-up is over
+        name = self.remote_host.peek().name if self.remote_host is not None else None
+        who = f"{name or 'unknown'}[{self.client.ip}]"
+        if decision.server_fault:  # a stale CRL: every certificate is refused
+            log.warning("%s: no valid cert for gatewaying: %s", who, decision.reason)
         if log.isEnabledFor(logging.INFO):  # the fields cost even when not logged
-            # Postfix's words: name[address], the name once its look-up is over
-            name = self.remote_host.peek().name if self.remote_host is not None else None
-            who = f"{name or 'unknown'}[{self.client.ip}]"
             log.info(
                 "%s TLS connection established from %s: %s with cipher %s (%d/%d bits)",
                 decision.status,
@@ -358,10 +360,8 @@ class Session:
             )
             if decision.relay:
                 log.info("%s: relaying allowed for cert %s", who, decision.address)
-            elif decision.cert is not None:
-                # a stale CRL is the server's fault, and refuses every certificate
-                level = logging.WARNING if decision.server_fault else logging.INFO
-                log.log(level, "%s: no valid cert for gatewaying: %s", who, decision.reason)
+            elif decision.cert is not None and not decision.server_fault:
+                log.info("%s: no valid cert for gatewaying: %s", who, decision.reason)
         return True
 
     # -------------------------------------------------------------- backend
