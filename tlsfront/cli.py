@@ -235,6 +235,7 @@ def _check_privileges(config: Config) -> Account | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from tlsfront.inbound.server import check_something_listens
     from tlsfront.ops.systemd import passed_sockets
 
     global _log_stream
@@ -245,6 +246,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load(args.config)
         settings = config.settings
         setup_logging(settings.log_level, settings.log_format)
+        check_something_listens(config)
         account = _check_privileges(config)
         count = settings.workers or os.cpu_count() or 1
         if count > 1 or account is not None:

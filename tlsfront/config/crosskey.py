@@ -14,11 +14,8 @@ from tlsfront.config.schema import Mode, Profile
 
 Rule = tuple[str, Callable[[Profile], bool], str]
 
-NEEDS_LISTEN: Rule = (
-    "listen",
-    lambda p: not p.listen and p.systemd is None,
-    'needs listen = ["host:port", ...] or systemd = "NAME"',
-)
+# No rule wants `listen` or `systemd`: a profile with neither is served
+# only through `tlsfront inetd -p NAME`, and `tlsfront run` skips it.
 
 
 def _unknown_numeric_user(p: Profile) -> bool:
@@ -37,7 +34,6 @@ ACCOUNT_RULES: tuple[Rule, ...] = (
     ("user", _unknown_numeric_user, "{p.user!r} is not in the user database: give group as well"),
 )
 INBOUND_RULES: tuple[Rule, ...] = (
-    NEEDS_LISTEN,
     *ACCOUNT_RULES,
     (
         "backend",
@@ -116,6 +112,6 @@ INBOUND_RULES: tuple[Rule, ...] = (
         "needs proxy_trusted: otherwise any client could claim any address",
     ),
 )
-OUTBOUND_RULES: tuple[Rule, ...] = (NEEDS_LISTEN, *ACCOUNT_RULES)
+OUTBOUND_RULES: tuple[Rule, ...] = ACCOUNT_RULES
 
 RULES: dict[Mode, tuple[Rule, ...]] = {"inbound": INBOUND_RULES, "outbound": OUTBOUND_RULES}
