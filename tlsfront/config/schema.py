@@ -110,8 +110,15 @@ class Profile:
     relay_source_address: str | None = inbound(None)  # same, for sessions allowed to relay
     backend_rules: Path | None = inbound(None)  # the TCP backend's own tcprules, for `check`
     env: Mapping[str, str] = inbound(factory=_empty_map)  # extra backend environment
+    env_inherit: tuple[str, ...] = inbound(())  # names taken from tlsfront's own environment
+    user: str | None = both(None)  # account of backends and workers (name or number), tcpserver -u
+    group: str | None = both(None)  # its only group (default: the user's login group), -g
+    allow_root_backend: bool = inbound(False)  # tlsfront started as root may run backends as root
     rules: Path | None = inbound(None)  # tcprules source file (/etc/tcp.smtp)
     received_header: bool = inbound(True)  # add tlsfront's Received header to each message
+    remote_host_lookup: bool = inbound(True)  # TCPREMOTEHOST from PTR (false: tcpserver -H)
+    remote_host_paranoid: bool = inbound(False)  # only a name that points back (tcpserver -p)
+    remote_host_timeout: float = inbound(5.0)  # seconds a look-up may delay a session, at most
     pipelining_strict: bool = inbound(True)  # 554 5.5.0 to input pipelined against RFC 2920
     # limits and timeouts
     max_connections: int = both(200)  # sessions at once on this profile
@@ -136,9 +143,11 @@ class Profile:
     tls_policy: Mapping[str, TlsPolicy] = outbound(factory=_empty_map)  # domain -> policy
     mta_sts: bool = outbound(False)  # honour MTA-STS policies (RFC 8461)
     dane: bool = outbound(False)  # honour DANE TLSA records (RFC 7672)
-    dns_servers: tuple[str, ...] = both(())  # "ip[:port]" resolvers (MX out; =host rules in)
+    dns_servers: tuple[str, ...] = both(())  # "ip[:port]" resolvers (MX out; client names in)
     helo_name: str | None = outbound(None)  # EHLO name outbound; default hostname
     timeout_connect: float = outbound(30.0)  # seconds to connect to a remote server
+    route_credentials: Path | None = outbound(None)  # "host[:port] user password" lines
+    smtproutes: Path | None = outbound(None)  # qmail smtproutes, AUTH patch lines: credentials
 
 
 @dataclass(frozen=True)

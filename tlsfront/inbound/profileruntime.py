@@ -9,15 +9,20 @@ and re-read for new sessions without any reload.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlsfront.config import certtable
 from tlsfront.config.schema import Profile
+from tlsfront.inbound.backend import chosen_environment
 from tlsfront.inbound.relaypolicy import RelayPolicy
 from tlsfront.ops.watch import FileWatch, watch_file
 from tlsfront.qmail.tcprules import Rules
-from tlsfront.tls.certs import load_server_credentials
+from tlsfront.tls.certs import load_crls, load_server_credentials, stale_crls
 from tlsfront.tls.context import ServerTLS, TLSSettings
 from tlsfront.tls.sni import DEFAULT
 
@@ -43,6 +48,19 @@ def tls_settings(profile: Profile) -> TLSSettings:
     )
 
 
+log = logging.getLogger("tlsfront")
+
+
+def server_tls(profile: Profile) -> ServerTLS:
+    """The profile's TLS context, built from its files; a stale CRL is a WARNING."""
+    built = ServerTLS(tls_settings(profile))
+    if profile.client_crl is not None and profile.client_cert != "none":
+        now = datetime.datetime.now(datetime.UTC)
+        for problem in stale_crls(load_crls(profile.client_crl), now):
+            log.warning("profile %s: %s: %s", profile.name, profile.client_crl, problem)
+    return built
+
+
 def tls_files(profile: Profile) -> list[Path]:
     files = certtable.files(profile.cert, profile.key)
     files += [p for p in (profile.client_ca, profile.client_crl, profile.dhparams) if p]
@@ -55,24 +73,43 @@ class ProfileRuntime:
     tls: FileWatch[ServerTLS] | None
     relay: RelayPolicy
     rules: FileWatch[Rules] | None  # tcprules
+    # the base of every backend environment: env_inherit's variables (run),
+    # or all that tlsfront inherited but what it owns (inetd)
+    inherited: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, profile: Profile, *, eager: bool = True) -> ProfileRuntime:
+    def build(
+        cls, profile: Profile, *, eager: bool = True, inherited: Mapping[str, str] | None = None
+    ) -> ProfileRuntime:
         """Eager: load every file now and raise on the first error."""
+        if inherited is None:
+            inherited = chosen_environment(profile.env_inherit, os.environ)
         tls = None
         if profile.mode == "inbound" and profile.tls != "none":
             tls = FileWatch(
                 f"profile {profile.name}: TLS",
                 tls_files(profile),
-                lambda: ServerTLS(tls_settings(profile)),
+                lambda: server_tls(profile),
             )
         rules = watch_file(f"profile {profile.name}: rules", profile.rules, Rules.load)
-        runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules)
+        runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules, dict(inherited))
         if eager:
             runtime.load_all()
         return runtime
 
+    def restamp(self) -> None:
+        """After giving up root: see FileWatch.restamp."""
+        for watch in (self.tls, self.rules):
+            if watch is not None:
+                watch.restamp()
+        self.relay.restamp()
+
     def load_all(self) -> None:
+        if self.profile.mode == "outbound":
+            # a credentials file open to others is refused before serving
+            from tlsfront.outbound.credentials import profile_logins
+
+            profile_logins(self.profile)
         if self.tls is not None:
             self.tls.load()
         if self.rules is not None:

@@ -51,6 +51,7 @@ from tlsfront.inbound.backend import (
     Backend,
     BackendError,
     BackendStarter,
+    ExecBackend,
     start_backend,
     ucspi_environment,
 )
@@ -58,10 +59,12 @@ from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionRecord
 from tlsfront.inbound.relaypolicy import RelayDecision, RelayGrant
+from tlsfront.inbound.remotehost import PendingHost
 from tlsfront.net.address import Address
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import counters, logs
 from tlsfront.smtp import Dialogue, Outcome, Phase, TraceInfo, build_received
+from tlsfront.smtp.dialogue import Carry
 from tlsfront.smtp.replies import backend_unavailable
 from tlsfront.tls.context import ServerTLS
 from tlsfront.tls.sni import server_name
@@ -162,6 +165,7 @@ class Session:
         backend_starter: BackendStarter = start_backend,
         tls_rate: TLSRateLimiter | None = None,
         shutdown: ShutdownNotice | None = None,
+        remote_host: PendingHost | None = None,
     ) -> None:
         self.runtime = runtime
         self.profile = runtime.profile
@@ -169,7 +173,9 @@ class Session:
         self.local = local
         self.rules_env = rules_env or {}
         self.record = SessionRecord(self.profile.name, client, trio.current_time())
-        self.record.relay = RelayGrant.before_tls(self.profile.env, self.rules_env)
+        self.record.relay = RelayGrant.before_tls(
+            self.runtime.inherited, self.profile.env, self.rules_env
+        )
         self._stream: trio.abc.Stream = stream
         self._client_closed = False
         self._tls_info: TLSInfo | None = None
@@ -178,6 +184,7 @@ class Session:
         self._backend_starter = backend_starter
         self._tls_rate = tls_rate
         self.shutdown = shutdown  # set: close at the next idle point (421 4.3.2)
+        self.remote_host = remote_host  # the client's name, looked up beside the session
 
     # ------------------------------------------------------------- the whole
 
@@ -219,15 +226,16 @@ class Session:
                     self.record.end(Outcome.TLS_UNAVAILABLE, "TLS unavailable")
                 return
         swallow_greeting = False
+        carry: Carry | None = None  # after a message dropped mid-body (Phase.RESET)
         while True:
             backend = await self._start_backend()
             if backend is None:
                 return
-            dialogue = self._dialogue(swallow_greeting)
+            dialogue = self._dialogue(swallow_greeting, carry)
             try:
                 await self._run_phase(dialogue, backend)
             finally:
-                if dialogue.phase is not Phase.HANDSHAKE:
+                if dialogue.phase not in _GOES_ON:
                     # The client has had its last reply: it does not wait for
                     # a hung backend to be reaped (up to EXIT_GRACE).
                     await self._close_client()
@@ -240,6 +248,9 @@ class Session:
                     self.record.ending = dialogue.stats.ending
                 if dialogue.backend_error is not None:
                     self.record.backend_failure = dialogue.backend_error.outcome
+            carry = dialogue.carry() if dialogue.phase is Phase.RESET else None
+            if carry is not None:
+                continue  # a fresh backend, the same client
             if dialogue.phase is not Phase.HANDSHAKE:
                 return
             assert self._next_tls is not None
@@ -247,7 +258,7 @@ class Session:
                 return
             swallow_greeting = True
 
-    def _dialogue(self, swallow_greeting: bool) -> Dialogue:
+    def _dialogue(self, swallow_greeting: bool, carry: Carry | None = None) -> Dialogue:
         p = self.profile
         return Dialogue(
             hostname=p.hostname,
@@ -261,6 +272,7 @@ class Session:
             swallow_greeting=swallow_greeting,
             pipelining_strict=p.pipelining_strict,
             trusted=bool(self._decision and self._decision.relay),
+            carry=carry,
         )
 
     def _received(self, helo: str | None, esmtp: bool) -> bytes:
@@ -326,12 +338,16 @@ class Session:
         self.record.cert_status = decision.status
         if decision.relay:
             self.record.relay = RelayGrant.CERT
+        # Postfix's words: name[address], the name once its look-up is over
+        name = self.remote_host.peek().name if self.remote_host is not None else None
+        who = f"{name or 'unknown'}[{self.client.ip}]"
+        if decision.server_fault:  # a stale CRL: every certificate is refused
+            log.warning("%s: no valid cert for gatewaying: %s", who, decision.reason)
         if log.isEnabledFor(logging.INFO):  # the fields cost even when not logged
-            # Postfix's words; "unknown": tlsfront does no reverse lookup
             log.info(
-                "%s TLS connection established from unknown[%s]: %s with cipher %s (%d/%d bits)",
+                "%s TLS connection established from %s: %s with cipher %s (%d/%d bits)",
                 decision.status,
-                self.client.ip,
+                who,
                 info.version,
                 info.cipher,
                 info.bits,
@@ -340,6 +356,7 @@ class Session:
                     "tls",
                     {
                         "client_ip": self.client.ip,
+                        "client_host": name,
                         "profile": self.profile.name,
                         "tls_version": info.version,
                         "tls_cipher": info.cipher,
@@ -350,13 +367,9 @@ class Session:
                 ),
             )
             if decision.relay:
-                log.info(
-                    "unknown[%s]: relaying allowed for cert %s", self.client.ip, decision.address
-                )
-            elif decision.cert is not None:
-                log.info(
-                    "unknown[%s]: no valid cert for gatewaying: %s", self.client.ip, decision.reason
-                )
+                log.info("%s: relaying allowed for cert %s", who, decision.address)
+            elif decision.cert is not None and not decision.server_fault:
+                log.info("%s: no valid cert for gatewaying: %s", who, decision.reason)
         return True
 
     # -------------------------------------------------------------- backend
@@ -368,14 +381,20 @@ class Session:
         tls_env = tls_environment(self._tls_info) if self._tls_info else {}
         if decision is not None:
             tls_env.update(decision.env)
+        rules_env = self.rules_env
+        if self.remote_host is not None:  # bounded by remote_host_timeout
+            name = (await self.remote_host.get()).remote_host(p.remote_host_paranoid)
+            if name is not None:  # after the rule's variables: they cannot misstate it
+                rules_env = {**rules_env, "TCPREMOTEHOST": name}
         env = ucspi_environment(
             client=self.client,
             local=self.local,
             hostname=p.hostname,
             profile_env=p.env,
-            rules_env=self.rules_env,
+            rules_env=rules_env,
             tls_env=tls_env,
             relay=relay,
+            inherited=self.runtime.inherited,
         )
         try:
             with trio.CancelScope(deadline=trio.current_time() + p.timeout_backend):
@@ -400,6 +419,9 @@ class Session:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(phase.client_reader)
                 nursery.start_soon(phase.backend_reader)
+                if isinstance(backend, ExecBackend):  # its stderr, logged as lines
+                    backend.stderr.session = self.record.id
+                    nursery.start_soon(backend.stderr.run)
                 await phase.supervise()
                 nursery.cancel_scope.cancel()
         finally:
@@ -407,7 +429,8 @@ class Session:
                 shutdown.unsubscribe(phase.server_stopping)
 
 
-_TERMINAL = frozenset({Phase.CLOSING, Phase.HANDSHAKE})
+_TERMINAL = frozenset({Phase.CLOSING, Phase.HANDSHAKE, Phase.RESET})
+_GOES_ON = frozenset({Phase.HANDSHAKE, Phase.RESET})  # the client stays; a new phase comes
 
 
 class _Phase:

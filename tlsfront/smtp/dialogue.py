@@ -37,6 +37,16 @@ Three commands change how client bytes are read:
   be had), and does the handshake. After TLS the shell builds a new
   `Dialogue` with a fresh backend: nothing from before TLS survives.
 
+A message over `max_message_size` is refused, and the session goes on, as
+with qmail-smtpd's databytes (RFC 5321 §4.5.3.1.10): the backend's input is
+closed at once without an end of data (it queues nothing and exits), the
+rest of the body is read and dropped, and the client's end of data gets
+`552`. Then `phase` is `RESET`: the shell starts a fresh backend and a new
+`Dialogue` with what this one hands over (`carry`): the client's HELO or
+EHLO, replayed to the new backend with its reply and greeting swallowed,
+and the client bytes read but not yet taken (commands pipelined behind the
+dot). RSET, MAIL and QUIT then work as after any refused message.
+
 Synchronization (`tlsfront.smtp.synchronization`): input pipelined where
 RFC 2920 forbids it (behind DATA, BDAT or QUIT; any from a HELO client)
 gets `554 5.5.0` in the place of the reply to the command it broke and ends
@@ -85,6 +95,15 @@ class _Pending:
     swallow: bool = False  # the fresh backend's greeting after TLS
     close_after: bool = False  # a fatal local error: close once it is sent
     desync: bool = False  # input pipelined behind it: 554 5.5.0 in its place, close
+    reset_after: bool = False  # the 552 of a dropped message: a fresh backend next
+
+
+@dataclass(frozen=True)
+class Carry:
+    """What a dialogue in `RESET` hands to the next one (see the module doc)."""
+
+    hello: Command | None  # the client's last accepted HELO/EHLO, for the new backend
+    client_bytes: bytes  # read from the client and not yet taken
 
 
 # Keywords tlsfront never passes on from the backend's EHLO reply: STARTTLS
@@ -131,7 +150,9 @@ class Dialogue:
         swallow_greeting: bool = False,
         pipelining_strict: bool = True,
         trusted: bool = False,
+        carry: Carry | None = None,
     ) -> None:
+        """`carry`: a session that goes on after a dropped message (see the module doc)."""
         self.hostname = hostname
         self.tls_offered = tls_offered
         self.tls_active = tls_active
@@ -156,10 +177,22 @@ class Dialogue:
         self._awaiting: list[_Pending] = []  # entries waiting for a backend reply
         self._body: BodyScanner | None = None
         self._backend_dead: Ending | None = None
+        self._dropped: Reply | None = None  # the 552 owed for a message refused mid-body
+        self._hello: Command | None = None  # the client's last accepted HELO/EHLO
         self.backend_should_close = False
         self._sync = Discipline(strict=pipelining_strict, trusted=trusted)
         self._desync = False
-        self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting))
+        self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting or carry is not None))
+        if carry is not None:
+            if carry.hello is not None:
+                kind = _Kind.EHLO if carry.hello.verb == "EHLO" else _Kind.HELO
+                self._forward(_Pending(kind, carry.hello, swallow=True))
+                self._sync.command(carry.hello.verb, followed=False, owed=False)  # HELO or not
+            self._client_buffer += carry.client_bytes
+
+    def carry(self) -> Carry:
+        """What the next dialogue takes over, in `RESET`."""
+        return Carry(self._hello, bytes(self._client_buffer))
 
     # ------------------------------------------------------------------ output
 
@@ -217,7 +250,7 @@ class Dialogue:
     @property
     def waiting_for(self) -> Side | None:
         """'backend' while a reply is owed by it, 'client' while the client must speak."""
-        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE, Phase.STARTTLS_READY):
+        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE, Phase.STARTTLS_READY, Phase.RESET):
             return None
         if self._awaiting:
             return "backend"
@@ -269,7 +302,7 @@ class Dialogue:
 
     def receive_backend(self, data: bytes) -> None:
         """Bytes read from the backend; b"" when it closed its output."""
-        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE):
+        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._dropped is not None:
             return  # the old backend is being shut down; nothing it says counts
         if not data:
             self.backend_failed(Outcome.BACKEND_EXITED, "backend closed the connection")
@@ -305,6 +338,8 @@ class Dialogue:
         """The backend died, hung or spoke nonsense: 4xx to the client, never 250."""
         if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._backend_dead is not None:
             return
+        if self._dropped is not None:
+            return  # its input was closed on purpose: a fresh one comes (RESET)
         self._backend_dead = Ending(outcome, why)
         self.backend_should_close = True
         self.stats.events.append(why)
@@ -431,7 +466,7 @@ class Dialogue:
             if not entry.swallow:
                 self._to_client += entry.reply.raw
             self._after_reply(entry, entry.reply)
-            if self.closing:
+            if self.phase in (Phase.CLOSING, Phase.RESET):
                 return
         if self._pending and self._pending[0].kind is _Kind.STARTTLS:
             if self.phase is Phase.STARTTLS_WAIT:
@@ -451,6 +486,7 @@ class Dialogue:
         kind = entry.kind
         if kind in (_Kind.HELO, _Kind.EHLO) and reply.code == 250:
             assert entry.command is not None
+            self._hello = entry.command
             self.stats.helo = entry.command.args.decode("utf-8", "replace") or None
             self._esmtp = kind is _Kind.EHLO
         elif kind is _Kind.QUIT:
@@ -460,6 +496,8 @@ class Dialogue:
                 self.stats.messages += 1
             else:
                 self.stats.refused += 1
+            if entry.reset_after:
+                self._move(Event.MESSAGE_DROPPED)
         elif kind is _Kind.DATA:
             self._after_data(reply)
 
@@ -480,6 +518,8 @@ class Dialogue:
 
     def _process_client(self) -> None:
         while self._client_buffer and self.phase in (Phase.COMMAND, Phase.BODY):
+            if self._dropped is not None and self.phase is Phase.COMMAND:
+                return  # kept for the next dialogue (`carry`)
             if self.phase is Phase.BODY:
                 self._process_body()
                 continue
@@ -513,7 +553,7 @@ class Dialogue:
             self._deliver()
             return
         why = self._sync.command(
-            command.verb, followed=bool(self._client_buffer), owed=bool(self._pending)
+            command.verb, followed=bool(self._client_buffer), owed=self._owed()
         )
         if why is not None:
             self._out_of_sync(why, self._client_buffer)
@@ -528,9 +568,13 @@ class Dialogue:
 
     # ---------------------------------------------------------- synchronization
 
+    def _owed(self) -> bool:
+        """A reply to the client is still owed (not a swallowed one of a fresh backend)."""
+        return any(not p.swallow for p in self._pending)
+
     def _arrived_early(self, data: bytes) -> bool:
         """Client bytes outside the body: refused if a reply they should await is owed."""
-        if not self._pending:
+        if not self._owed():
             return False
         ender = verb = None
         for p in self._pending:
@@ -610,11 +654,18 @@ class Dialogue:
         try:
             result = self._body.feed(data)
         except RemoteProtocolError as exc:
-            self.stats.refused += 1
             self.stats.events.append(exc.text)
-            self._to_client += exc.reply
-            self._close(Outcome.PROTOCOL_ERROR, exc.text)
-            return
+            if exc.code == 552 and self._dropped is None:
+                # Too big: refused, but not a protocol error. The backend
+                # gets no end of data; the rest of the body is dropped.
+                self._dropped = replies.of_error(exc)
+                self.backend_should_close = True
+                result = self._body.feed(b"")
+            else:
+                self.stats.refused += 1
+                self._to_client += exc.reply
+                self._close(Outcome.PROTOCOL_ERROR, exc.text)
+                return
         self.stats.body_bytes += len(result.forward)
         if self._backend_dead is None:
             self._send_backend(result.forward)
@@ -623,18 +674,24 @@ class Dialogue:
         self._body = None
         self._move(Event.BODY_END)
         self._client_buffer += result.rest
-        if self._backend_dead is not None:
+        why = self._sync.command(".", followed=bool(self._client_buffer), owed=self._owed())
+        if why is not None:  # the dot is answered; what was pipelined behind it is not
+            self._out_of_sync(why, self._client_buffer)
+        if self._dropped is not None:  # answered now; a fresh backend next (RESET)
+            dot = _Pending(_Kind.DOT, reply=self._dropped, reset_after=why is None)
+            self._pending.append(dot)
+        elif self._backend_dead is not None:
             self.stats.refused += 1
             self._to_client += replies.message_lost().raw
             self._close(self._backend_dead.outcome, self._backend_dead.text)
             return
-        owed = bool(self._pending)
-        dot = _Pending(_Kind.DOT)
-        self._pending.append(dot)
-        self._awaiting.append(dot)
-        why = self._sync.command(".", followed=bool(self._client_buffer), owed=owed)
-        if why is not None:  # the message stands; what was pipelined behind it does not
-            self._out_of_sync(why, self._client_buffer)
+        else:
+            dot = _Pending(_Kind.DOT)
+            self._pending.append(dot)
+            self._awaiting.append(dot)
+        if why is not None:
             self._answer(
                 _Pending(_Kind.OTHER, desync=True), replies.synchronization_error(), close=True
             )
+        if self._dropped is not None:
+            self._deliver()
