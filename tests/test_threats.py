@@ -64,9 +64,9 @@ READY = b"220 2.0.0 Ready to start TLS\r\n"
 BYE = b"221 backend.example.org\r\n"
 
 # Most rows pipeline a HELO session's envelope in one write, which the
-# synchronization rule (row 25) refuses by default. They prove the defences
+# synchronization rule (`unauth-pipelining`) refuses by default. They prove the defences
 # that stand where that rule does not apply (a relaxed profile, a trusted
-# client), so their profiles relax it; row 25 tests the default.
+# client), so their profiles relax it; test_threats_pipelining.py tests the default.
 
 TCP_PROFILE = """
 [profile.smtp]

@@ -1,4 +1,4 @@
-"""Threat row 25, improper pipelining, black-box against a running tlsfront.
+"""The threat `unauth-pipelining` (docs/security.md), black-box against a running tlsfront.
 
 The default profile (``pipelining_strict`` on) refuses input pipelined where
 RFC 2920 forbids it with ``554 5.5.0`` and ends the session; a client that
@@ -61,7 +61,7 @@ async def ehlo_to_first_354(front: Front) -> Client:
     return client
 
 
-async def test_row_25_next_message_pipelined_with_its_body_at_every_split(
+async def test_unauth_pipelining_next_message_pipelined_with_its_body_at_every_split(
     start_front: Any, recorder: RecordingBackend
 ) -> None:
     """The end of one message, then MAIL, RCPT, DATA and the next body in one
@@ -101,7 +101,7 @@ async def test_row_25_next_message_pipelined_with_its_body_at_every_split(
             assert b"smuggled" not in (conv.partial or b"")
 
 
-async def test_row_25_into_a_qmail_backend(start_front: Any, log: SessionLog) -> None:
+async def test_unauth_pipelining_into_a_qmail_backend(start_front: Any, log: SessionLog) -> None:
     """The same in one write to the qmail-smtpd stand-in: one message queued."""
     front: Front = await start_front(STRICT_EXEC)
     with trio.fail_after(30):
@@ -127,7 +127,7 @@ async def test_row_25_into_a_qmail_backend(start_front: Any, log: SessionLog) ->
 
 
 @pytest.mark.parametrize("ender", [b"QUIT", b"BDAT 5 LAST"])
-async def test_row_25_a_command_behind_quit_or_bdat_at_every_split(
+async def test_unauth_pipelining_a_command_behind_quit_or_bdat_at_every_split(
     start_front: Any, recorder: RecordingBackend, ender: bytes
 ) -> None:
     front = await strict_front(start_front, recorder)
@@ -156,7 +156,7 @@ async def test_row_25_a_command_behind_quit_or_bdat_at_every_split(
         await recorder.all_done()
 
 
-async def test_row_25_helo_client_may_not_pipeline_at_every_split(
+async def test_unauth_pipelining_helo_client_may_not_pipeline_at_every_split(
     start_front: Any, recorder: RecordingBackend, log: SessionLog
 ) -> None:
     """HELO offers no PIPELINING: two commands in one write are refused."""
@@ -183,7 +183,9 @@ async def test_row_25_helo_client_may_not_pipeline_at_every_split(
     assert all("outcome=pipelining" in line for line in log.ends)
 
 
-async def test_row_25_smtplib_is_well_behaved(start_front: Any, recorder: RecordingBackend) -> None:
+async def test_unauth_pipelining_smtplib_is_well_behaved(
+    start_front: Any, recorder: RecordingBackend
+) -> None:
     """Python's smtplib (EHLO, one command at a time) passes the strict default."""
     front = await strict_front(start_front, recorder)
 
@@ -200,7 +202,7 @@ async def test_row_25_smtplib_is_well_behaved(start_front: Any, recorder: Record
 
 
 @pytest.mark.parametrize("listed", [True, False], ids=["relaying", "not relaying"])
-async def test_row_25_a_relaying_certificate_is_trusted(
+async def test_unauth_pipelining_a_relaying_certificate_is_trusted(
     start_front: Any, tmp_path: Path, ca: trustme.CA, log: SessionLog, listed: bool
 ) -> None:
     """A client that relays by certificate is not policed; any other is."""
