@@ -23,6 +23,7 @@ from tlsfront.ops.systemd import SystemdError
 from tlsfront.ops.workers import metrics_address
 
 if TYPE_CHECKING:
+    from tlsfront.inbound.handoff import HandoffSocket
     from tlsfront.inbound.server import Server
     from tlsfront.ops.systemd import Notifier, PassedSocket
 
@@ -55,6 +56,7 @@ def load(path: str | None) -> Config:
 def _startup_errors(exc: BaseException) -> list[BaseException] | None:
     """The errors inside `exc` (an exception group from a nursery, maybe) when
     all of them are start-up errors that deserve a line, not a traceback."""
+    from tlsfront.inbound.handoff import HandoffError
     from tlsfront.inbound.server import StartupError
 
     if isinstance(exc, BaseExceptionGroup):
@@ -65,7 +67,7 @@ def _startup_errors(exc: BaseException) -> list[BaseException] | None:
                 return None
             found += errors
         return found
-    if isinstance(exc, ConfigError | StartupError | SystemdError):
+    if isinstance(exc, ConfigError | StartupError | SystemdError | HandoffError):
         return [exc]
     return None
 
@@ -123,8 +125,12 @@ async def _serve(
     passed: list[PassedSocket],
     sockets: Mapping[str, Sequence[socket.socket]] | None = None,
     worker: int = 0,
+    handoff: HandoffSocket | None = None,
 ) -> None:
-    """One server process: all of it, or one of `workers` (then on `sockets`)."""
+    """One server process: all of it, or one of `workers` (then on `sockets`).
+
+    `handoff`: the bound handoff socket, when `handoff_socket` is set.
+    """
     from tlsfront.inbound.server import Server
     from tlsfront.ops.metrics_endpoint import serve_metrics
     from tlsfront.ops.systemd import (
@@ -148,7 +154,7 @@ async def _serve(
         async with trio.open_nursery() as nursery:
 
             async def run_server(task_status: trio.TaskStatus[Server]) -> None:
-                await server.run(listeners, task_status=task_status)
+                await server.run(listeners, handoff=handoff, task_status=task_status)
                 nursery.cancel_scope.cancel()  # stopped: metrics and signals too
 
             await nursery.start(run_server)
@@ -177,8 +183,10 @@ async def _serve(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from tlsfront.inbound.handoff import HandoffSocket
     from tlsfront.ops.systemd import passed_sockets
 
+    handoff: HandoffSocket | None = None
     try:
         passed = passed_sockets()
         config = load(args.config)
@@ -187,7 +195,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         count = settings.workers or os.cpu_count() or 1
         if count > 1:
             return _run_workers(config, args.config, passed, count)
-        trio.run(_serve, config, args.config, passed)
+        handoff = HandoffSocket.bind(settings)
+        trio.run(_serve, config, args.config, passed, None, 0, handoff)
     except BaseException as exc:
         errors = _startup_errors(exc)
         if errors is None:
@@ -195,6 +204,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for error in errors:
             log.error("%s", error)
         return 1
+    finally:
+        if handoff is not None:
+            handoff.close()
     return 0
 
 
@@ -202,18 +214,24 @@ def _run_workers(
     config: Config, config_arg: str | None, passed: list[PassedSocket], count: int
 ) -> int:
     """`workers` processes on shared sockets (tlsfront.ops.workers)."""
+    from tlsfront.inbound.handoff import HandoffSocket
     from tlsfront.inbound.server import build_runtimes
     from tlsfront.ops.workers import Supervisor, open_sockets
 
     build_runtimes(config)  # a broken configuration is refused before any fork
     sockets = open_sockets(config, passed)
+    handoff = HandoffSocket.bind(config.settings)  # every worker accepts on it
 
     def worker_main(index: int, sockets: Mapping[str, Sequence[socket.socket]]) -> int:
-        trio.run(_serve, config, config_arg, [], sockets, index)
+        trio.run(_serve, config, config_arg, [], sockets, index, handoff)
         return 0
 
     log.info("starting %d workers", count)
-    return Supervisor(count, sockets, worker_main).run()
+    try:
+        return Supervisor(count, sockets, worker_main).run()
+    finally:
+        if handoff is not None:
+            handoff.close()
 
 
 def cmd_inetd(args: argparse.Namespace) -> int:

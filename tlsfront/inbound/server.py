@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -38,6 +40,9 @@ from tlsfront.net.address import Address, split_host_port
 from tlsfront.net.netstream import NetStream
 from tlsfront.net.proxyproto import accept_proxied
 from tlsfront.ops import counters
+
+if TYPE_CHECKING:
+    from tlsfront.inbound.handoff import HandoffSocket
 
 log = logging.getLogger("tlsfront")
 
@@ -233,18 +238,25 @@ class Server:
         self.stopping = True
         self._stop.set()
 
-    async def _handle(self, server: ProfileServer, stream: trio.SocketStream) -> None:
+    @contextmanager
+    def connection(self) -> Iterator[None]:
+        """Count a connection in progress for as long as the block runs."""
         self.active += 1
         try:
-            await server.handle(stream)
-        except Exception:
-            # One session's bug must not take every other session down.
-            log.exception("profile %s: internal error in a session", server.name)
-            counters.connection_refused(server.name, SessionLabel.ERROR)
+            yield
         finally:
             self.active -= 1
             self._ended.set()
             self._ended = trio.Event()
+
+    async def _handle(self, server: ProfileServer, stream: trio.SocketStream) -> None:
+        with self.connection():
+            try:
+                await server.handle(stream)
+            except Exception:
+                # One session's bug must not take every other session down.
+                log.exception("profile %s: internal error in a session", server.name)
+                counters.connection_refused(server.name, SessionLabel.ERROR)
 
     async def wait_idle(self) -> None:
         """Until no connection is in progress."""
@@ -255,11 +267,14 @@ class Server:
         self,
         listeners: Mapping[str, Sequence[trio.SocketListener]] | None = None,
         *,
+        handoff: HandoffSocket | None = None,
         task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until `stop()` has run its course, or until cancelled.
 
         `listeners` (e.g. from systemd) replace a profile's `listen`.
+        `handoff`: also serve connections that inetd starters hand over
+        (tlsfront.inbound.handoff).
         """
         opened: dict[str, list[trio.SocketListener]] = {}
         try:
@@ -288,6 +303,10 @@ class Server:
                         handler_nursery=sessions,
                     )
                     await accepting.start(serve)
+                if handoff is not None:
+                    from tlsfront.inbound.handoff import serve_handoff
+
+                    await accepting.start(serve_handoff, self, handoff, sessions)
                 task_status.started(self)
                 await self._stop.wait()
                 accepting.cancel_scope.cancel()  # closes the listeners

@@ -1,0 +1,231 @@
+"""The inetd starter and the handoff socket, as real processes under a real tcpserver.
+
+A run script that runs `python3 -S -E tlsfront/starter.py -p smtp ...` where it
+ran `tlsfront inetd -p smtp ...` has each connection handed to a running
+`tlsfront run` (descriptor passing over its `handoff_socket`), which serves
+it as `tlsfront inetd` would have; without a daemon the starter becomes
+`tlsfront inetd` itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from support.front import toml_str
+from support.ucspi import Lines, sessions, tcpserver
+from test_inetd import smtp_session, write_setup
+
+import tlsfront.starter
+
+STARTER = Path(tlsfront.starter.__file__)
+
+# what a run script exports, which `tlsfront inetd` sees as its environment
+RUN_SCRIPT_ENV = {"DATABYTES": "1000000", "FROM_RUN_SCRIPT": "yes"}
+
+# variables that differ from one connection to the next
+PER_CONNECTION = {"TCPREMOTEPORT", "SSL_SESSION_ID"}
+
+
+def starter_argv(config: Path, handoff: Path, profile: str = "smtp") -> list[str]:
+    return [
+        sys.executable,
+        "-S",
+        "-E",
+        str(STARTER),
+        "-s",
+        str(handoff),
+        "-p",
+        profile,
+        "-c",
+        str(config),
+    ]
+
+
+def add_handoff(config: Path, handoff: Path, extra: str = "") -> None:
+    """[defaults] with the handoff socket, one worker, a short grace."""
+    text = f"[defaults]\nhandoff_socket = {toml_str(handoff)}\nworkers = 1\nshutdown_grace = 1\n"
+    config.write_text(text + extra + config.read_text())
+
+
+class Daemon:
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.log = b""
+
+    def text(self) -> str:
+        return self.log.decode(errors="replace")
+
+
+@asynccontextmanager
+async def daemon(config: Path) -> AsyncIterator[Daemon]:
+    """`tlsfront run -c CONFIG` until the block ends, once its handoff socket listens."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tlsfront", "run", "-c", str(config)],
+        stderr=subprocess.PIPE,
+        env={"PATH": os.environ["PATH"]},
+    )
+    assert process.stderr is not None
+    running = Daemon(process)
+    listening = trio.Event()
+
+    async def read_log() -> None:
+        assert process.stderr is not None
+        while chunk := await process.stderr.receive_some():
+            running.log += chunk
+            if b"handoff: listening on" in running.log:
+                listening.set()
+        listening.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_log)
+            with trio.fail_after(30):
+                await listening.wait()
+            assert process.returncode is None, running.text()
+            try:
+                yield running
+            finally:
+                with trio.CancelScope(shield=True), trio.fail_after(30):
+                    process.terminate()
+                    await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def backend_env(record: dict[str, object]) -> dict[str, str]:
+    env = record["env"]
+    assert isinstance(env, dict)
+    return {k: v for k, v in env.items() if k not in PER_CONNECTION}
+
+
+async def test_handed_over_under_tcpserver(
+    tmp_path: Path, tls_dir: Path, client_context: ssl.SSLContext
+) -> None:
+    """tcpserver + the starter: the daemon serves the session, with the
+    environment the in-process `tlsfront inetd` gives the backend, and the
+    starter lives until the session ends (tcpserver's -c keeps counting)."""
+    config, capture = write_setup(tmp_path, tls_dir, '127.0.0.1:allow,FROM_RULES="yes"\n')
+    handoff = tmp_path / "run" / "handoff.sock"
+    add_handoff(config, handoff)
+    log = tmp_path / "tcpserver.log"
+    async with daemon(config) as running:
+        assert handoff.is_socket()
+        assert handoff.stat().st_mode & 0o777 == 0o600
+        async with tcpserver(starter_argv(config, handoff), log, env=RUN_SCRIPT_ENV) as port:
+            with trio.fail_after(60):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                lines = Lines(stream)
+                assert (await lines.reply()).startswith(b"220 ")
+                # the starter, tcpserver's child, is still there while the session runs
+                (pid,) = [
+                    int(line.split()[2])
+                    for line in log.read_text().splitlines()
+                    if line.startswith("tcpserver: pid ")
+                ]
+                os.kill(pid, 0)
+                assert (await lines.command(b"QUIT")).startswith(b"221 ")
+                assert await stream.receive_some() == b""
+                await stream.aclose()
+                refused, client_port = await trio.to_thread.run_sync(
+                    lambda: smtp_session(port, client_context, ["b@example.org"])
+                )
+    assert refused == {}
+    assert f"client=127.0.0.1:{client_port} profile=smtp tls=TLSv1." in running.text()
+    assert f"tcpserver: end {pid} status 0" in log.read_text()
+    _, plain, after_tls = sessions(capture)
+    assert (plain["env"]["TCPREMOTEIP"], plain["env"]["TCPREMOTEPORT"]) == (
+        "127.0.0.1",
+        str(client_port),
+    )
+    assert plain["env"]["TCPLOCALPORT"] == str(port)
+    assert plain["env"]["FROM_RULES"] == "yes"
+    assert after_tls["envelopes"][0]["to"] == ["b@example.org"]
+    (body,) = after_tls["messages"]
+    assert b"by front.example.org (tlsfront) with ESMTPS" in body
+
+    # the same connection served in-process (no daemon): the same environment
+    async with tcpserver(starter_argv(config, handoff), log, env=RUN_SCRIPT_ENV) as port:
+        with trio.fail_after(60):
+            await trio.to_thread.run_sync(
+                lambda: smtp_session(port, client_context, ["b@example.org"])
+            )
+    _, _, _, plain_here, after_tls_here = sessions(capture)
+    assert backend_env(plain_here) == backend_env(plain) | {"TCPLOCALPORT": str(port)}
+    assert backend_env(after_tls_here) == backend_env(after_tls) | {"TCPLOCALPORT": str(port)}
+
+
+async def test_no_daemon_serves_in_process(
+    tmp_path: Path, tls_dir: Path, client_context: ssl.SSLContext
+) -> None:
+    """Nothing at the handoff socket: the starter becomes `tlsfront inetd`."""
+    config, capture = write_setup(tmp_path, tls_dir, ":allow\n")
+    handoff = tmp_path / "nobody-here.sock"
+    log = tmp_path / "tcpserver.log"
+    async with tcpserver(starter_argv(config, handoff), log) as port:
+        with trio.fail_after(60):
+            refused, client_port = await trio.to_thread.run_sync(
+                lambda: smtp_session(port, client_context, ["b@example.org"])
+            )
+    assert refused == {}
+    _, after_tls = sessions(capture)
+    assert after_tls["env"]["TCPREMOTEPORT"] == str(client_port)
+    assert after_tls["envelopes"][0]["to"] == ["b@example.org"]
+
+
+async def test_unknown_profile_is_answered_no(tmp_path: Path, tls_dir: Path) -> None:
+    """A profile the daemon lacks: `-`, and the starter keeps the connection."""
+    config, capture = write_setup(tmp_path, tls_dir, ":allow\n")
+    handoff = tmp_path / "handoff.sock"
+    add_handoff(config, handoff)
+    async with daemon(config) as running:
+        ours, theirs = socket.socketpair()
+        with ours, theirs, socket.socket(socket.AF_UNIX) as conn:
+            with trio.fail_after(30):
+                await trio.to_thread.run_sync(conn.connect, str(handoff))
+                data = tlsfront.starter.message("nosuch", {b"A": b"1"})
+                socket.send_fds(conn, [data], [theirs.fileno()])
+                answer = await trio.to_thread.run_sync(conn.recv, 100)
+    assert answer.startswith(b"-no inbound profile 'nosuch'")
+    assert "handoff: no inbound profile 'nosuch'" in running.text()
+    assert sessions(capture) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the socket to another account")
+async def test_other_uid_refused(tmp_path: Path, tls_dir: Path) -> None:
+    """handoff_user = nobody: the socket is nobody's, 0600, and root's connection
+    (which file permissions do not stop) is closed by the SO_PEERCRED check."""
+    config, capture = write_setup(tmp_path, tls_dir, ":allow\n")
+    handoff = tmp_path / "handoff.sock"
+    add_handoff(config, handoff, 'handoff_user = "nobody"\n')
+    nobody = 65534
+    async with daemon(config) as running:
+        st = handoff.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (nobody, 0o600)
+        ours, theirs = socket.socketpair()
+        with ours, theirs, socket.socket(socket.AF_UNIX) as conn:
+            with trio.fail_after(30):
+                await trio.to_thread.run_sync(conn.connect, str(handoff))
+                data = tlsfront.starter.message("smtp", {})
+                try:
+                    socket.send_fds(conn, [data], [theirs.fileno()])
+                    answer = await trio.to_thread.run_sync(conn.recv, 100)
+                except ConnectionError:
+                    answer = b""  # closed on with the message unread: a reset
+            assert answer == b""
+            theirs.close()
+            # the connection was not taken: no greeting, the client end just closes
+            with trio.fail_after(30):
+                assert await trio.to_thread.run_sync(ours.recv, 100) == b""
+    assert f"handoff: refused a connection from uid 0 (allowed: {nobody})" in running.text()
+    assert sessions(capture) == []
