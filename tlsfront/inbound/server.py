@@ -40,6 +40,7 @@ from tlsfront.net.address import Address, split_host_port
 from tlsfront.net.netstream import NetStream
 from tlsfront.net.proxyproto import accept_proxied
 from tlsfront.ops import counters
+from tlsfront.smtp import replies
 
 if TYPE_CHECKING:
     from tlsfront.inbound.handoff import HandoffSocket
@@ -160,7 +161,7 @@ async def _refuse(stream: trio.abc.Stream, profile: Profile, why: str) -> None:
     with trio.move_on_after(5):
         try:
             if profile.tls != "implicit":
-                await stream.send_all(f"421 4.7.0 {profile.hostname} Error: {why}\r\n".encode())
+                await stream.send_all(replies.refused_connection(profile.hostname, why).raw)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     await stream.aclose()

@@ -40,7 +40,8 @@ from tlsfront.outbound.dane import check_chain, lookup_tlsa
 from tlsfront.outbound.mtasts import StsPolicy
 from tlsfront.outbound.mx import Destination, Dns, DnsFailure, Hop, find_hops
 from tlsfront.outbound.policy import Decision, HostFacts, TlsAttempt, Trust, decide
-from tlsfront.outbound.protocol import Reply
+from tlsfront.smtp import replies
+from tlsfront.smtp.reply import Reply
 from tlsfront.tls.client import (
     ClientContext,
     ClientTLSStream,
@@ -109,8 +110,8 @@ class Dialer:
             dest = await find_hops(domain, self.profile.routes, self.dns, self.runtime.smtp_port)
         except DnsFailure as err:
             if err.permanent:
-                return Reply.make(550, f"5.1.2 {err.message}")
-            return Reply.make(451, f"4.4.3 {err.message}")
+                return replies.relay_no_such_domain(err.message)
+            return replies.relay_dns_failed(err.message)
         sts = await self._sts(dest)
         last, tls_failed = f"{domain}: no host to try", False
         for hop in dest.hops:
@@ -140,8 +141,8 @@ class Dialer:
                     return result
                 last, tls_failed = result.reason, tls_failed or result.tls
         if tls_failed:
-            return Reply.make(451, f"4.7.5 TLS policy not met: {last}")
-        return Reply.make(451, f"4.4.0 no remote host reachable: {last}")
+            return replies.relay_tls_policy_not_met(last)
+        return replies.relay_unreachable(last)
 
     async def _sts(self, dest: Destination) -> StsPolicy | None:
         if not self.profile.mta_sts or dest.source not in ("mx", "implicit"):
