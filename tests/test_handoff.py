@@ -50,9 +50,10 @@ def starter_argv(config: Path, handoff: Path, profile: str = "smtp") -> list[str
     ]
 
 
-def add_handoff(config: Path, handoff: Path, extra: str = "") -> None:
-    """[defaults] with the handoff socket, one worker, a short grace."""
-    text = f"[defaults]\nhandoff_socket = {toml_str(handoff)}\nworkers = 1\nshutdown_grace = 1\n"
+def add_handoff(config: Path, handoff: Path, extra: str = "", workers: int = 1) -> None:
+    """[defaults] with the handoff socket, `workers`, a short grace."""
+    text = f"[defaults]\nhandoff_socket = {toml_str(handoff)}\nworkers = {workers}\n"
+    text += "shutdown_grace = 1\n"
     config.write_text(text + extra + config.read_text())
 
 
@@ -163,6 +164,29 @@ async def test_handed_over_under_tcpserver(
     _, _, _, plain_here, after_tls_here = sessions(capture)
     assert backend_env(plain_here) == backend_env(plain) | {"TCPLOCALPORT": str(port)}
     assert backend_env(after_tls_here) == backend_env(after_tls) | {"TCPLOCALPORT": str(port)}
+
+
+async def test_handed_over_to_workers(
+    tmp_path: Path, tls_dir: Path, client_context: ssl.SSLContext
+) -> None:
+    """workers = 2: the parent binds the handoff socket, a worker takes the session;
+    the socket file goes when the daemon stops."""
+    config, capture = write_setup(tmp_path, tls_dir, ":allow\n")
+    handoff = tmp_path / "handoff.sock"
+    add_handoff(config, handoff, workers=2)
+    log = tmp_path / "tcpserver.log"
+    async with daemon(config) as running:
+        async with tcpserver(starter_argv(config, handoff), log) as port:
+            with trio.fail_after(60):
+                refused, client_port = await trio.to_thread.run_sync(
+                    lambda: smtp_session(port, client_context, ["b@example.org"])
+                )
+    assert refused == {}
+    assert "starting 2 workers" in running.text()
+    assert f"client=127.0.0.1:{client_port} profile=smtp tls=TLSv1." in running.text()
+    assert not handoff.exists()
+    _, after_tls = sessions(capture)
+    assert after_tls["envelopes"][0]["to"] == ["b@example.org"]
 
 
 async def test_no_daemon_serves_in_process(

@@ -27,6 +27,11 @@ Python program per connection. Each handoff is one stream connection:
 5. when the session ends, the handoff connection is closed: the starter,
    waiting on it, exits, and tcpserver counts the connection as ended.
 
+Why one account only: whoever hands a connection over also says who the
+client is (TCPREMOTEIP) and gives the environment the backend starts from,
+as whoever starts `tlsfront inetd` does; under tcpserver that is tcpserver's
+`-u` account, which could as well start qmail-smtpd with any environment.
+
 The socket is bound by the process that binds the TCP listeners (the
 parent, with `workers`), so that every worker accepts on it. A file left at
 the path by an earlier run is replaced when nothing listens on it; one with
