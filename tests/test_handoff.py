@@ -175,12 +175,11 @@ async def test_handed_over_to_workers(
     handoff = tmp_path / "handoff.sock"
     add_handoff(config, handoff, workers=2)
     log = tmp_path / "tcpserver.log"
-    async with daemon(config) as running:
-        async with tcpserver(starter_argv(config, handoff), log) as port:
-            with trio.fail_after(60):
-                refused, client_port = await trio.to_thread.run_sync(
-                    lambda: smtp_session(port, client_context, ["b@example.org"])
-                )
+    async with daemon(config) as running, tcpserver(starter_argv(config, handoff), log) as port:
+        with trio.fail_after(60):
+            refused, client_port = await trio.to_thread.run_sync(
+                lambda: smtp_session(port, client_context, ["b@example.org"])
+            )
     assert refused == {}
     assert "starting 2 workers" in running.text()
     assert f"client=127.0.0.1:{client_port} profile=smtp tls=TLSv1." in running.text()
@@ -253,3 +252,22 @@ async def test_other_uid_refused(tmp_path: Path, tls_dir: Path) -> None:
                 assert await trio.to_thread.run_sync(ours.recv, 100) == b""
     assert f"handoff: refused a connection from uid 0 (allowed: {nobody})" in running.text()
     assert sessions(capture) == []
+
+
+def test_check_names_the_handoff_account(tmp_path: Path, tls_dir: Path) -> None:
+    """`tlsfront check`: an account that does not exist is an error."""
+    from tlsfront.config.files import load_chosen
+    from tlsfront.ops.check import check_config
+
+    config, _ = write_setup(tmp_path, tls_dir, ":allow\n")
+    add_handoff(config, tmp_path / "handoff.sock", 'handoff_user = "no-such-account"\n')
+    loaded = load_chosen(str(config))
+    assert loaded is not None
+    report = check_config(loaded)
+    assert "handoff_user: no account 'no-such-account'" in report.errors
+    config.write_text(config.read_text().replace('"no-such-account"', '"4242"'))
+    loaded = load_chosen(str(config))
+    assert loaded is not None
+    report = check_config(loaded)
+    assert not report.errors
+    assert f"handoff socket {tmp_path / 'handoff.sock'} for uid 4242" in report.notes

@@ -246,9 +246,27 @@ def check_tcp_backend(
         )
 
 
+def _check_handoff(config: Config, report: Report) -> None:
+    """The handoff socket's path and account (tlsfront.inbound.handoff)."""
+    from tlsfront.inbound.handoff import HandoffError, handoff_uid
+
+    path = config.settings.handoff_socket
+    if path is None:
+        return
+    if len(os.fsencode(path)) > 107:
+        report.error(f"handoff_socket {path}: longer than a UNIX socket path may be (107 bytes)")
+    try:
+        uid = handoff_uid(config.settings.handoff_user)
+    except HandoffError as exc:
+        report.error(str(exc))
+        return
+    report.note(f"handoff socket {path} for uid {uid}")
+
+
 def check_config(config: Config, now: datetime.datetime | None = None) -> Report:
     report = Report()
     now = now or datetime.datetime.now(datetime.UTC)
+    _check_handoff(config, report)
     for profile in config.profiles.values():
         if profile.mode != "inbound":
             continue
