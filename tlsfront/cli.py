@@ -150,11 +150,18 @@ async def _serve(
             for name, socks in sockets.items()
         }
     server = Server(config)
+    acceptors = []
+    if handoff is not None:
+        from functools import partial
+
+        from tlsfront.inbound.handoff import serve_handoff
+
+        acceptors.append(partial(serve_handoff, server, handoff))
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
             async def run_server(task_status: trio.TaskStatus[Server]) -> None:
-                await server.run(listeners, handoff=handoff, task_status=task_status)
+                await server.run(listeners, acceptors=acceptors, task_status=task_status)
                 nursery.cancel_scope.cancel()  # stopped: metrics and signals too
 
             await nursery.start(run_server)

@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -42,12 +41,13 @@ from tlsfront.net.proxyproto import accept_proxied
 from tlsfront.ops import counters
 from tlsfront.smtp import replies
 
-if TYPE_CHECKING:
-    from tlsfront.inbound.handoff import HandoffSocket
-
 log = logging.getLogger("tlsfront")
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
+# Another source of sessions for `Server.run` (the handoff socket): started
+# with the nursery its sessions run in, it calls task_status.started() once
+# it accepts, and accepts until cancelled.
+Acceptor = Callable[..., Awaitable[None]]
 
 
 class StartupError(Exception):
@@ -268,14 +268,14 @@ class Server:
         self,
         listeners: Mapping[str, Sequence[trio.SocketListener]] | None = None,
         *,
-        handoff: HandoffSocket | None = None,
+        acceptors: Sequence[Acceptor] = (),
         task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until `stop()` has run its course, or until cancelled.
 
         `listeners` (e.g. from systemd) replace a profile's `listen`.
-        `handoff`: also serve connections that inetd starters hand over
-        (tlsfront.inbound.handoff).
+        `acceptors`: more sources of sessions, e.g. the handoff socket's
+        (tlsfront.inbound.handoff), stopped with the listeners.
         """
         opened: dict[str, list[trio.SocketListener]] = {}
         try:
@@ -304,10 +304,8 @@ class Server:
                         handler_nursery=sessions,
                     )
                     await accepting.start(serve)
-                if handoff is not None:
-                    from tlsfront.inbound.handoff import serve_handoff
-
-                    await accepting.start(serve_handoff, self, handoff, sessions)
+                for acceptor in acceptors:
+                    await accepting.start(acceptor, sessions)
                 task_status.started(self)
                 await self._stop.wait()
                 accepting.cancel_scope.cancel()  # closes the listeners
