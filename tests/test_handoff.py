@@ -271,3 +271,42 @@ def test_check_names_the_handoff_account(tmp_path: Path, tls_dir: Path) -> None:
     report = check_config(loaded)
     assert not report.errors
     assert f"handoff socket {tmp_path / 'handoff.sock'} for uid 4242" in report.notes
+
+
+def test_message_round_trip() -> None:
+    """What the starter sends is what the daemon reads; systemd's LISTEN_* stay behind."""
+    from tlsfront.inbound.handoff import MAGIC, parse_message
+
+    environ = {
+        b"TCPREMOTEIP": b"192.0.2.7",
+        b"EMPTY": b"",
+        b"WITH_EQUALS": b"a=b",
+        b"LATIN1": b"caf\xe9",
+        b"LISTEN_FDS": b"1",
+        b"LISTEN_PID": b"42",
+    }
+    data = tlsfront.starter.message("smtp", environ)
+    assert data.startswith(MAGIC)
+    size = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 4], "big")
+    body = data[len(MAGIC) + 4 :]
+    assert len(body) == size
+    profile, env = parse_message(body)
+    assert profile == "smtp"
+    assert env == {
+        "TCPREMOTEIP": "192.0.2.7",
+        "EMPTY": "",
+        "WITH_EQUALS": "a=b",
+        "LATIN1": os.fsdecode(b"caf\xe9"),
+    }
+    with pytest.raises(ValueError, match="malformed environment entry"):
+        parse_message(b"smtp\0NOEQUALS\0")
+
+
+def test_starter_arguments() -> None:
+    parse = tlsfront.starter.parse
+    assert parse(["-p", "smtp"]) == ("smtp", None, tlsfront.starter.DEFAULT_SOCKET)
+    assert parse(["-psmtp", "-c", "/etc/t.toml", "--socket", "/s"]) == ("smtp", "/etc/t.toml", "/s")
+    assert parse(["--profile", "smtps", "--config", "c"])[:2] == ("smtps", "c")
+    for wrong in ([], ["-c", "x"], ["-p"], ["-x", "y", "-p", "smtp"]):
+        with pytest.raises(ValueError, match=r"^-"):
+            parse(wrong)

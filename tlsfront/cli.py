@@ -95,7 +95,7 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     else:
         new = config.settings
         setup_logging(new.log_level, new.log_format)
-        for key in ("metrics_listen", "workers"):
+        for key in ("metrics_listen", "workers", "handoff_socket", "handoff_user"):
             if getattr(old, key) != getattr(new, key):
                 log.warning("reload: %s changed: restart to apply", key)
         log.info("reloaded the configuration%s", f" from {config.path}" if config.path else "")
