@@ -204,6 +204,7 @@ async def test_no_daemon_serves_in_process(
     _, after_tls = sessions(capture)
     assert after_tls["env"]["TCPREMOTEPORT"] == str(client_port)
     assert after_tls["envelopes"][0]["to"] == ["b@example.org"]
+    assert "handoff refused" not in log.read_text()  # no daemon is not worth a line
 
 
 async def test_unknown_profile_is_answered_no(tmp_path: Path, tls_dir: Path) -> None:
@@ -250,8 +251,33 @@ async def test_other_uid_refused(tmp_path: Path, tls_dir: Path) -> None:
             # the connection was not taken: no greeting, the client end just closes
             with trio.fail_after(30):
                 assert await trio.to_thread.run_sync(ours.recv, 100) == b""
+        # the starter, refused the same way, says so and serves the connection itself
+        ours, theirs = socket.socketpair()
+        with theirs:
+            starter = subprocess.Popen(
+                starter_argv(config, handoff),
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                stderr=subprocess.PIPE,
+                env={"PATH": os.environ["PATH"]},
+            )
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        with trio.fail_after(60):
+            lines = Lines(stream)
+            assert (await lines.reply()).startswith(b"220 ")
+            assert (await lines.command(b"QUIT")).startswith(b"221 ")
+            await stream.aclose()
+            assert await trio.to_thread.run_sync(starter.wait) == 0
     assert f"handoff: refused a connection from uid 0 (allowed: {nobody})" in running.text()
-    assert sessions(capture) == []
+    assert starter.stderr is not None
+    with starter.stderr:
+        said = starter.stderr.read().decode()
+    (line,) = [line for line in said.splitlines() if line.startswith("tlsfront starter:")]
+    # closed on before or after the message was read: "closed", or a reset
+    assert line.startswith(f"tlsfront starter: handoff refused: {handoff}: ")
+    assert line.endswith(": serving in-process")
+    (session,) = sessions(capture)  # served by the starter's own tlsfront inetd
+    assert session["env"]["TCPREMOTEIP"] == "0.0.0.0"
 
 
 def test_check_names_the_handoff_account(tmp_path: Path, tls_dir: Path) -> None:

@@ -10,8 +10,8 @@ Theory of operation
 the site machinery, trio, OpenSSL, the configuration, the certificates and a
 TLS context, some 0.3 s of CPU, where the qmail-smtpd it fronts costs about
 a millisecond. The starter is standalone on purpose: it imports nothing of
-tlsfront and nothing of the standard library but the built-in `_socket`,
-`os` and `sys`, so that `python3 -S -E` starts it in about the time the
+tlsfront and nothing of the standard library but `_socket`, `errno`, `os`
+and `sys`, so that `python3 -S -E` starts it in about the time the
 interpreter itself needs.
 
 It connects to the handoff socket of a running `tlsfront run` (the
@@ -35,7 +35,8 @@ tcpserver's `-v` log line `end` comes when the session really ends.
 Whenever the handoff does not happen (no socket, nobody listening, the daemon
 refuses the profile or the sender, or gives no answer within a few
 seconds), the starter still holds the connection and becomes `tlsfront
-inetd -p PROFILE [-c FILE]` with exec: the same interpreter without `-S`,
+inetd -p PROFILE [-c FILE]` with exec (saying why on stderr, unless simply
+no daemon runs): the same interpreter without `-S`,
 the same arguments, the same environment, the same descriptors. A host
 where the daemon is down serves mail as before, only more expensively.
 
@@ -51,6 +52,7 @@ the end of the stream when the session is over.
 """
 
 import _socket
+import errno
 import os
 import sys
 
@@ -105,8 +107,17 @@ def message(profile: str, environ: dict[bytes, bytes]) -> bytes:
     return MAGIC + len(data).to_bytes(4, "big") + data
 
 
+class Refused(Exception):
+    """The handoff did not happen, for a reason worth a log line."""
+
+
+# nobody listens: the daemon is not running, serving here is expected
+_NO_DAEMON = (errno.ENOENT, errno.ECONNREFUSED)
+
+
 def hand_off(path: str, profile: str, fds: list[int]) -> _socket.socket | None:
-    """Hand the connection over; the handoff socket once the daemon holds it, else None."""
+    """Hand the connection over: the handoff socket once the daemon holds it,
+    None when no daemon listens; Refused when one did not take it."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(ANSWER_TIMEOUT)
@@ -117,12 +128,16 @@ def hand_off(path: str, profile: str, fds: list[int]) -> _socket.socket | None:
         sent = sock.sendmsg([data], rights)
         if sent < len(data):
             sock.sendall(data[sent:])
-        if sock.recv(1) != b"+":
-            sock.close()
-            return None
-    except OSError:
+        answer = sock.recv(512)
+    except OSError as exc:
         sock.close()
-        return None
+        if exc.errno in _NO_DAEMON:
+            return None
+        raise Refused(f"{path}: {exc.strerror or exc}") from None
+    if answer[:1] != b"+":
+        sock.close()
+        why = answer[1:].decode("utf-8", "replace").strip() or "closed"
+        raise Refused(f"{path}: {why}")
     sock.settimeout(None)
     return sock
 
@@ -142,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         os.write(2, USAGE.encode())
         return 100
     fds = connection_fds()
-    sock = hand_off(path, profile, fds)
+    try:
+        sock = hand_off(path, profile, fds)
+    except Refused as exc:
+        os.write(2, f"tlsfront starter: handoff refused: {exc}: serving in-process\n".encode())
+        sock = None
     if sock is None:
         try:
             fallback(profile, config)

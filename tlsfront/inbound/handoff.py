@@ -106,7 +106,10 @@ class HandoffSocket:
             raise HandoffError(
                 f"handoff_socket {path}: only root can give it to uid {uid} (handoff_user)"
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            # searchable by the starter's account whatever the umask
+            path.parent.mkdir(parents=True)
+            path.parent.chmod(0o755)
         _remove_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # 0600 from the start, never wider
