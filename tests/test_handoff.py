@@ -104,6 +104,18 @@ async def daemon(config: Path) -> AsyncIterator[Daemon]:
             await process.wait()
 
 
+def spawn_starter(argv: list[str], sock: socket.socket) -> subprocess.Popen[bytes]:
+    """The starter with `sock` as its standard input and output, as inetd runs it."""
+    with sock:
+        return subprocess.Popen(
+            argv,
+            stdin=sock.fileno(),
+            stdout=sock.fileno(),
+            stderr=subprocess.PIPE,
+            env={"PATH": os.environ["PATH"]},
+        )
+
+
 def backend_env(record: dict[str, object]) -> dict[str, str]:
     env = record["env"]
     assert isinstance(env, dict)
@@ -253,14 +265,7 @@ async def test_other_uid_refused(tmp_path: Path, tls_dir: Path) -> None:
                 assert await trio.to_thread.run_sync(ours.recv, 100) == b""
         # the starter, refused the same way, says so and serves the connection itself
         ours, theirs = socket.socketpair()
-        with theirs:
-            starter = subprocess.Popen(
-                starter_argv(config, handoff),
-                stdin=theirs.fileno(),
-                stdout=theirs.fileno(),
-                stderr=subprocess.PIPE,
-                env={"PATH": os.environ["PATH"]},
-            )
+        starter = spawn_starter(starter_argv(config, handoff), theirs)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         with trio.fail_after(60):
             lines = Lines(stream)
