@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from support.daemon import passing_sockets
 from support.front import toml_str
 from support.ucspi import Lines, sessions, tcpserver
 from test_inetd import smtp_session, write_setup
@@ -198,6 +199,45 @@ async def test_handed_over_to_workers(
     assert not handoff.exists()
     _, after_tls = sessions(capture)
     assert after_tls["envelopes"][0]["to"] == ["b@example.org"]
+
+
+def spawn_systemd_style(argv: list[str], sock: socket.socket) -> subprocess.Popen[bytes]:
+    """`argv` with the connection as fd 3 and LISTEN_FDS=1, as systemd Accept=yes
+    without StandardInput=socket starts it; stdin and stdout are not the client."""
+    wrapped, fds = passing_sockets([sock], ["connection"], argv)
+    with sock:
+        return subprocess.Popen(
+            wrapped,
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={"PATH": os.environ["PATH"], "FROM_UNIT": "yes"},
+        )
+
+
+async def test_systemd_connection_on_fd_3(tmp_path: Path, tls_dir: Path) -> None:
+    """LISTEN_FDS=1 for the starter itself: fd 3 is the connection handed over
+    (that LISTEN_* is not sent along: test_message_round_trip)."""
+    config, capture = write_setup(tmp_path, tls_dir, ":allow\n")
+    handoff = tmp_path / "handoff.sock"
+    add_handoff(config, handoff)
+    async with daemon(config) as running:
+        ours, theirs = socket.socketpair()
+        starter = spawn_systemd_style(starter_argv(config, handoff), theirs)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        with trio.fail_after(60):
+            lines = Lines(stream)
+            assert (await lines.reply()).startswith(b"220 ")
+            assert (await lines.command(b"QUIT")).startswith(b"221 ")
+            await stream.aclose()
+            assert await trio.to_thread.run_sync(starter.wait) == 0
+    assert starter.stderr is not None
+    with starter.stderr:
+        assert starter.stderr.read() == b""  # handed over, no fallback
+    assert "session end: client=0.0.0.0:0 profile=smtp" in running.text()
+    (session,) = sessions(capture)
+    assert session["env"]["TCPREMOTEIP"] == "0.0.0.0"
 
 
 async def test_no_daemon_serves_in_process(
