@@ -183,8 +183,10 @@ async def test_handed_over_to_workers(
     tmp_path: Path, tls_dir: Path, client_context: ssl.SSLContext
 ) -> None:
     """workers = 2: the parent binds the handoff socket, a worker takes the session;
-    the socket file goes when the daemon stops."""
+    the socket file goes when the daemon stops. (No profile has a listen: the
+    handoff socket is all the daemon serves.)"""
     config, capture = write_setup(tmp_path, tls_dir, ":allow\n")
+    assert "listen" not in config.read_text()
     handoff = tmp_path / "handoff.sock"
     add_handoff(config, handoff, workers=2)
     log = tmp_path / "tcpserver.log"
@@ -235,7 +237,7 @@ async def test_systemd_connection_on_fd_3(tmp_path: Path, tls_dir: Path) -> None
     assert starter.stderr is not None
     with starter.stderr:
         assert starter.stderr.read() == b""  # handed over, no fallback
-    assert "session end: client=0.0.0.0:0 profile=smtp" in running.text()
+    assert " client=0.0.0.0:0 profile=smtp tls=none " in running.text()
     (session,) = sessions(capture)
     assert session["env"]["TCPREMOTEIP"] == "0.0.0.0"
 
