@@ -55,6 +55,8 @@ def add_handoff(config: Path, handoff: Path, extra: str = "", workers: int = 1) 
     """[defaults] with the handoff socket, `workers`, a short grace."""
     text = f"[defaults]\nhandoff_socket = {toml_str(handoff)}\nworkers = {workers}\n"
     text += "shutdown_grace = 1\n"
+    if os.geteuid() == 0:
+        text += "allow_root_backend = true  # as root (CI), the capture backend stays root\n"
     config.write_text(text + extra + config.read_text())
 
 
@@ -164,6 +166,9 @@ async def test_handed_over_under_tcpserver(
     )
     assert plain["env"]["TCPLOCALPORT"] == str(port)
     assert plain["env"]["FROM_RULES"] == "yes"
+    # the run script's exports reach the backend, as under tlsfront inetd
+    assert plain["env"]["FROM_RUN_SCRIPT"] == "yes"
+    assert after_tls["env"]["DATABYTES"] == "1000000"
     assert after_tls["envelopes"][0]["to"] == ["b@example.org"]
     (body,) = after_tls["messages"]
     assert b"by front.example.org (tlsfront) with ESMTPS" in body

@@ -9,7 +9,8 @@ has each connection handed over to this process instead of paying for a whole
 Python program per connection. Each handoff is one stream connection:
 
 1. the peer's credentials (SO_PEERCRED) must be those of `handoff_user`
-   (tcpserver's `-u` account; by default the account tlsfront runs as);
+   (tcpserver's `-u` account; by default the account tlsfront serves as:
+   the one its workers become when started as root, else its own);
    anyone else is closed on at once, before a byte is read. The socket file
    itself belongs to that account, mode 0600, so nobody else can even
    connect (root excepted, whom the uid check refuses);
@@ -74,10 +75,11 @@ class HandoffError(Exception):
     """The handoff socket cannot be set up; the message says why."""
 
 
-def handoff_uid(user: str | None) -> int:
-    """The uid allowed to hand connections over: `handoff_user`, else our own."""
+def handoff_uid(user: str | None, default: int | None = None) -> int:
+    """The uid allowed to hand connections over: `handoff_user`, else
+    `default` (the account the workers serve as), else our own."""
     if user is None:
-        return os.geteuid()
+        return os.geteuid() if default is None else default
     if user.isdigit():
         return int(user)
     try:
@@ -96,12 +98,14 @@ class HandoffSocket:
     identity: tuple[int, int]  # (st_dev, st_ino) of the socket file we made
 
     @classmethod
-    def bind(cls, settings: Settings) -> HandoffSocket | None:
-        """The socket `handoff_socket` names, or None when it is not set."""
+    def bind(cls, settings: Settings, default_uid: int | None = None) -> HandoffSocket | None:
+        """The socket `handoff_socket` names, or None when it is not set.
+        `default_uid`: who may hand over without `handoff_user` (the account
+        the workers become when started as root), else our own uid."""
         if settings.handoff_socket is None:
             return None
         path = settings.handoff_socket
-        uid = handoff_uid(settings.handoff_user)
+        uid = handoff_uid(settings.handoff_user, default_uid)
         if uid != os.geteuid() and os.geteuid() != 0:
             raise HandoffError(
                 f"handoff_socket {path}: only root can give it to uid {uid} (handoff_user)"

@@ -109,10 +109,17 @@ class ProfileServer:
         await self.serve_stream(stream, client, local)
 
     async def serve_stream(
-        self, stream: trio.abc.Stream, client: Address, local: Address, host: str | None = None
+        self,
+        stream: trio.abc.Stream,
+        client: Address,
+        local: Address,
+        host: str | None = None,
+        runtime: ProfileRuntime | None = None,
     ) -> None:
-        """One client. `host`: its name when already known (tcpserver's TCPREMOTEHOST)."""
-        runtime = self.runtime  # this session keeps it, whatever reloads come
+        """One client. `host`: its name when already known (tcpserver's TCPREMOTEHOST).
+        `runtime`: the session's own (a handed-over connection's environment),
+        else the profile's current one."""
+        runtime = runtime or self.runtime  # this session keeps it, whatever reloads come
         profile = runtime.profile
         refusal = self.limits.admit(profile, client.ip)
         if refusal is not None:
