@@ -388,3 +388,30 @@ def test_starter_arguments() -> None:
     for wrong in ([], ["-c", "x"], ["-p"], ["-x", "y", "-p", "smtp"]):
         with pytest.raises(ValueError, match=r"^-"):
             parse(wrong)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the socket to another account")
+def test_socket_for_the_serving_account(tmp_path: Path) -> None:
+    """Started as root with workers that become an account: without handoff_user
+    the socket is that account's; a stale file is replaced, a live one refused."""
+    from tlsfront.config.schema import Settings
+    from tlsfront.inbound.handoff import HandoffError, HandoffSocket
+
+    path = tmp_path / "run" / "handoff.sock"
+    settings = Settings(hostname="h", state_dir=tmp_path, handoff_socket=path)
+    handoff = HandoffSocket.bind(settings, 65534)
+    assert handoff is not None
+    try:
+        st = path.stat()
+        assert (handoff.uid, st.st_uid, st.st_mode & 0o777) == (65534, 65534, 0o600)
+        assert path.parent.stat().st_mode & 0o777 == 0o755
+        with pytest.raises(HandoffError, match="another process listens on it"):
+            HandoffSocket.bind(settings)
+    finally:
+        handoff.sock.close()  # as a crash would leave it: the file stays
+    assert path.is_socket()
+    again = HandoffSocket.bind(settings)  # nobody listens: replaced
+    assert again is not None
+    assert again.uid == 0
+    again.close()
+    assert not path.exists()
