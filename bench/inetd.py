@@ -134,6 +134,8 @@ def write_config(directory: Path, argv: list[str], env: dict[str, str]) -> Path:
     cert, key = directory / "cert.pem", directory / "key.pem"
     make_self_signed("localhost", cert, key)
     env_line = ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items())
+    # as root, the backend runs as root as it does under this tcpserver (no -u)
+    as_root = "allow_root_backend = true\n" if os.geteuid() == 0 else ""
     config = directory / "tlsfront.toml"
     config.write_text(
         f"""[defaults]
@@ -141,7 +143,7 @@ hostname = "front.bench"
 log_level = "warning"
 workers = 1
 handoff_socket = {json.dumps(str(directory / "handoff.sock"))}
-
+{as_root}
 [profile.smtp]
 listen = ["127.0.0.1:0"]
 cert = {json.dumps(str(cert))}
