@@ -14,9 +14,9 @@ The tlsfront rows are measured with plaintext sessions (the client does not
 use STARTTLS: what tlsfront adds per connection, apart from cryptography)
 and with STARTTLS sessions (a full handshake each, no resumption).
 
-The backend is the real qmail-smtpd when it is found ($TLSFRONT_QMAIL_SMTPD,
-else `shared/qmail/qmail-smtpd` next to the repository's directory, as the
-tests look for it), run in a scratch qmail home with a queue program that
+The backend is the real qmail-smtpd when it is found where the tests look
+for it (tests/support/qmail.py; $TLSFRONT_QMAIL_SMTPD names it), run in a
+scratch qmail home with a queue program that
 reads and discards; else `bench/smtpd.pl`, a qmail-smtpd stand-in that
 starts about as fast. The run script's exports (QMAILQUEUE) are tcpserver's
 environment, as on a real host.
