@@ -47,7 +47,15 @@ class Front:
         return self.server.addresses[profile][0].port
 
     def sessions(self) -> list[dict[str, Any]]:
-        """What each backend session recorded, in start order."""
+        """What each client's backend session recorded, in start order.
+
+        The probe that learns the backend's face (client port 0) is left out:
+        `started()` counts every backend start.
+        """
+        return [r for r in self.started() if r["env"].get("TCPREMOTEPORT") != "0"]
+
+    def started(self) -> list[dict[str, Any]]:
+        """Every backend session's record, the probes' included, in start order."""
         records = []
         for path in self.capture.glob("session-*.json"):
             records.append(json.loads(path.read_text()))

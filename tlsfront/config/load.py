@@ -47,6 +47,7 @@ SYSTEM_CONFIG = Path("/etc/tlsfront/tlsfront.toml")
 Mode = Literal["inbound", "outbound"]
 TlsMode = Literal["starttls", "implicit", "none"]
 TlsVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+BackendStart = Literal["on-demand", "connect"]
 ClientCert = Literal["none", "request", "require"]
 TlsPolicy = Literal["none", "may", "encrypt", "verify"]
 LogFormat = Literal["text", "json"]
@@ -127,6 +128,7 @@ class Profile:
     relay_fingerprints_file: Path | None = None  # same, one a line (relay_fingerprints = "path")
     # backend (inbound)
     backend: tuple[str, ...] = ()  # argv run for each session (qmail-smtpd)
+    backend_start: BackendStart = "on-demand"  # at the first command that needs it, or connect
     backend_connect: str | None = None  # "host:port" of a TCP backend instead
     relay_backend_connect: str | None = None  # TCP backend for sessions allowed to relay
     source_address: str | None = None  # local IP to connect to the TCP backend from
@@ -176,7 +178,7 @@ _INBOUND_ONLY = frozenset(
         *("client_cert", "client_ca", "client_crl", "relay_clients", "relay_fingerprints"),
         *("relay_fingerprints_file", "backend", "backend_connect", "relay_backend_connect"),
         *("source_address", "relay_source_address", "backend_rules", "env", "rules"),
-        *("proxy_protocol", "proxy_trusted"),
+        *("proxy_protocol", "proxy_trusted", "backend_start"),
     }
 )
 _OUTBOUND_ONLY = frozenset(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tlsfront.config.load import Profile
+from tlsfront.inbound.probe import LearnedFace
 from tlsfront.inbound.relaypolicy import RelayPolicy
 from tlsfront.ops.watch import FileWatch
 from tlsfront.tls.certs import load_server_credentials
@@ -51,6 +52,9 @@ class ProfileRuntime:
     tls: FileWatch[ServerTLS] | None
     relay: RelayPolicy
     rules: FileWatch[Rules] | None  # tcprules
+    # The backend's greeting and EHLO, for the backend on demand; None where
+    # nothing can be learned ahead (a process per connection): backend at connect.
+    face: LearnedFace | None
 
     @classmethod
     def build(cls, profile: Profile, *, eager: bool = True) -> ProfileRuntime:
@@ -68,7 +72,7 @@ class ProfileRuntime:
 
             path = profile.rules
             rules = FileWatch(f"profile {profile.name}: rules", [path], lambda: Rules.load(path))
-        runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules)
+        runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules, LearnedFace(profile))
         if eager:
             runtime.load_all()
         return runtime

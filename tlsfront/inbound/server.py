@@ -30,6 +30,7 @@ import trio
 
 from tlsfront.config.load import Config, Profile, split_host_port
 from tlsfront.inbound.backend import Address
+from tlsfront.inbound.probe import probe
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.remotehost import lookup_host, needs_host
@@ -200,6 +201,7 @@ class Server:
         self.stopping = False
         self._stop = trio.Event()
         self._ended = trio.Event()  # pulsed when a connection ends
+        self._probe_due = trio.Event()  # set by a reload: learn the backends' faces again
         metrics.declare_profiles(self.profiles)
 
     def session_counts(self) -> dict[str, int]:
@@ -224,8 +226,33 @@ class Server:
                 raise StartupError(f"profile {name}: listen or systemd changed: restart to apply")
         runtimes = build_runtimes(config)
         for name, runtime in runtimes.items():
+            known = self.profiles[name].runtime.face
+            if runtime.face is not None and known is not None:
+                runtime.face.take_over(known)
             self.profiles[name].runtime = runtime
         self.config = config
+        self._probe_due.set()
+
+    async def probe_backends(self) -> None:
+        """Learn the face of every backend started on demand (see `inbound.probe`)."""
+        async with trio.open_nursery() as nursery:
+            for server in self.profiles.values():
+                runtime = server.runtime
+                p = runtime.profile
+                if p.mode != "inbound" or p.backend_start != "on-demand" or runtime.face is None:
+                    continue
+                rules_env: dict[str, str] = {}
+                rules = runtime.rules.get() if runtime.rules is not None else None
+                rule = rules.match("127.0.0.1") if rules is not None else None
+                if rule is not None:
+                    rules_env = dict(rule.env)
+                nursery.start_soon(probe, p, runtime.face, rules_env)
+
+    async def _reprobe(self) -> None:
+        while True:
+            await self._probe_due.wait()
+            self._probe_due = trio.Event()
+            await self.probe_backends()
 
     def stop(self) -> None:
         """Stop gracefully (see the module doc); `run` returns when it is done."""
@@ -277,8 +304,10 @@ class Server:
                 for listener in ls:
                     await trio.aclose_forcefully(listener)
             raise
+        await self.probe_backends()
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
+                accepting.start_soon(self._reprobe)
                 for name, server in self.profiles.items():
                     serve = partial(
                         trio.serve_listeners,

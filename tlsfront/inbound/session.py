@@ -2,10 +2,19 @@
 
 Theory of operation
 -------------------
-A session runs in phases. A phase is one backend and one `Dialogue`: the
-plaintext part of a STARTTLS session is one phase, the part after the
-handshake is another, with a fresh backend (RFC 3207 §4.2); an implicit-TLS
-session does its handshake first and has one phase.
+A session runs in phases. A phase is one `Dialogue` and at most one
+backend: the plaintext part of a STARTTLS session is one phase, the part
+after the handshake is another, with a fresh backend if any (RFC 3207
+§4.2); an implicit-TLS session does its handshake first and has one phase.
+
+With `backend_start = "on-demand"` (the default) a phase starts without a
+backend: the dialogue answers with the backend's face, learned beforehand
+(`ProfileRuntime.face`), until a command needs the backend. The client
+reader, which fed that command, then starts it (`_Phase.start_backend`)
+with the environment of that moment (TLS, certificate, rules) and starts
+its reader task. A session that ends before MAIL starts no backend at all,
+and a STARTTLS session with mail one. With `backend_start = "connect"`
+each phase starts its backend first, as tcpserver would.
 
 Within a phase three tasks share the dialogue (its methods are synchronous,
 so no two ever interleave inside it):
@@ -62,6 +71,7 @@ from tlsfront.inbound.relaypolicy import RelayDecision
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import logs, metrics
 from tlsfront.smtp import Dialogue, Phase, TraceInfo, build_received
+from tlsfront.smtp.face import BackendFace
 from tlsfront.tls.engine import ServerTLS, TLSHandshakeError, TLSInfo
 
 log = logging.getLogger("tlsfront.inbound.session")
@@ -286,37 +296,52 @@ class Session:
             if server_tls is None or not await self._handshake(server_tls):
                 self.record.reason = self.record.reason or "TLS unavailable"
                 return
-        swallow_greeting = False
+        learned = self.runtime.face
+        on_demand = learned is not None and self.profile.backend_start == "on-demand"
+        face = learned.current if learned is not None and on_demand else None
+        after_tls = False
         while True:
-            backend = await self._start_backend()
-            if backend is None:
-                return
-            dialogue = self._dialogue(swallow_greeting)
+            backend = None
+            if face is None:
+                backend = await self._start_backend()
+                if backend is None:
+                    return
+            dialogue = self._dialogue(after_tls, face)
+            phase = _Phase(self, dialogue, backend)
             try:
-                await self._run_phase(dialogue, backend)
+                await self._run_phase(phase)
             finally:
                 if dialogue.phase is not Phase.HANDSHAKE:
                     # The client has had its last reply: it does not wait for
                     # a hung backend to be reaped (up to EXIT_GRACE).
                     await self._close_client()
-                self.record.backend_exit = await backend.aclose()
-                self.record.messages += dialogue.stats.messages
-                self.record.refused += dialogue.stats.refused
-                self.record.bytes += dialogue.stats.body_bytes
-                self.record.events += dialogue.stats.events
-                self.record.reason = dialogue.stats.close_reason or self.record.reason
-                if dialogue.backend_error is not None:
-                    self.record.backend_failure = metrics.backend_failure_kind(
-                        dialogue.backend_error
-                    )
+                if phase.backend is not None:
+                    self.record.backend_exit = await phase.backend.aclose()
+                self._phase_ended(dialogue, face)
             if dialogue.phase is not Phase.HANDSHAKE:
                 return
             assert self._next_tls is not None
             if not await self._handshake(self._next_tls):
                 return
-            swallow_greeting = True
+            after_tls = True
 
-    def _dialogue(self, swallow_greeting: bool) -> Dialogue:
+    def _phase_ended(self, dialogue: Dialogue, face: BackendFace | None) -> None:
+        record = self.record
+        record.messages += dialogue.stats.messages
+        record.refused += dialogue.stats.refused
+        record.bytes += dialogue.stats.body_bytes
+        record.events += dialogue.stats.events
+        if record.backend_failure != "start":  # else its words say why
+            record.reason = dialogue.stats.close_reason or record.reason
+        if dialogue.backend_error is not None:
+            record.backend_failure = metrics.backend_failure_kind(dialogue.backend_error)
+        learned = self.runtime.face
+        if learned and face and not face.probed and dialogue.backend_ehlo is not None:
+            # No probe got through: a backend that answered a client's EHLO
+            # has shown its extensions after all.
+            learned.learn_from_session(dialogue.backend_ehlo)
+
+    def _dialogue(self, after_tls: bool, face: BackendFace | None) -> Dialogue:
         p = self.profile
         return Dialogue(
             hostname=p.hostname,
@@ -327,7 +352,9 @@ class Session:
             max_text_line=p.max_text_line,
             max_message_size=p.max_message_size,
             received=self._received if p.received_header else None,
-            swallow_greeting=swallow_greeting,
+            swallow_greeting=after_tls,
+            face=face,
+            greet=not after_tls,
         )
 
     def _received(self, helo: str | None, esmtp: bool) -> bytes:
@@ -424,6 +451,16 @@ class Session:
     # -------------------------------------------------------------- backend
 
     async def _start_backend(self) -> Backend | None:
+        """The backend at the start of a phase; on failure 421 to the client."""
+        backend = await self.launch_backend()
+        if backend is None:
+            reply = f"421 4.3.0 {self.profile.hostname} Service temporarily unavailable\r\n"
+            with trio.move_on_after(10), contextlib.suppress(*STREAM_ERRORS):
+                await self._stream.send_all(reply.encode())
+        return backend
+
+    async def launch_backend(self) -> Backend | None:
+        """Start the backend with what is known now; None (logged) if it fails."""
         p = self.profile
         decision = self._decision
         relay = bool(decision and decision.relay)
@@ -447,22 +484,20 @@ class Session:
             self.record.reason = f"backend failure: {exc}"
             self.record.backend_failure = "start"
             log.error("profile %s: %s", p.name, exc)
-            reply = f"421 4.3.0 {p.hostname} Service temporarily unavailable\r\n".encode()
-            with trio.move_on_after(10), contextlib.suppress(*STREAM_ERRORS):
-                await self._stream.send_all(reply)
             return None
 
     # --------------------------------------------------------------- a phase
 
-    async def _run_phase(self, d: Dialogue, backend: Backend) -> None:
-        phase = _Phase(self, d, backend)
+    async def _run_phase(self, phase: _Phase) -> None:
         shutdown = self.shutdown
         if shutdown is not None:
             shutdown.subscribe(phase.server_stopping)
         try:
             async with trio.open_nursery() as nursery:
+                phase.nursery = nursery
                 nursery.start_soon(phase.client_reader)
-                nursery.start_soon(phase.backend_reader)
+                if phase.backend is not None:
+                    nursery.start_soon(phase.backend_reader)
                 await phase.supervise()
                 nursery.cancel_scope.cancel()
         finally:
@@ -476,11 +511,12 @@ _TERMINAL = frozenset({Phase.CLOSING, Phase.HANDSHAKE})
 class _Phase:
     """The tasks of one phase (see the module doc)."""
 
-    def __init__(self, session: Session, d: Dialogue, backend: Backend) -> None:
+    def __init__(self, session: Session, d: Dialogue, backend: Backend | None) -> None:
         self.s = session
         self.d = d
         self.client = session._stream
-        self.backend = backend
+        self.backend = backend  # None until the dialogue wants one (on demand)
+        self.nursery: trio.Nursery | None = None  # the phase's tasks, once running
         self.changed = _Signal()
         self.now = trio.lowlevel.current_clock().current_time  # fewer frames than trio's
         shutdown = session.shutdown
@@ -562,16 +598,35 @@ class _Phase:
             d.receive_client(data)
             self.update()
             await self.flush()
+            if d.backend_wanted:
+                await self.start_backend()
             if not data:
                 return
 
+    async def start_backend(self) -> None:
+        """The backend on demand, for the command the dialogue holds."""
+        d = self.d
+        backend = await self.s.launch_backend()
+        if backend is None:
+            d.backend_unavailable()
+        else:
+            self.backend = backend
+            self.last_backend_read = self.now()
+            assert self.nursery is not None
+            self.nursery.start_soon(self.backend_reader)
+            d.backend_started()
+        self.update()
+        await self.flush()
+
     async def backend_reader(self) -> None:
         d = self.d
+        backend = self.backend
+        assert backend is not None
         while True:
             while d.client_output_size > HIGH_WATER:
                 await self.changed.wait_until(self._client_not_full)
             try:
-                data = await self.backend.receive_some(READ_SIZE)
+                data = await backend.receive_some(READ_SIZE)
             except STREAM_ERRORS:
                 data = b""
             self.last_backend_read = self.now()
@@ -600,6 +655,10 @@ class _Phase:
         d = self.d
         if not d.backend_output_size and (self.backend_eof_sent or not d.backend_should_close):
             return  # nothing to do: no flag to raise, nobody to wake
+        backend = self.backend
+        if backend is None:
+            d.take_backend_output()  # nothing was ever written for it
+            return
         self.backend_sending = True
         try:
             while True:
@@ -607,10 +666,10 @@ class _Phase:
                 if self.backend_broken:
                     return  # nowhere to send it; the dialogue has answered 4xx
                 if data:
-                    await self.backend.send_all(data)
+                    await backend.send_all(data)
                 elif d.backend_should_close and not self.backend_eof_sent:
                     self.backend_eof_sent = True
-                    await self.backend.send_eof()
+                    await backend.send_eof()
                 else:
                     return
         except STREAM_ERRORS:
@@ -679,6 +738,8 @@ class _Phase:
         """Run the timers and end the phase; everything else is `update`'s."""
         d = self.d
         self.update()
+        if d.client_output_size:  # tlsfront's own greeting (the backend on demand)
+            await self._supervisor_flush()
         while not self._finished():
             now = self.now()
             if self.client_sending and self.client_send_deadline <= now:

@@ -34,7 +34,25 @@ Three commands change how client bytes are read:
   then sets `phase` to `STARTTLS_READY`. The shell answers `220` through
   `starttls_accept()` (or `454` through `starttls_refuse()` when TLS cannot
   be had), and does the handshake. After TLS the shell builds a new
-  `Dialogue` with a fresh backend: nothing from before TLS survives.
+  `Dialogue` (and, if any, a fresh backend): nothing from before TLS
+  survives.
+
+The backend on demand
+---------------------
+Given the backend's face (`BackendFace`: its greeting and EHLO reply), the
+dialogue starts without a backend (`backend` is `BackendState.ABSENT`). It
+answers the greeting, EHLO, HELO, NOOP, RSET and QUIT itself, with the
+backend's own words. The first command it does not own (MAIL, VRFY, HELP,
+anything else) is held, and `backend` becomes `WANTED`: the shell starts
+the backend, with everything known by then in its environment, and calls
+`backend_started` (or `backend_unavailable`). Nothing behind the held
+command is read meanwhile. The backend's greeting is then checked, not
+passed on; the client's own HELO or EHLO line is sent and its reply checked
+the same way; only then does the held command go to the backend (`READY`),
+and the dialogue relays from there on as above. A greeting or HELO reply
+that is not 2xx is a refusal (`REFUSED`): the held command, and every later
+one that needs the backend, gets that very reply, and a 421 closes the
+session; no command ever reaches a refusing backend.
 
 A phase change that the shell must act on is visible in `phase`,
 `client_wants_data`, `client_read_ahead`, `waiting_for` and
@@ -50,6 +68,7 @@ from dataclasses import dataclass, field
 from tlsfront.smtp.body import BodyScanner
 from tlsfront.smtp.command import Command, line_too_long, parse_command
 from tlsfront.smtp.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from tlsfront.smtp.face import BackendFace
 from tlsfront.smtp.reply import Reply, ReplyReader, rewrite_ehlo
 
 
@@ -61,6 +80,16 @@ class Phase(enum.Enum):
     STARTTLS_READY = "starttls-ready"  # the shell must accept or refuse STARTTLS now
     HANDSHAKE = "handshake"  # 220 queued: the shell does the TLS handshake
     CLOSING = "closing"  # send what the client outbox holds, then close both sides
+
+
+class BackendState(enum.Enum):
+    """Where the dialogue's backend is (see "The backend on demand")."""
+
+    ABSENT = "absent"  # none yet: tlsfront answers what it owns
+    WANTED = "wanted"  # a held command needs it: the shell must start it
+    CHECKING = "checking"  # started: its greeting and HELO reply are being checked
+    READY = "ready"  # every command goes to it
+    REFUSED = "refused"  # it refused the session: its reply answers what needed it
 
 
 class _Kind(enum.Enum):
@@ -80,6 +109,7 @@ class _Pending:
     command: Command | None = None
     reply: Reply | None = None
     swallow: bool = False  # the fresh backend's greeting after TLS
+    check: bool = False  # on demand: a greeting or HELO reply checked, never passed on
     close_after: bool = False  # a fatal local error: close once it is sent
 
 
@@ -95,6 +125,8 @@ REFUSED_VERBS = frozenset({"BDAT", "XCLIENT", "XFORWARD"})
 DATA_WAIT_BUFFER = 65536
 # What a client may do before TLS on a port that requires it (RFC 3207 §4).
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
+# What tlsfront answers itself while no backend runs (STARTTLS is always its own).
+OWNED_VERBS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT"})
 
 
 def _local(code: int, status: str, text: str) -> Reply:
@@ -133,7 +165,13 @@ class Dialogue:
         max_pipeline: int = 100,
         received: Callable[[str | None, bool], bytes] | None = None,
         swallow_greeting: bool = False,
+        face: BackendFace | None = None,
+        greet: bool = True,
     ) -> None:
+        """`face`: the backend on demand, answering as it would; else one runs now.
+
+        `greet` (on demand only): send the greeting; not after STARTTLS.
+        """
         self.hostname = hostname
         self.tls_offered = tls_offered
         self.tls_active = tls_active
@@ -159,7 +197,19 @@ class Dialogue:
         self._body: BodyScanner | None = None
         self._backend_dead: str | None = None
         self.backend_should_close = False
-        self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting))
+        self._face = face
+        self._held: _Pending | None = None  # the command that wants the backend
+        self._hello: Command | None = None  # the client's HELO/EHLO, for the backend
+        self._refusal: Reply | None = None
+        self.backend_ehlo: Reply | None = None  # its reply to the client's EHLO, on demand
+        if face is None:
+            self.backend = BackendState.READY
+            self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting))
+        else:
+            self.backend = BackendState.ABSENT
+            if greet:
+                self._answer(_Pending(_Kind.GREETING), face.greeting)
+                self._deliver()
 
     # ------------------------------------------------------------------ output
 
@@ -195,6 +245,8 @@ class Dialogue:
         """Whether the shell should read from the client now."""
         if self._client_eof or any(p.close_after for p in self._pending):
             return False
+        if self.backend in (BackendState.WANTED, BackendState.CHECKING):
+            return False  # nothing is read behind the held command
         if self.phase is Phase.BODY:
             return True
         return self.phase is Phase.COMMAND and len(self._pending) < self._max_pipeline
@@ -218,11 +270,16 @@ class Dialogue:
         """'backend' while a reply is owed by it, 'client' while the client must speak."""
         if self.phase in (Phase.CLOSING, Phase.HANDSHAKE, Phase.STARTTLS_READY):
             return None
-        if self._awaiting:
+        if self._awaiting or self.backend is BackendState.WANTED:
             return "backend"
         if self._client_eof:
             return None
         return "client"
+
+    @property
+    def backend_wanted(self) -> bool:
+        """The shell must start the backend now and call `backend_started`."""
+        return self.backend is BackendState.WANTED and self.phase is not Phase.CLOSING
 
     @property
     def backend_error(self) -> str | None:
@@ -241,7 +298,7 @@ class Dialogue:
                 self.backend_should_close = True
             if self.phase is Phase.BODY:
                 self._close("client closed the connection during DATA")
-            elif not self._pending:
+            elif not self._pending or self.backend is BackendState.WANTED:
                 self._close("client closed the connection")
             return
         if self.phase in (Phase.STARTTLS_WAIT, Phase.STARTTLS_READY, Phase.HANDSHAKE):
@@ -257,6 +314,8 @@ class Dialogue:
         """Bytes read from the backend; b"" when it closed its output."""
         if self.phase in (Phase.CLOSING, Phase.HANDSHAKE):
             return  # the old backend is being shut down; nothing it says counts
+        if self.backend is BackendState.REFUSED:
+            return  # it refused the session and is being shut down
         if not data:
             self.backend_failed("backend closed the connection")
             return
@@ -289,6 +348,8 @@ class Dialogue:
         """The backend died, hung or spoke nonsense: 4xx to the client, never 250."""
         if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._backend_dead:
             return
+        if self.backend is BackendState.REFUSED:
+            return  # its refusal stands; it is being shut down
         self._backend_dead = why
         self.backend_should_close = True
         self.stats.events.append(why)
@@ -320,6 +381,79 @@ class Dialogue:
                 )
         self._awaiting.clear()
         self._deliver()
+
+    # ------------------------------------------------------ backend on demand
+
+    def backend_started(self) -> None:
+        """The shell started the backend that `backend_wanted` asked for."""
+        if self.backend is not BackendState.WANTED:
+            raise LocalProtocolError(503, "5.5.1", "no backend was wanted")
+        self.backend = BackendState.CHECKING
+        self._awaiting.append(_Pending(_Kind.GREETING, swallow=True, check=True))
+
+    def backend_unavailable(self) -> None:
+        """The backend could not be started: 421 to the held command, and close."""
+        held = self._held
+        if self.backend is not BackendState.WANTED or held is None:
+            raise LocalProtocolError(503, "5.5.1", "no backend was wanted")
+        self._held = None
+        self.backend = BackendState.REFUSED
+        held.reply = _local(421, "4.3.0", f"{self.hostname} Service temporarily unavailable")
+        held.close_after = True
+        self._deliver()
+
+    def _checked(self, entry: _Pending, reply: Reply) -> None:
+        """The backend's greeting or HELO reply, on demand: go on, or refuse."""
+        if not 200 <= reply.code < 300:
+            self._refuse(reply)
+            return
+        hello = self._hello
+        if entry.kind is _Kind.GREETING and hello is not None:
+            kind = _Kind.EHLO if hello.verb == "EHLO" else _Kind.HELO
+            self._forward(_Pending(kind, hello, swallow=True, check=True), queued=False)
+            return
+        if entry.kind is _Kind.EHLO:
+            self.backend_ehlo = reply
+        held = self._held
+        assert held is not None
+        self._held = None
+        self.backend = BackendState.READY
+        self._forward(held, queued=False)
+        if held.kind is _Kind.DATA:
+            self.phase = Phase.DATA_WAIT
+
+    def _refuse(self, reply: Reply) -> None:
+        """The backend refused the session: its reply answers the held command."""
+        held = self._held
+        assert held is not None
+        self._held = None
+        self.backend = BackendState.REFUSED
+        self._refusal = reply
+        self._awaiting.clear()
+        self.backend_should_close = True
+        first = reply.lines[0].decode("utf-8", "replace") if reply.lines else ""
+        self.stats.events.append(f"backend refused the session: {reply.code} {first}")
+        held.reply = reply
+        self._deliver()
+
+    def _answer_locally(self, entry: _Pending, command: Command) -> None:
+        """A command tlsfront answers itself while no backend runs."""
+        face = self._face
+        assert face is not None
+        verb = command.verb
+        if verb == "EHLO":
+            entry.kind = _Kind.EHLO
+            self._hello = command
+            self._answer(entry, self._rewrite_ehlo(face.ehlo))
+        elif verb == "HELO":
+            entry.kind = _Kind.HELO
+            self._hello = command
+            self._answer(entry, face.helo)
+        elif verb == "QUIT":
+            entry.kind = _Kind.QUIT
+            self._answer(entry, _local(221, "2.0.0", f"{self.hostname} closing connection"))
+        else:  # NOOP, RSET: no transaction exists without a backend
+            self._answer(entry, _local(250, "2.0.0", "Ok"))
 
     # ---------------------------------------------------------------- STARTTLS
 
@@ -364,8 +498,9 @@ class Dialogue:
         if self.stats.close_reason is None:
             self.stats.close_reason = reason
 
-    def _forward(self, entry: _Pending) -> None:
-        self._pending.append(entry)
+    def _forward(self, entry: _Pending, *, queued: bool = True) -> None:
+        if queued:
+            self._pending.append(entry)
         self._awaiting.append(entry)
         if entry.command is not None:
             self._send_backend(entry.command.raw)
@@ -382,6 +517,9 @@ class Dialogue:
             self._to_client += reply.raw
             return
         entry = self._awaiting.pop(0)
+        if entry.check:
+            self._checked(entry, reply)
+            return
         if entry.kind is _Kind.EHLO:
             reply = self._rewrite_ehlo(reply)
         entry.reply = reply
@@ -454,6 +592,8 @@ class Dialogue:
 
     def _process_client(self) -> None:
         while self._client_buffer and self.phase in (Phase.COMMAND, Phase.BODY):
+            if self.backend in (BackendState.WANTED, BackendState.CHECKING):
+                return  # resumed once the held command is with the backend
             if self.phase is Phase.BODY:
                 self._process_body()
                 continue
@@ -504,6 +644,11 @@ class Dialogue:
             self._answer(entry, _local(502, "5.5.1", "Error: command not implemented"))
         elif verb == "MAIL" and self._too_big(command):
             self._answer(entry, _local(552, "5.3.4", "Error: message size exceeds fixed limit"))
+        elif self.backend is not BackendState.READY and verb in OWNED_VERBS:
+            self._answer_locally(entry, command)
+        elif self.backend is BackendState.REFUSED:
+            assert self._refusal is not None
+            self._answer(entry, self._refusal)
         else:
             entry.kind = {
                 "EHLO": _Kind.EHLO,
@@ -511,6 +656,11 @@ class Dialogue:
                 "DATA": _Kind.DATA,
                 "QUIT": _Kind.QUIT,
             }.get(verb, _Kind.OTHER)
+            if self.backend is BackendState.ABSENT:
+                self._pending.append(entry)  # answered once the backend runs
+                self._held = entry
+                self.backend = BackendState.WANTED
+                return
             self._forward(entry)
             if entry.kind is _Kind.DATA:
                 self.phase = Phase.DATA_WAIT
