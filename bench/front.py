@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from tlsfront.cli import setup_logging
-from tlsfront.config.load import load_config
+from tlsfront.config.files import load_config
 from tlsfront.inbound.server import Server
 
 

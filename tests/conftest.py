@@ -11,7 +11,7 @@ import trio
 import trustme
 from support.front import Front, capture_backend, toml_str, write_config
 
-from tlsfront.config.load import load_config
+from tlsfront.config.files import load_config
 from tlsfront.inbound.server import Server
 
 

@@ -23,11 +23,13 @@ import trio.testing
 from support.front import Front
 from support.hostile import Client, MemoryBackend, RecordingBackend, code
 
-from tlsfront.config.load import Profile, parse_config
-from tlsfront.inbound.backend import Address, Backend
+from tlsfront.config.files import parse_config
+from tlsfront.config.schema import Profile
+from tlsfront.inbound.backend import Backend
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.session import Session
+from tlsfront.net.address import Address
 
 # ----------------------------------------------------------------------------
 # Slowloris, on virtual time

@@ -1,91 +1,25 @@
-"""tlsfront.config.load and tlsfront.config.machine: loading, checking, qmail control, defaults."""
+"""Loading and checking a configuration: keys, types, addresses, [defaults], per-mode rules."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
-import sys
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from support.configs import ENV, MINIMAL, assert_at, fails, line_of, load, make_control, write
 
-from tlsfront.config import load as config_module
-from tlsfront.config import machine as defaults_module
-from tlsfront.config.embedded import embedded_config, ensure_default_files
-from tlsfront.config.load import (
-    Config,
-    ConfigError,
-    Profile,
-    Settings,
-    config_from_dict,
-    find_config,
-    load_config,
-    parse_config,
-    split_host_port,
-)
+from tlsfront.config.errors import ConfigError
+from tlsfront.config.files import load_config, parse_config
 from tlsfront.config.machine import default_hostname, default_state_dir
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV: dict[str, str] = {"HOME": "/home/alice"}  # never the test runner's environment
-
-MINIMAL = """\
-[profile.smtp]
-listen = ["127.0.0.1:2525"]
-cert = "cert.pem"
-backend = ["/bin/cat"]
-"""
-
-
-def write(tmp_path: Path, text: str, name: str = "tlsfront.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def load(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> Config:
-    return load_config(write(tmp_path, text), ENV if environ is None else environ)
-
-
-def fails(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> ConfigError:
-    with pytest.raises(ConfigError) as info:
-        load(tmp_path, text, environ)
-    return info.value
-
-
-def line_of(text: str, needle: str) -> int:
-    """1-based line of the first line of `text` that starts with `needle`."""
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.lstrip().startswith(needle):
-            return n
-    raise AssertionError(f"{needle!r} not in text")
-
-
-def assert_at(err: ConfigError, path: Path, line: int, table: str | None, key: str | None) -> None:
-    assert (err.path, err.line, err.table, err.key) == (path, line, table, key), str(err)
-    head = f"{path}:{line}: "
-    if table:
-        head += f"[{table}]"
-        head += f" key '{key}': " if key else ": "
-    assert str(err).startswith(head), str(err)
+from tlsfront.config.schema import Profile, Settings
+from tlsfront.net.address import split_host_port
 
 
 @pytest.fixture
 def control(tmp_path: Path) -> Path:
     """A qmail-tls style control directory (contents do not matter to config)."""
-    d = tmp_path / "control"
-    d.mkdir()
-    for name in ("servercert.pem", "clientca.pem", "clientcrl.pem", "dh2048.pem"):
-        (d / name).write_text("-----BEGIN X-----\n")
-    (d / "tlsclients").write_text("alice@example.com\n")
-    (d / "tlsserverciphers").write_text("HIGH:!aNULL\n")
-    (d / "me").write_text("mx.example.net\n")
-    (d / "databytes").write_text("20000000\n")
-    (d / "clientcert.pem").write_text("x\n")
-    (d / "tlshosts").mkdir()
-    (d / "notlshosts").mkdir()
-    return d
+    return make_control(tmp_path)
 
 
 # -- the happy path -------------------------------------------------------------
@@ -283,6 +217,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "min_tls_version": ('"SSLv3"', "must be one of 'TLSv1'"),
     "dhparams": ('""', "non-empty path"),
     "client_cert": ('"optional"', "must be one of 'none', 'request', 'require'"),
+    "backend_start": ('"lazy"', "must be one of 'on-demand', 'connect'"),
     "client_ca": ("[]", "must be a path"),
     "client_crl": ("1.5", "must be a path"),
     "relay_clients": ("false", "must be a path"),
@@ -384,7 +319,7 @@ def test_unknown_keys_and_tables(tmp_path: Path) -> None:
 
     err = fails(tmp_path, MINIMAL + "workers = 4\n")
     assert_at(err, path, 5, "profile.smtp", "workers")
-    assert "put it in [defaults]" in err.message
+    assert err.message == "applies to [defaults] only (a global setting)"
 
     err = fails(tmp_path, MINIMAL + "name = 'other'\n")
     assert_at(err, path, 5, "profile.smtp", "name")
@@ -593,144 +528,6 @@ def test_defaults_key_broken_for_one_profile(tmp_path: Path) -> None:
     assert "(set in [defaults], line 2)" in err.message
 
 
-# -- qmail control -------------------------------------------------------------------
-
-QMAIL = """\
-[defaults]
-qmail_control = "control"
-
-[profile.smtp]
-listen = ["0.0.0.0:25"]
-backend = ["/var/qmail/bin/qmail-smtpd"]
-"""
-
-
-def test_qmail_control_fills_what_the_patch_reads(tmp_path: Path, control: Path) -> None:
-    cfg = load(tmp_path, QMAIL)
-    p = cfg.profiles["smtp"]
-    assert p.qmail_control == control
-    assert p.cert == (control / "servercert.pem",)
-    assert p.key == ()
-    assert p.client_ca == control / "clientca.pem"
-    assert p.client_crl == control / "clientcrl.pem"
-    assert p.relay_clients == control / "tlsclients"
-    assert p.client_cert == "request"  # clientca.pem + tlsclients: the patch asks
-    assert p.ciphers == "HIGH:!aNULL"
-    assert p.dhparams == control / "dh2048.pem"
-    assert p.max_message_size == 20000000
-    assert p.hostname == cfg.settings.hostname == "mx.example.net"
-    assert p.tlshosts is None  # outbound only
-
-
-def test_qmail_control_explicit_keys_win(tmp_path: Path, control: Path) -> None:
-    text = (
-        "[defaults]\nhostname = 'mail.example.com'\n"
-        + QMAIL.removeprefix("[defaults]\n")
-        + 'cert = "mine.pem"\nciphers = "HIGH"\nclient_cert = "require"\n'
-        + "max_message_size = 5\n"
-    )
-    p = load(tmp_path, text, {"TLSCIPHERS": "MEDIUM"}).profiles["smtp"]
-    assert p.cert == (tmp_path / "mine.pem",)
-    assert p.ciphers == "HIGH"
-    assert p.client_cert == "require"
-    assert p.max_message_size == 5
-    assert p.hostname == "mail.example.com"
-    assert p.client_ca == control / "clientca.pem"
-
-
-def test_tlsciphers_environment_wins_over_file(tmp_path: Path, control: Path) -> None:
-    p = load(tmp_path, QMAIL, {"TLSCIPHERS": "MEDIUM:!RC4"}).profiles["smtp"]
-    assert p.ciphers == "MEDIUM:!RC4"
-
-
-def test_client_cert_needs_both_files(tmp_path: Path, control: Path) -> None:
-    (control / "tlsclients").unlink()
-    p = load(tmp_path, QMAIL).profiles["smtp"]
-    assert (p.client_cert, p.relay_clients, p.client_ca) == (
-        "none",
-        None,
-        control / "clientca.pem",
-    )
-    (control / "tlsclients").write_text("a@b\n")
-    (control / "clientca.pem").unlink()
-    p = load(tmp_path, QMAIL).profiles["smtp"]
-    # without a CA the patch ignores tlsclients: so does tlsfront
-    assert (p.client_cert, p.relay_clients, p.client_ca) == ("none", None, None)
-
-
-def test_explicit_client_cert_none_turns_control_relaying_off(
-    tmp_path: Path, control: Path
-) -> None:
-    p = load(tmp_path, QMAIL + 'client_cert = "none"\n').profiles["smtp"]
-    assert (p.client_cert, p.relay_clients) == ("none", None)
-
-
-def test_qmail_control_minimal_dir(tmp_path: Path) -> None:
-    (tmp_path / "control").mkdir()
-    (tmp_path / "control" / "servercert.pem").write_text("x")
-    p = load(tmp_path, QMAIL).profiles["smtp"]
-    assert p.cert == (tmp_path / "control" / "servercert.pem",)
-    assert (p.client_ca, p.client_cert, p.ciphers, p.dhparams) == (None, "none", None, None)
-    assert p.max_message_size == 0
-    assert p.hostname == default_hostname()
-
-
-def test_qmail_control_without_servercert(tmp_path: Path) -> None:
-    (tmp_path / "control").mkdir()
-    err = fails(tmp_path, QMAIL)
-    assert_at(err, tmp_path / "tlsfront.toml", 4, "profile.smtp", "cert")
-    assert "servercert.pem" in err.message
-
-
-def test_profile_qmail_control_sits_above_defaults(tmp_path: Path, control: Path) -> None:
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "servercert.pem").write_text("x")
-    (other / "me").write_text("other.example.net\n")
-    (other / "tlsserverciphers").write_text("MEDIUM\n")
-    (other / "dh1024.pem").write_text("x")
-    text = QMAIL + '\n[profile.alt]\nlisten = ["0.0.0.0:26"]\nqmail_control = "other"\n'
-    text += 'backend = ["/bin/cat"]\ndhparams = "mine.pem"\n'
-    text = text.replace("[defaults]\n", '[defaults]\nciphers = "LOW"\n')
-    cfg = load(tmp_path, text)
-    smtp, alt = cfg.profiles["smtp"], cfg.profiles["alt"]
-    assert smtp.ciphers == "LOW"  # [defaults] key over [defaults]' control dir
-    assert alt.cert == (other / "servercert.pem",)
-    assert alt.client_ca is None  # nothing from the other directory leaks in
-    assert alt.ciphers == "MEDIUM"  # the profile's control dir over [defaults] keys
-    assert alt.dhparams == tmp_path / "mine.pem"  # the profile's keys over its control dir
-    assert alt.hostname == "other.example.net"
-    assert cfg.settings.hostname == smtp.hostname == "mx.example.net"
-
-
-def test_qmail_control_outbound(tmp_path: Path, control: Path) -> None:
-    text = QMAIL + '\n[profile.out]\nmode = "outbound"\nlisten = ["127.0.0.1:10025"]\n'
-    p = load(tmp_path, text).profiles["out"]
-    assert p.tlshosts == control / "tlshosts"
-    assert p.notlshosts == control / "notlshosts"
-    assert p.client_cert_file == control / "clientcert.pem"
-    assert (p.cert, p.client_ca, p.max_message_size) == ((), None, 0)
-
-
-def test_qmail_control_errors(tmp_path: Path, control: Path) -> None:
-    path = tmp_path / "tlsfront.toml"
-    err = fails(tmp_path, QMAIL.replace('"control"', '"missing"'))
-    assert_at(err, path, 2, "defaults", "qmail_control")
-    assert str(tmp_path / "missing") in err.message
-
-    (control / "databytes").write_text("lots\n")
-    err = fails(tmp_path, QMAIL)
-    assert_at(err, path, 2, "defaults", "qmail_control")
-    assert "databytes" in err.message
-    (control / "databytes").write_text("-1\n")
-    assert "databytes" in str(fails(tmp_path, QMAIL))
-    (control / "databytes").unlink()
-
-    (control / "me").write_text("not a name\n")
-    err = fails(tmp_path, QMAIL)
-    assert err.path == control / "me"
-
-
 # -- per-mode rules -----------------------------------------------------------------
 
 BROKEN: list[tuple[str, str, str, str]] = [
@@ -769,9 +566,9 @@ BROKEN: list[tuple[str, str, str, str]] = [
         "equals source_address",
     ),
     ("", "proxy_protocol = true", "proxy_protocol", "needs proxy_trusted"),
-    ("", "allow_from = ['127.0.0.1']", "allow_from", "mode = 'inbound'"),
-    ("", "routes = {}", "routes", "mode = 'inbound'"),
-    ("", "helo_name = 'a.example'", "helo_name", "mode = 'inbound'"),
+    ("", "allow_from = ['127.0.0.1']", "allow_from", "applies to outbound profiles only"),
+    ("", "routes = {}", "routes", "applies to outbound profiles only"),
+    ("", "helo_name = 'a.example'", "helo_name", "applies to outbound profiles only"),
     ('backend = ["/bin/cat"]', "backend = []", "backend", "must name a program"),
     ('backend = ["/bin/cat"]', 'backend = [""]', "backend", "must name a program"),
 ]
@@ -804,7 +601,7 @@ def test_outbound_rejects_inbound_keys(tmp_path: Path) -> None:
     for key, value in [("tls", '"none"'), ("cert", '"c.pem"'), ("backend", '["/bin/cat"]')]:
         err = fails(tmp_path, base + f"{key} = {value}\n")
         assert_at(err, tmp_path / "tlsfront.toml", 4, "profile.out", key)
-        assert "mode = 'outbound'" in err.message
+        assert err.message == "applies to inbound profiles only"
     err = fails(tmp_path, base.replace('listen = ["127.0.0.1:10025"]\n', ""))
     assert err.key == "listen"
 
@@ -835,162 +632,3 @@ def test_duplicate_listen_and_systemd(tmp_path: Path) -> None:
     sd = MINIMAL.replace('listen = ["127.0.0.1:2525"]', 'systemd = "smtp"')
     err = fails(tmp_path, sd + "\n" + sd.replace("[profile.smtp]", "[profile.b]"))
     assert_at(err, tmp_path / "tlsfront.toml", 7, "profile.b", "systemd")
-
-
-# -- the embedded default -----------------------------------------------------------
-
-
-@pytest.fixture
-def no_qmail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(defaults_module, "QMAIL_SMTPD", tmp_path / "no-qmail-smtpd")
-
-
-def test_embedded_default_shape(tmp_path: Path, no_qmail: None) -> None:
-    state = tmp_path / "state"
-    cfg = embedded_config(state, ENV)
-    assert cfg.path is None
-    assert cfg.settings.state_dir == state
-    host = default_hostname()
-    assert cfg.settings.hostname == host
-    assert list(cfg.profiles) == ["smtp", "smtps"]
-    smtp, smtps = cfg.profiles["smtp"], cfg.profiles["smtps"]
-    assert (smtp.listen, smtp.tls) == (("127.0.0.1:2525",), "starttls")
-    assert (smtps.listen, smtps.tls) == (("127.0.0.1:4650",), "implicit")
-    sink = (
-        sys.executable,
-        "-m",
-        "tlsfront.sink",
-        "--maildir",
-        str(state / "Maildir"),
-        "--rcpthost",
-        "localhost",
-        "--rcpthost",
-        host,
-    )
-    for p in (smtp, smtps):
-        assert p.cert == (state / "tls" / "cert.pem",)
-        assert p.key == (state / "tls" / "key.pem",)
-        assert p.hostname == host
-        assert p.backend == sink
-        assert (p.require_tls, p.client_cert, p.mode) == (False, "none", "inbound")
-
-
-def test_embedded_default_uses_qmail_when_installed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fake = tmp_path / "qmail-smtpd"
-    fake.write_text("#!/bin/sh\n")
-    monkeypatch.setattr(defaults_module, "QMAIL_SMTPD", fake)
-    fake.chmod(0o644)
-    assert not os.access(fake, os.X_OK)  # even for root: no x bit, not executable
-    assert embedded_config(tmp_path, ENV).profiles["smtp"].backend[0] == sys.executable
-    fake.chmod(0o755)
-    assert embedded_config(tmp_path, ENV).profiles["smtp"].backend == (str(fake),)
-
-
-def test_embedded_default_state_dir_from_environment(no_qmail: None) -> None:
-    cfg = embedded_config(None, ENV)
-    assert cfg.settings.state_dir == default_state_dir(ENV)
-    assert cfg.profiles["smtp"].cert == (default_state_dir(ENV) / "tls" / "cert.pem",)
-
-
-def test_default_state_dir() -> None:
-    assert default_state_dir({"HOME": "/h"}, euid=0) == Path("/var/lib/tlsfront")
-    assert default_state_dir({"HOME": "/h"}, euid=1000) == Path("/h/.local/state/tlsfront")
-    xdg = {"HOME": "/h", "XDG_STATE_HOME": "/x"}
-    assert default_state_dir(xdg, euid=1000) == Path("/x/tlsfront")
-    relative = {"HOME": "/h", "XDG_STATE_HOME": "x"}
-    assert default_state_dir(relative, euid=1000) == Path("/h/.local/state/tlsfront")
-
-
-def test_default_hostname() -> None:
-    assert re.fullmatch(r"[A-Za-z0-9_.-]+", default_hostname())
-
-
-def test_config_from_dict_checks_too() -> None:
-    with pytest.raises(ConfigError) as info:
-        config_from_dict({"profile": {"smtp": {"listen": "127.0.0.1:25", "tls": "x"}}})
-    assert (info.value.path, info.value.line, info.value.key) == (None, None, "tls")
-    assert str(info.value).startswith("<config>: [profile.smtp] key 'tls': ")
-
-
-# -- finding the file ---------------------------------------------------------------
-
-
-def test_find_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    system = tmp_path / "etc" / "tlsfront.toml"
-    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", system)
-    explicit = tmp_path / "mine.toml"
-    assert find_config(explicit) == explicit  # even before it exists: load reports it
-    assert find_config(None) is None
-    system.parent.mkdir()
-    system.write_text(MINIMAL)
-    assert find_config(None) == system
-    assert find_config(explicit) == explicit
-
-
-# -- the example in conf/ -----------------------------------------------------------
-
-EXAMPLE = ROOT / "conf" / "tlsfront.toml"
-
-
-def example_text(control: Path) -> str:
-    text = EXAMPLE.read_text()
-    assert text.count('"/var/qmail/control"') == 1
-    return text.replace('"/var/qmail/control"', f'"{control}"')
-
-
-def test_example_config_loads(tmp_path: Path, control: Path) -> None:
-    cfg = parse_config(example_text(control), tmp_path / "tlsfront.toml", ENV)
-    assert list(cfg.profiles) == ["smtp", "submission", "smtps"]
-    smtp, sub, smtps = cfg.profiles.values()
-    assert cfg.settings.hostname == "mail.example.com"
-    for p in cfg.profiles.values():
-        assert p.backend == ("/var/qmail/bin/qmail-smtpd",)
-        assert p.cert == (control / "servercert.pem",)
-        assert p.hostname == "mail.example.com"
-        assert p.client_ca == control / "clientca.pem"
-    assert smtp.listen == ("0.0.0.0:25", "[::]:25")
-    assert (smtp.tls, smtp.client_cert, smtp.relay_clients) == (
-        "starttls",
-        "request",
-        control / "tlsclients",
-    )
-    assert smtp.rules == Path("/etc/tcp.smtp")
-    assert (sub.tls, sub.require_tls) == ("starttls", True)
-    assert sub.listen[0] == "0.0.0.0:587"
-    assert (smtps.tls, smtps.listen[0]) == ("implicit", "0.0.0.0:465")
-
-
-def test_example_config_outbound_block_loads(tmp_path: Path, control: Path) -> None:
-    text = example_text(control)
-    head, marker, tail = text.partition("# [profile.outbound]")
-    assert marker
-    block = "\n".join(line.removeprefix("# ") for line in (marker + tail).splitlines())
-    cfg = parse_config(head + block, tmp_path / "tlsfront.toml", ENV)
-    out = cfg.profiles["outbound"]
-    assert (out.mode, out.listen) == ("outbound", ("127.0.0.1:10025",))
-    assert out.tls_policy == {"": "may", "example.org": "verify"}
-    assert out.tlshosts == control / "tlshosts"
-
-
-def test_example_config_without_qmail_names_control_dir() -> None:
-    if Path("/var/qmail/control").is_dir():
-        pytest.skip("this host has qmail")
-    with pytest.raises(ConfigError) as info:
-        load_config(EXAMPLE, ENV)
-    assert info.value.key == "qmail_control"
-    assert "/var/qmail/control" in info.value.message
-
-
-def test_ensure_default_files(tmp_path: Path, no_qmail: None) -> None:
-    from cryptography import x509
-
-    cfg = embedded_config(tmp_path / "state", ENV)
-    ensure_default_files(cfg)
-    cert = cfg.profiles["smtp"].cert[0]
-    key = cfg.profiles["smtp"].key[0]
-    assert key.stat().st_mode & 0o077 == 0
-    first = x509.load_pem_x509_certificate(cert.read_bytes())
-    ensure_default_files(cfg)  # there already: kept
-    assert x509.load_pem_x509_certificate(cert.read_bytes()) == first

@@ -12,7 +12,7 @@ import trio
 
 from tlsfront.cli import main
 from tlsfront.config.embedded import embedded_config, ensure_default_files
-from tlsfront.config.load import Config
+from tlsfront.config.schema import Config
 from tlsfront.inbound.server import Server
 from tlsfront.ops.check import check_config
 from tlsfront.sink import read_maildir

@@ -25,7 +25,7 @@ import trio
 import trustme
 from support.front import Front, capture_backend
 
-from tlsfront.config.load import load_config
+from tlsfront.config.files import load_config
 from tlsfront.inbound.server import Server
 
 TCP_SMTP = """\

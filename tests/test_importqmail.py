@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import trustme
 
-from tlsfront.config.load import Profile, Settings, load_config
+from tlsfront.config.files import load_config
+from tlsfront.config.schema import Profile, Settings
 from tlsfront.ops.check import check_config
 from tlsfront.qmail.control import QmailControlError, read_control
 from tlsfront.qmail.importqmail import SYSTEMD_SOCKETS, render_config, toml_string

@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.front import Front, toml_str
 from support.hostile import Client, code
 
-from tlsfront.inbound.backend import Address
-from tlsfront.ops.metrics import _Exposed, render, serve_metrics
+from tlsfront.net.address import Address
+from tlsfront.ops.metrics_endpoint import _Exposed, render, serve_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "conf" / "grafana-dashboard.json"

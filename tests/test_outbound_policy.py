@@ -12,11 +12,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tlsfront.net.address import parse_hostport
+from tlsfront.net.dns import parse_server
 from tlsfront.outbound.certcheck import host_matches
 from tlsfront.outbound.control import ControlDirs, host_facts
 from tlsfront.outbound.dane import TlsaRecord
 from tlsfront.outbound.mtasts import StsPolicy
-from tlsfront.outbound.mx import lookup_route, parse_hostport, parse_server
+from tlsfront.outbound.mx import lookup_route
 from tlsfront.outbound.policy import HostFacts, TlsAttempt, Trust, decide, table_level
 
 PEM = Path("/control/tlshosts/mx.example.test.pem")

@@ -22,6 +22,7 @@ from support.outbound_fakes import (
     write_pem,
 )
 
+from tlsfront.config.files import config_from_dict
 from tlsfront.outbound import serve_outbound, stats
 
 MX = "mx.example.test"
@@ -205,14 +206,25 @@ async def test_notlshosts_means_clear_even_when_offered(
     assert b"STARTTLS" not in mx.commands
 
 
+def dns_servers(keys: dict[str, object]) -> tuple[str, ...]:
+    servers = keys["dns_servers"]
+    assert isinstance(servers, tuple)
+    return servers
+
+
 async def test_qmail_control_directory_is_used(
     nursery: trio.Nursery, good_ca: trustme.CA, bad_ca: trustme.CA, tmp_path: Path
 ) -> None:
     write_pem(tmp_path / "control" / "tlshosts", f"{MX}.pem", good_ca.cert_pem.bytes())
     mx = tls_mx(bad_ca)
-    _, keys = await routed(nursery, mx, qmail_control=tmp_path / "control")
+    _, keys = await routed(nursery, mx, qmail_control=str(tmp_path / "control"))
+    # through the loader, which is where qmail_control is resolved into tlshosts
+    keys.update(mode="outbound", listen=["127.0.0.1:0"], hostname="relay.example.test")
+    keys.update(timeout_connect=5.0, timeout_handshake=5.0, dns_servers=list(dns_servers(keys)))
+    profile = config_from_dict({"profile": {"out": keys}}).profiles["out"]
+    assert profile.tlshosts == tmp_path / "control" / "tlshosts"
     with trio.fail_after(20):
-        result = await relay_message(outbound_profile(**keys), make_runtime(), [RCPT])
+        result = await relay_message(profile, make_runtime(), [RCPT])
     assert result.rcpt[0].startswith(b"451 4.7.5 ")
 
 

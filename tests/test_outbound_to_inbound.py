@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.front import Front
 from support.outbound_fakes import qmail_remote
 
-from tlsfront.ops.metrics import outbound_metrics
+from tlsfront.ops.metrics_endpoint import outbound_metrics
 from tlsfront.outbound import stats
 
 INBOUND = """

@@ -16,7 +16,7 @@ from support.front import Front, capture_backend, toml_str, write_config
 from support.outbound_fakes import DnsResponder
 from support.ucspi import Lines
 
-from tlsfront.config.load import load_config
+from tlsfront.config.files import load_config
 from tlsfront.inbound import remotehost
 from tlsfront.inbound.server import Server
 

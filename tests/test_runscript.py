@@ -25,7 +25,7 @@ import pytest
 import trio
 from support.front import Front, capture_backend
 
-from tlsfront.config.load import load_config
+from tlsfront.config.files import load_config
 from tlsfront.inbound.server import Server
 from tlsfront.qmail.importqmail import render_config
 from tlsfront.qmail.runscript import RunScriptError, evaluate

@@ -18,7 +18,7 @@ import trio.testing
 from support.front import capture_backend, toml_str, write_config
 from support.hostile import Client, code
 
-from tlsfront.config.load import load_config
+from tlsfront.config.files import load_config
 from tlsfront.inbound.server import Server
 
 PROFILE = """

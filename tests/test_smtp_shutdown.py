@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_smtp_dialogue import GREETING, RECEIVED, Harness, phase
 
-from tlsfront.smtp import Phase
+from tlsfront.smtp import Ending, Outcome, Phase
 
 SHUTTING_DOWN = b"421 4.3.2 front.example.org Service shutting down\r\n"
 
@@ -21,7 +21,7 @@ def test_idle_in_command_phase_gets_421_and_closes(bytewise: bool) -> None:
     assert h.take() == (SHUTTING_DOWN, b"")
     assert phase(h) is Phase.CLOSING
     assert h.d.backend_should_close
-    assert h.d.stats.close_reason == "shutting down"
+    assert h.d.stats.ending == Ending(Outcome.SHUTDOWN, "shutting down")
     # Closing is final: a second call and late client bytes change nothing.
     assert not h.d.shutdown()
     h.client(b"MAIL FROM:<a@example.net>\r\n")

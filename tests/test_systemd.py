@@ -35,7 +35,7 @@ from support.hostile import Client, code
 from support.ucspi import sessions
 
 from tlsfront.cli import main
-from tlsfront.config.load import parse_config
+from tlsfront.config.files import parse_config
 from tlsfront.ops.systemd import (
     Notifier,
     SystemdError,

@@ -23,7 +23,7 @@ import trustme
 from support.front import Front, toml_str
 from support.ucspi import capture_argv, sessions, tcpserver
 
-from tlsfront.config.load import load_config
+from tlsfront.config.files import load_config
 from tlsfront.ops.check import Report, check_config, check_tcp_backend
 
 MESSAGE = b"Subject: hi\r\n\r\nHello.\r\n"

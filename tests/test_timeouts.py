@@ -14,10 +14,12 @@ import pytest
 import trio
 import trio.testing
 
-from tlsfront.config.load import Profile, parse_config
-from tlsfront.inbound.backend import Address, Backend
+from tlsfront.config.files import parse_config
+from tlsfront.config.schema import Profile
+from tlsfront.inbound.backend import Backend
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.session import Session
+from tlsfront.net.address import Address
 
 PROFILE = """
 [profile.smtp]

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from tlsfront import __version__
-from tlsfront.config.load import Config, ConfigError, find_config, load_config
+from tlsfront.config.errors import ConfigError
+from tlsfront.config.files import load_chosen
+from tlsfront.config.schema import Config
 from tlsfront.ops import logs
 from tlsfront.ops.systemd import SystemdError
 from tlsfront.ops.workers import metrics_address
@@ -36,9 +38,9 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 
 def load(path: str | None) -> Config:
     """The configuration named, or the system one, or the embedded default."""
-    found = find_config(Path(path) if path else None)
-    if found is not None:
-        return load_config(found)
+    config = load_chosen(path)
+    if config is not None:
+        return config
     from tlsfront.config.embedded import embedded_config, ensure_default_files
 
     config = embedded_config()
@@ -71,7 +73,7 @@ def _startup_errors(exc: BaseException) -> list[BaseException] | None:
 def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     """SIGHUP: the configuration and every file it names, read again."""
     from tlsfront.inbound.server import StartupError
-    from tlsfront.ops import metrics
+    from tlsfront.ops import counters
     from tlsfront.ops.systemd import session_status
 
     notifier.reloading()
@@ -82,11 +84,11 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
         server.reload(config)
     except (ConfigError, StartupError) as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
-        metrics.RELOADS.labels("failed").inc()
+        counters.RELOADS.labels("failed").inc()
         status = "reload failed, old configuration serving; "
     except Exception:
         log.exception("reload failed, keeping the running configuration")
-        metrics.RELOADS.labels("failed").inc()
+        counters.RELOADS.labels("failed").inc()
         status = "reload failed, old configuration serving; "
     else:
         new = config.settings
@@ -95,7 +97,7 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
             if getattr(old, key) != getattr(new, key):
                 log.warning("reload: %s changed: restart to apply", key)
         log.info("reloaded the configuration%s", f" from {config.path}" if config.path else "")
-        metrics.RELOADS.labels("ok").inc()
+        counters.RELOADS.labels("ok").inc()
     notifier.ready(status + session_status(server.session_counts()))
 
 
@@ -124,7 +126,7 @@ async def _serve(
 ) -> None:
     """One server process: all of it, or one of `workers` (then on `sockets`)."""
     from tlsfront.inbound.server import Server
-    from tlsfront.ops.metrics import serve_metrics
+    from tlsfront.ops.metrics_endpoint import serve_metrics
     from tlsfront.ops.systemd import (
         Notifier,
         listeners_by_profile,
@@ -252,14 +254,13 @@ def _check_units(config_arg: str | None, directory: Path) -> int:
     """`check --units DIR`: the unit files against the configuration."""
     from tlsfront.ops.systemd import check_units
 
-    path = find_config(Path(config_arg) if config_arg else None)
-    if path is None:
-        print("no configuration file: no profile to check the units against")
-        return 0
     try:
-        config = load_config(path)
+        config = load_chosen(config_arg)
     except ConfigError:
         return 1  # run_check has said why
+    if config is None:
+        print("no configuration file: no profile to check the units against")
+        return 0
     if not directory.is_dir():
         print(f"error: {directory} is not a directory of unit files")
         return 1

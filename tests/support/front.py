@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tlsfront.config.load import Config
+from tlsfront.config.schema import Config
 from tlsfront.inbound.server import Server
 
 BACKENDS = Path(__file__).parent / "backends"

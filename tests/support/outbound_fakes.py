@@ -31,7 +31,7 @@ import dns.rrset
 import trio
 import trio.testing
 
-from tlsfront.config.load import Profile
+from tlsfront.config.schema import Profile
 from tlsfront.outbound import Runtime, serve_outbound
 from tlsfront.outbound.context import Connector
 from tlsfront.outbound.mtasts import StsCache

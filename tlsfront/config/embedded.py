@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tlsfront.config.load import Config, config_from_dict
+from tlsfront.config.files import config_from_dict
 from tlsfront.config.machine import (
     default_backend,
     default_hostname,
     default_state_dir,
     default_tls_files,
 )
+from tlsfront.config.schema import Config
 from tlsfront.tls.certs import make_self_signed
 
 SMTP_LISTEN = "127.0.0.1:2525"

@@ -10,17 +10,15 @@ reaches it.
 from __future__ import annotations
 
 import contextlib
-import functools
-import ipaddress
 import os
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
-from tlsfront.config.load import Profile, split_host_port
+from tlsfront.config.schema import Profile
+from tlsfront.net.address import Address, is_ip, split_host_port
 from tlsfront.net.netstream import NetStream, PipeStream
 
 DEFAULT_PATH = "/var/qmail/bin:/usr/local/bin:/usr/bin:/bin"
@@ -30,30 +28,6 @@ EXIT_GRACE = 10.0
 
 class BackendError(Exception):
     """The backend could not be started or reached."""
-
-
-@dataclass(frozen=True)
-class Address:
-    ip: str
-    port: int
-
-    @classmethod
-    def from_sockaddr(cls, sockaddr: object) -> Address:
-        if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
-            return cls(unmap(str(sockaddr[0])), int(sockaddr[1]))
-        return cls("0.0.0.0", 0)
-
-
-@functools.lru_cache(maxsize=4096)  # per connection, and ipaddress is slow
-def unmap(ip: str) -> str:
-    """`::ffff:1.2.3.4` is 1.2.3.4 to qmail and tcprules."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
 
 
 def ucspi_environment(
@@ -180,7 +154,7 @@ class TCPBackend:
         host, port = split_host_port(target)
         try:
             stream: NetStream
-            if source_address is None and not _is_ip(host):
+            if source_address is None and not is_ip(host):
                 stream = NetStream.adopt(await trio.open_tcp_stream(host, port))
             else:
                 # one address: no happy-eyeballs tasks, which cost a session measurable CPU
@@ -204,15 +178,6 @@ class TCPBackend:
     async def aclose(self) -> int | None:
         self._stream.close()  # never waits, so needs no shield from cancellation
         return None
-
-
-@functools.lru_cache(maxsize=64)  # the few backend hosts, looked at per connection
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class Backend(Protocol):

@@ -25,11 +25,11 @@ from collections.abc import Mapping
 
 import trio
 
-from tlsfront.config.load import Profile
-from tlsfront.inbound.backend import Address, unmap
+from tlsfront.config.schema import Profile
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.remotehost import safe_host
 from tlsfront.inbound.server import ProfileServer
+from tlsfront.net.address import Address, unmap
 from tlsfront.net.netstream import NetStream
 
 log = logging.getLogger("tlsfront")

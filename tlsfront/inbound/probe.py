@@ -34,15 +34,15 @@ from pathlib import Path
 
 import trio
 
-from tlsfront.config.load import Profile, split_host_port
+from tlsfront.config.schema import Profile
 from tlsfront.inbound.backend import (
-    Address,
     Backend,
     BackendError,
     BackendStarter,
     start_backend,
     ucspi_environment,
 )
+from tlsfront.net.address import Address, split_host_port
 from tlsfront.qmail.control import QmailControlError, read_control
 from tlsfront.smtp.face import BackendFace, Probe, ProbeFailed
 from tlsfront.smtp.reply import Reply
@@ -64,7 +64,7 @@ def greeting_text(profile: Profile) -> str:
             text = control.smtpgreeting or control.me
             if text:
                 return text
-    return profile.hostname
+    return str(profile.hostname)
 
 
 class LearnedFace:

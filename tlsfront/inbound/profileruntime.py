@@ -11,17 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from tlsfront.config.load import Profile
+from tlsfront.config.schema import Profile
 from tlsfront.inbound.probe import LearnedFace
 from tlsfront.inbound.relaypolicy import RelayPolicy
-from tlsfront.ops.watch import FileWatch
+from tlsfront.ops.watch import FileWatch, watch_file
+from tlsfront.qmail.tcprules import Rules
 from tlsfront.tls.certs import load_server_credentials
 from tlsfront.tls.engine import ServerTLS, TLSSettings
-
-if TYPE_CHECKING:
-    from tlsfront.qmail.tcprules import Rules
 
 
 def tls_settings(profile: Profile) -> TLSSettings:
@@ -66,12 +63,7 @@ class ProfileRuntime:
                 tls_files(profile),
                 lambda: ServerTLS(tls_settings(profile)),
             )
-        rules = None
-        if profile.rules is not None:
-            from tlsfront.qmail.tcprules import Rules
-
-            path = profile.rules
-            rules = FileWatch(f"profile {profile.name}: rules", [path], lambda: Rules.load(path))
+        rules = watch_file(f"profile {profile.name}: rules", profile.rules, Rules.load)
         runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules, LearnedFace(profile))
         if eager:
             runtime.load_all()

@@ -33,8 +33,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from tlsfront.config.load import Profile
-from tlsfront.ops.watch import FileWatch
+from tlsfront.config.schema import Profile
+from tlsfront.ops.watch import watch_file
 from tlsfront.smtp.received import ClientCertTrace
 from tlsfront.tls.certs import PeerCertificate, normalize_fingerprint, peer_certificate, sanitize
 from tlsfront.tls.engine import TLSInfo
@@ -216,23 +216,15 @@ class RelayPolicy:
         self._inline = frozenset(normalize_fingerprint(p) for p in fingerprints)
         self._clients_file = clients_file
         self._prints_file = fingerprints_file
-        self._clients = (
-            FileWatch(
-                f"profile {name}: relay_clients",
-                [clients_file],
-                lambda: read_relay_clients(clients_file, strict=False),
-            )
-            if clients_file is not None
-            else None
+        self._clients = watch_file(
+            f"profile {name}: relay_clients",
+            clients_file,
+            lambda path: read_relay_clients(path, strict=False),
         )
-        self._prints = (
-            FileWatch(
-                f"profile {name}: relay_fingerprints",
-                [fingerprints_file],
-                lambda: read_fingerprints(fingerprints_file, strict=False),
-            )
-            if fingerprints_file is not None
-            else None
+        self._prints = watch_file(
+            f"profile {name}: relay_fingerprints",
+            fingerprints_file,
+            lambda path: read_fingerprints(path, strict=False),
         )
 
     @classmethod

@@ -33,7 +33,7 @@ import dns.exception
 import dns.resolver
 import trio
 
-from tlsfront.outbound.mx import make_resolver
+from tlsfront.net.dns import make_resolver
 from tlsfront.qmail.tcprules import Rules
 
 log = logging.getLogger("tlsfront.inbound.remotehost")

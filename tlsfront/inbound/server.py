@@ -28,16 +28,17 @@ from functools import partial
 
 import trio
 
-from tlsfront.config.load import Config, Profile, split_host_port
-from tlsfront.inbound.backend import Address
+from tlsfront.config.schema import Config, Profile
 from tlsfront.inbound.probe import probe
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
+from tlsfront.inbound.record import SessionLabel
 from tlsfront.inbound.remotehost import lookup_host, needs_host
 from tlsfront.inbound.session import Session, ShutdownNotice
+from tlsfront.net.address import Address, split_host_port
 from tlsfront.net.netstream import NetStream
 from tlsfront.net.proxyproto import accept_proxied
-from tlsfront.ops import metrics
+from tlsfront.ops import counters
 
 log = logging.getLogger("tlsfront")
 
@@ -110,7 +111,7 @@ class ProfileServer:
         refusal = self.limits.admit(profile, client.ip)
         if refusal is not None:
             log.warning("profile %s: refused [%s]: %s", profile.name, client.ip, refusal)
-            metrics.connection_refused(profile.name, "refused")
+            counters.connection_refused(profile.name, SessionLabel.REFUSED)
             await _refuse(stream, profile, refusal)
             return
         try:
@@ -122,7 +123,7 @@ class ProfileServer:
                 rule = rules.match(client.ip, host)
                 if rule is not None and not rule.allow:
                     log.info("profile %s: [%s] denied by %s", profile.name, client.ip, rule.source)
-                    metrics.connection_refused(profile.name, "denied")
+                    counters.connection_refused(profile.name, SessionLabel.DENIED)
                     await stream.aclose()
                     return
                 if rule is not None:
@@ -202,7 +203,7 @@ class Server:
         self._stop = trio.Event()
         self._ended = trio.Event()  # pulsed when a connection ends
         self._probe_due = trio.Event()  # set by a reload: learn the backends' faces again
-        metrics.declare_profiles(self.profiles)
+        counters.declare_profiles(self.profiles)
 
     def session_counts(self) -> dict[str, int]:
         """Sessions in progress, per profile."""
@@ -266,7 +267,7 @@ class Server:
         except Exception:
             # One session's bug must not take every other session down.
             log.exception("profile %s: internal error in a session", server.name)
-            metrics.connection_refused(server.name, "error")
+            counters.connection_refused(server.name, SessionLabel.ERROR)
         finally:
             self.active -= 1
             self._ended.set()

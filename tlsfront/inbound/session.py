@@ -52,13 +52,11 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 
 import trio
 
 from tlsfront.inbound.backend import (
-    Address,
     Backend,
     BackendError,
     BackendStarter,
@@ -67,12 +65,14 @@ from tlsfront.inbound.backend import (
 )
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
+from tlsfront.inbound.record import SessionRecord
 from tlsfront.inbound.relaypolicy import RelayDecision
+from tlsfront.net.address import Address
 from tlsfront.net.netstream import NetStream
-from tlsfront.ops import logs, metrics
-from tlsfront.smtp import Dialogue, Phase, TraceInfo, build_received
+from tlsfront.ops import counters, logs
+from tlsfront.smtp import Dialogue, Outcome, Phase, TraceInfo, build_received
 from tlsfront.smtp.face import BackendFace
-from tlsfront.tls.engine import ServerTLS, TLSHandshakeError, TLSInfo
+from tlsfront.tls.engine import HandshakeFailure, ServerTLS, TLSHandshakeError, TLSInfo
 
 log = logging.getLogger("tlsfront.inbound.session")
 
@@ -144,81 +144,6 @@ class ShutdownNotice:
         self._callbacks.discard(callback)
 
 
-@dataclass
-class SessionRecord:
-    """What the end-of-session log line reports."""
-
-    profile: str
-    client: Address
-    started: float
-    tls_version: str | None = None
-    tls_cipher: str | None = None
-    cert_status: str = "none"
-    relay: str = "no"
-    messages: int = 0
-    refused: int = 0
-    bytes: int = 0
-    backend_exit: int | None = None
-    reason: str = ""
-    events: list[str] = field(default_factory=list)
-    tls_failure: str | None = None  # the handshake's short failure reason
-    backend_failure: str | None = None  # start, timeout, exited, protocol
-
-    @property
-    def outcome(self) -> str:
-        """One word for how the session ended (logs and metrics)."""
-        if self.tls_failure is not None:
-            return "tls_failed"
-        if self.backend_failure is not None:
-            return "backend_failed"
-        if self.reason.startswith("backend closed the session: 421"):
-            return "backend_closed"
-        return _OUTCOMES.get(self.reason, "protocol_error")
-
-    def fields(self, now: float) -> dict[str, object]:
-        """The end line's fields, by name (the JSON log's keys)."""
-        return {
-            "client_ip": self.client.ip,
-            "client_port": self.client.port,
-            "profile": self.profile,
-            "tls_version": self.tls_version,
-            "tls_cipher": self.tls_cipher,
-            "cert": self.cert_status,
-            "relay": self.relay,
-            "messages": self.messages,
-            "refused": self.refused,
-            "bytes": self.bytes,
-            "backend_exit": self.backend_exit,
-            "duration": round(now - self.started, 3),
-            "outcome": self.outcome,
-            "reason": self.reason,
-        }
-
-    def line(self, now: float) -> str:
-        tls = f"{self.tls_version}/{self.tls_cipher}" if self.tls_version else "none"
-        exit_status = "-" if self.backend_exit is None else str(self.backend_exit)
-        return (
-            f"session end: client={self.client.ip}:{self.client.port} profile={self.profile} "
-            f"tls={tls} cert={self.cert_status} relay={self.relay} messages={self.messages} "
-            f"refused={self.refused} bytes={self.bytes} backend_exit={exit_status} "
-            f"duration={now - self.started:.3f}s outcome={self.outcome} reason={self.reason!r}"
-        )
-
-
-# How a session that ended for one of these reasons ended; others are the
-# client's protocol errors (too long a line, a bare LF, pipelining ...).
-_OUTCOMES = {
-    "quit": "ok",
-    "client closed the connection": "ok",
-    "client closed the connection during DATA": "client_lost",
-    "client timed out": "timeout",
-    "TLS unavailable": "tls_failed",
-    "too many new TLS sessions": "rate_limited",
-    "shutting down": "shutdown",
-    "cancelled": "cancelled",
-}
-
-
 def tls_environment(info: TLSInfo) -> dict[str, str]:
     env = {
         "SSL_PROTOCOL": info.version,
@@ -276,7 +201,8 @@ class Session:
         try:
             await self._run()
         except trio.Cancelled:
-            self.record.reason = self.record.reason or "cancelled"
+            if self.record.ending is None:
+                self.record.end(Outcome.CANCELLED, "cancelled")
             raise
         finally:
             await self._close_client()
@@ -285,16 +211,17 @@ class Session:
             if log.isEnabledFor(logging.INFO):
                 fields = logs.fields("session_end", record.fields(now))
                 log.info("%s", record.line(now), extra=fields)
-            metrics.session_ended(record)
+            counters.session_ended(record)
 
     async def _run(self) -> None:
         if self.profile.tls == "implicit":
             server_tls = self.runtime.tls.get() if self.runtime.tls else None
             if not self.tls_allowed():
-                self.record.reason = "too many new TLS sessions"
+                self.record.end(Outcome.RATE_LIMITED, "too many new TLS sessions")
                 return
             if server_tls is None or not await self._handshake(server_tls):
-                self.record.reason = self.record.reason or "TLS unavailable"
+                if self.record.ending is None:
+                    self.record.end(Outcome.TLS_UNAVAILABLE, "TLS unavailable")
                 return
         learned = self.runtime.face
         on_demand = learned is not None and self.profile.backend_start == "on-demand"
@@ -331,10 +258,11 @@ class Session:
         record.refused += dialogue.stats.refused
         record.bytes += dialogue.stats.body_bytes
         record.events += dialogue.stats.events
-        if record.backend_failure != "start":  # else its words say why
-            record.reason = dialogue.stats.close_reason or record.reason
+        start_failed = record.backend_failure is Outcome.BACKEND_START  # its words say why
+        if dialogue.stats.ending is not None and not start_failed:
+            record.ending = dialogue.stats.ending
         if dialogue.backend_error is not None:
-            record.backend_failure = metrics.backend_failure_kind(dialogue.backend_error)
+            record.backend_failure = dialogue.backend_error.outcome
         learned = self.runtime.face
         if learned and face and not face.probed and dialogue.backend_ehlo is not None:
             # No probe got through: a backend that answered a client's EHLO
@@ -398,17 +326,19 @@ class Session:
             if timer.cancelled_caught:
                 raise trio.TooSlowError
         except TLSHandshakeError as exc:
-            self.record.reason = f"TLS handshake failed: {exc.reason}"
-            self.record.tls_failure = exc.reason
+            self.record.end(Outcome.TLS_FAILED, f"TLS handshake failed: {exc.reason}")
+            self.record.tls_failure = exc.kind
             log.info("TLS handshake failed from [%s]: %s", self.client.ip, exc)
             return False
         except trio.TooSlowError:
-            self.record.reason = "TLS handshake timed out"
-            self.record.tls_failure = "timeout"
+            self.record.end(Outcome.TLS_FAILED, "TLS handshake timed out")
+            self.record.tls_failure = HandshakeFailure.TIMEOUT
             return False
         except STREAM_ERRORS:
-            self.record.reason = "client closed the connection during the TLS handshake"
-            self.record.tls_failure = "connection lost"
+            self.record.end(
+                Outcome.TLS_FAILED, "client closed the connection during the TLS handshake"
+            )
+            self.record.tls_failure = HandshakeFailure.CONNECTION_LOST
             return False
         self._stream = tls_stream
         info = self._tls_info = tls_stream.info()
@@ -481,8 +411,7 @@ class Session:
                 return await self._backend_starter(p, env, relay)
             raise trio.TooSlowError(f"no backend within {p.timeout_backend:g}s")
         except (BackendError, trio.TooSlowError) as exc:
-            self.record.reason = f"backend failure: {exc}"
-            self.record.backend_failure = "start"
+            self.record.end(Outcome.BACKEND_START, f"backend failure: {exc}")
             log.error("profile %s: %s", p.name, exc)
             return None
 
@@ -674,7 +603,7 @@ class _Phase:
                     return
         except STREAM_ERRORS:
             self.backend_broken = True
-            d.backend_failed("backend closed its input")
+            d.backend_failed(Outcome.BACKEND_EXITED, "backend closed its input")
         finally:
             self.backend_sending = False
             self.update()
@@ -779,4 +708,4 @@ class _Phase:
         self.d.starttls_accept()
 
 
-__all__ = ["Session", "SessionRecord", "ShutdownNotice", "tls_environment"]
+__all__ = ["Session", "ShutdownNotice", "tls_environment"]

@@ -44,8 +44,8 @@ from typing import Literal
 
 import trio
 
-from tlsfront.config.load import Profile
-from tlsfront.inbound.backend import Address, unmap
+from tlsfront.config.schema import Profile
+from tlsfront.net.address import Address, unmap
 
 log = logging.getLogger("tlsfront.net.proxyproto")
 

@@ -14,14 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlsfront.config.load import (
-    Config,
-    ConfigError,
-    Profile,
-    find_config,
-    load_config,
-    split_host_port,
-)
+from tlsfront.config.errors import ConfigError
+from tlsfront.config.files import load_chosen
+from tlsfront.config.schema import Config, Profile
+from tlsfront.net.address import split_host_port
 from tlsfront.tls.certs import CertError, load_ca_bundle, load_crls, load_server_credentials
 
 if TYPE_CHECKING:
@@ -267,17 +263,16 @@ def check_config(config: Config, now: datetime.datetime | None = None) -> Report
 
 
 def run_check(config_path: str | None) -> int:
-    path = find_config(Path(config_path) if config_path else None)
-    if path is None:
-        print("no configuration file: `tlsfront run` would serve the embedded default")
-        return 0
     try:
-        config = load_config(path)
+        config = load_chosen(config_path)
     except ConfigError as exc:
         print(f"error: {exc}")
         print("FAILED: the configuration does not load")
         return 1
+    if config is None:
+        print("no configuration file: `tlsfront run` would serve the embedded default")
+        return 0
     report = check_config(config)
-    print(f"configuration: {path}")
+    print(f"configuration: {config.path}")
     print(report.render(), end="")
     return 1 if report.errors else 0

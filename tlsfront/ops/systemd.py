@@ -38,7 +38,7 @@ from pathlib import Path
 
 import trio
 
-from tlsfront.config.load import Config
+from tlsfront.config.schema import Config
 
 log = logging.getLogger("tlsfront")
 

@@ -75,3 +75,10 @@ class FileWatch(Generic[T]):
             )
         self._stamp = stamp
         return self._value
+
+
+def watch_file(what: str, path: Path | None, read: Callable[[Path], T]) -> FileWatch[T] | None:
+    """A FileWatch of the one file `path`, read by `read`; None when no file is configured."""
+    if path is None:
+        return None
+    return FileWatch(what, [path], lambda: read(path))

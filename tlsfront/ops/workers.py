@@ -32,7 +32,8 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from tlsfront.config.load import Config, split_host_port
+from tlsfront.config.schema import Config
+from tlsfront.net.address import split_host_port
 from tlsfront.ops.systemd import Notifier, PassedSocket, match_sockets, watchdog_interval
 
 log = logging.getLogger("tlsfront")

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import trio
 
+from tlsfront.net.dns import make_resolver
 from tlsfront.outbound.certcheck import client_context
 from tlsfront.outbound.mtasts import StsCache
-from tlsfront.outbound.mx import Dns, make_resolver
+from tlsfront.outbound.mx import Dns
 
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
 

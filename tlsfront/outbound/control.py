@@ -2,8 +2,8 @@
 
 `tlshosts/<host>.pem`, `tlshosts/exhaustivelist` and `notlshosts/<host>` are
 looked up by existence, as the patch does with stat(), so a change applies
-to the next delivery without a reload. The directories come from the
-profile's `tlshosts` / `notlshosts` keys, else from `qmail_control`.
+to the next delivery without a reload. The directories are the profile's
+`tlshosts` / `notlshosts` (which the loader fills from `qmail_control`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlsfront.config.load import Profile
+from tlsfront.config.schema import Profile
 from tlsfront.outbound.policy import HostFacts
 
 # a host name or address usable as a file name (no "/", no leading dot)
@@ -27,16 +27,8 @@ class ControlDirs:
 
 
 def control_dirs(profile: Profile) -> ControlDirs:
-    tlshosts, notlshosts, client = profile.tlshosts, profile.notlshosts, profile.client_cert_file
-    control = profile.qmail_control
-    if control is not None:
-        if tlshosts is None and (control / "tlshosts").is_dir():
-            tlshosts = control / "tlshosts"
-        if notlshosts is None and (control / "notlshosts").is_dir():
-            notlshosts = control / "notlshosts"
-        if client is None and (control / "clientcert.pem").is_file():
-            client = control / "clientcert.pem"
-    return ControlDirs(tlshosts, notlshosts, client)
+    """The profile's directories; `qmail_control` was resolved when it was loaded."""
+    return ControlDirs(profile.tlshosts, profile.notlshosts, profile.client_cert_file)
 
 
 def _safe(name: str) -> str | None:

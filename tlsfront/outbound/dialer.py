@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import trio
 from cryptography import x509
 
-from tlsfront.config.load import Profile
+from tlsfront.config.schema import Profile
+from tlsfront.net.address import ip_literal
 from tlsfront.outbound import stats
 from tlsfront.outbound.certcheck import client_context, matches_any, peer_chain
 from tlsfront.outbound.client import RemoteError, SmtpClient
@@ -39,7 +40,7 @@ from tlsfront.outbound.context import Runtime
 from tlsfront.outbound.control import ControlDirs, host_facts
 from tlsfront.outbound.dane import check_chain, lookup_tlsa
 from tlsfront.outbound.mtasts import StsPolicy
-from tlsfront.outbound.mx import Destination, Dns, DnsFailure, Hop, find_hops, ip_literal
+from tlsfront.outbound.mx import Destination, Dns, DnsFailure, Hop, find_hops
 from tlsfront.outbound.policy import Decision, HostFacts, TlsAttempt, Trust, decide
 from tlsfront.outbound.protocol import Reply
 

@@ -25,7 +25,8 @@ import logging
 
 import trio
 
-from tlsfront.config.load import Profile
+from tlsfront.config.schema import Profile
+from tlsfront.net.address import unmap
 from tlsfront.outbound import stats
 from tlsfront.outbound.client import RemoteError
 from tlsfront.outbound.context import Runtime, default_runtime
@@ -50,11 +51,9 @@ class _ClientGone(Exception):
 
 def client_allowed(client_ip: str, allow_from: tuple[str, ...]) -> bool:
     try:
-        address = ipaddress.ip_address(client_ip.strip("[]"))
+        address = ipaddress.ip_address(unmap(client_ip.strip("[]")))
     except ValueError:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     for network in allow_from:
         try:
             if address in ipaddress.ip_network(network, strict=False):

@@ -17,9 +17,8 @@ its backend by asking sniffio which library is running).
 
 from __future__ import annotations
 
-import ipaddress
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -30,6 +29,8 @@ import dns.nameserver
 import dns.rdata
 import dns.rdatatype
 import dns.resolver
+
+from tlsfront.net.address import ip_literal, parse_hostport
 
 MAX_HOPS = 10
 MAX_ADDRESSES = 4  # per host
@@ -48,45 +49,6 @@ class DnsFailure(Exception):
 class Answer:
     records: tuple[dns.rdata.Rdata, ...]
     secure: bool  # the resolver set AD (validated by DNSSEC)
-
-
-def parse_server(text: str) -> tuple[str, int]:
-    """`ip`, `ip:port`, `[v6]:port` or a bare IPv6 address."""
-    if text.startswith("["):
-        address, _, port = text[1:].partition("]")
-        return address, int(port.lstrip(":") or 53)
-    if text.count(":") == 1:
-        address, port = text.split(":")
-        return address, int(port)
-    return text, 53
-
-
-def make_resolver(servers: Sequence[str], *, dnssec: bool) -> dns.asyncresolver.Resolver:
-    """A resolver for the profile's `dns_servers`, else the system's
-    (`/etc/resolv.conf`; a resolver on localhost when there is none).
-
-    With `dnssec` the queries carry DO and AD so that a validating resolver
-    says in its answer whether it validated it.
-    """
-    if servers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        nameservers: list[str | dns.nameserver.Nameserver] = []
-        for text in servers:
-            address, port = parse_server(text)
-            nameservers.append(dns.nameserver.Do53Nameserver(address, port))
-        resolver.nameservers = nameservers
-    else:
-        try:
-            resolver = dns.asyncresolver.Resolver()
-        except dns.resolver.NoResolverConfiguration:
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = ["127.0.0.1", "::1"]
-    resolver.lifetime = 20.0
-    resolver.timeout = 5.0
-    if dnssec:
-        resolver.use_edns(0, dns.flags.DO, 1232)
-        resolver.flags = dns.flags.RD | dns.flags.AD
-    return resolver
 
 
 class Dns:
@@ -134,14 +96,6 @@ class Dns:
         return found[:MAX_ADDRESSES]
 
 
-def ip_literal(host: str) -> str | None:
-    """The address when `host` is an IP address or `[address]`, else None."""
-    try:
-        return str(ipaddress.ip_address(host.strip("[]").removeprefix("IPv6:")))
-    except ValueError:
-        return None
-
-
 @dataclass(frozen=True)
 class Hop:
     host: str  # MX name, route host or address; names the tlshosts file
@@ -167,18 +121,6 @@ def lookup_route(routes: Mapping[str, str], domain: str) -> str | None:
         if char == "." and domain[i:] in keys:
             return keys[domain[i:]]
     return keys.get("")
-
-
-def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
-    """`host`, `host:port`, `[v6]:port`, `[v4]`."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return host, int(port)
-    return text, default_port
 
 
 async def find_hops(

@@ -63,6 +63,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
+from tlsfront.net.address import unmap
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -201,10 +203,7 @@ def _key_warning(key: str) -> str | None:
 
 def _client_ip(ip: str) -> IPAddress:
     """The client address as tcpserver would print it (ValueError if it is none)."""
-    addr = ipaddress.ip_address(ip.partition("%")[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+    return ipaddress.ip_address(unmap(ip))
 
 
 def _prefix_bits(prefix: str) -> int:

@@ -69,6 +69,7 @@ from tlsfront.smtp.body import BodyScanner
 from tlsfront.smtp.command import Command, line_too_long, parse_command
 from tlsfront.smtp.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from tlsfront.smtp.face import BackendFace
+from tlsfront.smtp.outcome import Ending, Outcome
 from tlsfront.smtp.reply import Reply, ReplyReader, rewrite_ehlo
 
 
@@ -145,7 +146,7 @@ class DialogueStats:
     body_bytes: int = 0
     discarded_after_starttls: int = 0
     helo: str | None = None
-    close_reason: str | None = None
+    ending: Ending | None = None  # how the dialogue ended; the first cause wins
     events: list[str] = field(default_factory=list)  # notable protocol events, for the log
 
 
@@ -195,7 +196,7 @@ class Dialogue:
         self._pending: list[_Pending] = []
         self._awaiting: list[_Pending] = []  # entries waiting for a backend reply
         self._body: BodyScanner | None = None
-        self._backend_dead: str | None = None
+        self._backend_dead: Ending | None = None
         self.backend_should_close = False
         self._face = face
         self._held: _Pending | None = None  # the command that wants the backend
@@ -282,7 +283,7 @@ class Dialogue:
         return self.backend is BackendState.WANTED and self.phase is not Phase.CLOSING
 
     @property
-    def backend_error(self) -> str | None:
+    def backend_error(self) -> Ending | None:
         """Why the backend failed (died, hung, spoke nonsense), or None."""
         return self._backend_dead
 
@@ -297,9 +298,9 @@ class Dialogue:
             if self.phase is not Phase.DATA_WAIT:  # there, a body may still be to pass on
                 self.backend_should_close = True
             if self.phase is Phase.BODY:
-                self._close("client closed the connection during DATA")
+                self._close(Outcome.CLIENT_LOST, "client closed the connection during DATA")
             elif not self._pending or self.backend is BackendState.WANTED:
-                self._close("client closed the connection")
+                self._close(Outcome.CLIENT_CLOSED, "client closed the connection")
             return
         if self.phase in (Phase.STARTTLS_WAIT, Phase.STARTTLS_READY, Phase.HANDSHAKE):
             self.stats.discarded_after_starttls += len(data)
@@ -317,44 +318,44 @@ class Dialogue:
         if self.backend is BackendState.REFUSED:
             return  # it refused the session and is being shut down
         if not data:
-            self.backend_failed("backend closed the connection")
+            self.backend_failed(Outcome.BACKEND_EXITED, "backend closed the connection")
             return
         try:
             replies = self._replies.feed(data)
         except ProtocolError as exc:
-            self.backend_failed(exc.text)
+            self.backend_failed(Outcome.BACKEND_PROTOCOL, exc.text)
             return
         for reply in replies:
             self._on_backend_reply(reply)
             if self.closing:
                 return
         if self._replies.failure is not None:
-            self.backend_failed(self._replies.failure.text)
+            self.backend_failed(Outcome.BACKEND_PROTOCOL, self._replies.failure.text)
             return
         self._process_client()
         if self._client_eof and self.phase is Phase.BODY:
             # The client closed while DATA was pending and sent no end of data.
-            self._close("client closed the connection during DATA")
+            self._close(Outcome.CLIENT_LOST, "client closed the connection during DATA")
 
     def timeout(self, side: str) -> None:
         """The shell's timer for `waiting_for` ran out."""
         if side == "backend":
-            self.backend_failed("backend did not answer in time")
+            self.backend_failed(Outcome.BACKEND_TIMEOUT, "backend did not answer in time")
             return
         self._to_client += _local(421, "4.4.2", f"{self.hostname} Error: timeout exceeded").raw
-        self._close("client timed out")
+        self._close(Outcome.CLIENT_TIMEOUT, "client timed out")
 
-    def backend_failed(self, why: str) -> None:
+    def backend_failed(self, outcome: Outcome, why: str) -> None:
         """The backend died, hung or spoke nonsense: 4xx to the client, never 250."""
-        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._backend_dead:
+        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._backend_dead is not None:
             return
         if self.backend is BackendState.REFUSED:
             return  # its refusal stands; it is being shut down
-        self._backend_dead = why
+        self._backend_dead = Ending(outcome, why)
         self.backend_should_close = True
         self.stats.events.append(why)
-        if self.stats.close_reason is None:
-            self.stats.close_reason = why  # the cause, not the 4xx it becomes, for the log
+        if self.stats.ending is None:
+            self.stats.ending = self._backend_dead  # the cause, not the 4xx it becomes, for the log
         if self.phase is Phase.BODY:
             # The client is still sending the body and not reading: answer
             # at its end of data, which _process_body waits for.
@@ -487,16 +488,16 @@ class Dialogue:
             return False
         self._client_buffer.clear()  # a command not yet complete is never run
         self._to_client += _local(421, "4.3.2", f"{self.hostname} Service shutting down").raw
-        self._close("shutting down")
+        self._close(Outcome.SHUTDOWN, "shutting down")
         return True
 
     # --------------------------------------------------------------- internals
 
-    def _close(self, reason: str) -> None:
+    def _close(self, outcome: Outcome, reason: str) -> None:
         self.phase = Phase.CLOSING
         self.backend_should_close = True
-        if self.stats.close_reason is None:
-            self.stats.close_reason = reason
+        if self.stats.ending is None:
+            self.stats.ending = Ending(outcome, reason)
 
     def _forward(self, entry: _Pending, *, queued: bool = True) -> None:
         if queued:
@@ -549,16 +550,16 @@ class Dialogue:
         if self._pending and self._pending[0].kind is _Kind.STARTTLS:
             self.phase = Phase.STARTTLS_READY
         elif not self._pending and self._client_eof:
-            self._close("client closed the connection")
+            self._close(Outcome.CLIENT_CLOSED, "client closed the connection")
 
     def _after_reply(self, entry: _Pending, reply: Reply) -> None:
         if entry.close_after:
-            self._close(reply.raw.decode("utf-8", "replace").strip())
+            self._close(Outcome.PROTOCOL_ERROR, reply.raw.decode("utf-8", "replace").strip())
             return
         if reply.code == 421 and not entry.swallow:
             # The backend is closing the channel (RFC 5321 §3.8): so does the session.
             first = reply.lines[0].decode("utf-8", "replace")
-            self._close(f"backend closed the session: 421 {first}")
+            self._close(Outcome.BACKEND_CLOSED, f"backend closed the session: 421 {first}")
             return
         kind = entry.kind
         if kind in (_Kind.HELO, _Kind.EHLO) and reply.code == 250:
@@ -566,7 +567,7 @@ class Dialogue:
             self.stats.helo = entry.command.args.decode("utf-8", "replace") or None
             self._esmtp = kind is _Kind.EHLO
         elif kind is _Kind.QUIT:
-            self._close("quit")
+            self._close(Outcome.QUIT, "quit")
         elif kind is _Kind.DOT:
             if 200 <= reply.code < 300:
                 self.stats.messages += 1
@@ -588,7 +589,7 @@ class Dialogue:
             # that was a body, reading it as commands would run it.
             self._client_buffer.clear()
             self._to_client += _local(554, "5.5.0", "Error: SMTP protocol synchronization").raw
-            self._close("pipelining after a refused DATA")
+            self._close(Outcome.PROTOCOL_ERROR, "pipelining after a refused DATA")
 
     def _process_client(self) -> None:
         while self._client_buffer and self.phase in (Phase.COMMAND, Phase.BODY):
@@ -698,7 +699,7 @@ class Dialogue:
             self.stats.refused += 1
             self.stats.events.append(exc.text)
             self._to_client += exc.reply
-            self._close(exc.text)
+            self._close(Outcome.PROTOCOL_ERROR, exc.text)
             return
         self.stats.body_bytes += len(result.forward)
         if self._backend_dead is None:
@@ -711,7 +712,7 @@ class Dialogue:
         if self._backend_dead is not None:
             self.stats.refused += 1
             self._to_client += _message_lost().raw
-            self._close(self._backend_dead)
+            self._close(self._backend_dead.outcome, self._backend_dead.text)
             return
         dot = _Pending(_Kind.DOT)
         self._pending.append(dot)

@@ -58,6 +58,7 @@ Profiles that cannot resume have no info callback; their handshakes are full.
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import tempfile
 from collections.abc import Callable
@@ -75,6 +76,7 @@ from .certs import CertError, ServerCredentials, load_ca_bundle, load_crls
 
 __all__ = [
     "DEFAULT_CIPHERS",
+    "HandshakeFailure",
     "ServerTLS",
     "TLSConfigError",
     "TLSHandshakeError",
@@ -135,16 +137,32 @@ class TLSConfigError(Exception):
         self.message = message
 
 
+class HandshakeFailure(enum.Enum):
+    """Why a handshake failed, from a fixed set (a metric label is its value)."""
+
+    NOT_TLS = "not TLS"
+    NO_SHARED_CIPHER = "no shared cipher"
+    UNSUPPORTED_PROTOCOL = "unsupported protocol"
+    EOF = "eof"
+    CONNECTION_LOST = "connection lost"
+    CERTIFICATE_REQUIRED = "certificate required"
+    PEER_CERTIFICATE_REJECTED = "peer certificate rejected"
+    ALERT = "alert from peer"
+    TIMEOUT = "timeout"  # the caller's deadline; the engine never raises it
+    OTHER = "other"  # an OpenSSL error none of the above names
+
+
 class TLSHandshakeError(Exception):
-    """The handshake failed. `reason` is short and from a small set (logs, metrics):
-    "not TLS", "no shared cipher", "unsupported protocol", "eof", "connection lost",
-    "certificate required", "peer certificate rejected", "alert from peer", or
-    OpenSSL's own reason text. `detail` says more (OpenSSL's text, the verify error).
+    """The handshake failed. `kind` says why, from a fixed set; `reason` is its
+    words for the log: the kind's, or OpenSSL's own text for `OTHER`.
+    `detail` says more (OpenSSL's text, the verify error).
     """
 
-    def __init__(self, reason: str, detail: str | None = None) -> None:
+    def __init__(self, kind: HandshakeFailure, detail: str | None = None) -> None:
+        reason = (detail or kind.value) if kind is HandshakeFailure.OTHER else kind.value
         text = reason if not detail or detail == reason else f"{reason}: {detail}"
         super().__init__(text)
+        self.kind = kind
         self.reason = reason
         self.detail = detail
 
@@ -209,37 +227,38 @@ def _verify_reason(errnum: int) -> str:
     return _VERIFY_REASONS.get(errnum, f"error {errnum}")
 
 
-# OpenSSL reason text -> our short reason
+# OpenSSL reason text -> why, in our terms
+_F = HandshakeFailure
 _HANDSHAKE_REASONS = (
-    ("wrong version number", "not TLS"),
-    ("http request", "not TLS"),
-    ("https proxy request", "not TLS"),
-    ("packet length too long", "not TLS"),
-    ("record layer failure", "not TLS"),
-    ("unknown protocol", "not TLS"),
-    ("no shared cipher", "no shared cipher"),
-    ("unsupported protocol", "unsupported protocol"),
-    ("version too low", "unsupported protocol"),
-    ("no protocols available", "unsupported protocol"),
-    ("peer did not return a certificate", "certificate required"),
-    ("certificate verify failed", "peer certificate rejected"),
-    ("alert", "alert from peer"),
+    ("wrong version number", _F.NOT_TLS),
+    ("http request", _F.NOT_TLS),
+    ("https proxy request", _F.NOT_TLS),
+    ("packet length too long", _F.NOT_TLS),
+    ("record layer failure", _F.NOT_TLS),
+    ("unknown protocol", _F.NOT_TLS),
+    ("no shared cipher", _F.NO_SHARED_CIPHER),
+    ("unsupported protocol", _F.UNSUPPORTED_PROTOCOL),
+    ("version too low", _F.UNSUPPORTED_PROTOCOL),
+    ("no protocols available", _F.UNSUPPORTED_PROTOCOL),
+    ("peer did not return a certificate", _F.CERTIFICATE_REQUIRED),
+    ("certificate verify failed", _F.PEER_CERTIFICATE_REJECTED),
+    ("alert", _F.ALERT),
 )
 
 
 def _handshake_error(exc: SSL.Error, outcome: _Outcome) -> TLSHandshakeError:
     if isinstance(exc, SSL.SysCallError):
-        return TLSHandshakeError("eof", "unexpected EOF")
+        return TLSHandshakeError(_F.EOF, "unexpected EOF")
     texts = []
     if exc.args and isinstance(exc.args[0], list):
         texts = [str(e[2]) for e in exc.args[0] if isinstance(e, tuple) and len(e) >= 3]
     detail = texts[0] if texts else (str(exc) or type(exc).__name__)
-    for needle, reason in _HANDSHAKE_REASONS:
+    for needle, kind in _HANDSHAKE_REASONS:
         if needle in detail:
-            if reason == "peer certificate rejected" and outcome.verify_error:
+            if kind is _F.PEER_CERTIFICATE_REJECTED and outcome.verify_error:
                 detail = outcome.verify_error
-            return TLSHandshakeError(reason, detail)
-    return TLSHandshakeError(detail, None)
+            return TLSHandshakeError(kind, detail)
+    return TLSHandshakeError(_F.OTHER, detail)
 
 
 # ----------------------------------------------------------------------------
@@ -598,7 +617,7 @@ class TLSStream(trio.abc.Stream):
     async def do_handshake(self) -> None:
         """Run the server handshake; later calls return, or re-raise its failure, at once.
 
-        Raises TLSHandshakeError (a lost transport is reason "connection lost"),
+        Raises TLSHandshakeError (a lost transport is `HandshakeFailure.CONNECTION_LOST`),
         or trio.ClosedResourceError when aclose() was called. The caller bounds
         the time it may take (cancellation is safe).
         """
@@ -611,7 +630,7 @@ class TLSStream(trio.abc.Stream):
                 return
             if self._handshake_failed is not None:
                 failed = self._handshake_failed
-                raise TLSHandshakeError(failed.reason, failed.detail)
+                raise TLSHandshakeError(failed.kind, failed.detail)
             if self._closed:
                 raise trio.ClosedResourceError("TLS stream was closed")
             try:
@@ -622,7 +641,7 @@ class TLSStream(trio.abc.Stream):
                 raise
             except trio.BrokenResourceError as exc:
                 self._broken = True
-                error = TLSHandshakeError("connection lost", str(exc) or None)
+                error = TLSHandshakeError(_F.CONNECTION_LOST, str(exc) or None)
                 self._handshake_failed = error
                 raise error from exc
             self._handshake_done = True
@@ -634,7 +653,7 @@ class TLSStream(trio.abc.Stream):
         while True:
             data = await self._receive_transport()
             if not data:
-                raise TLSHandshakeError("eof", "connection closed during the handshake")
+                raise TLSHandshakeError(_F.EOF, "connection closed during the handshake")
             conn.bio_write(data)
             try:
                 conn.do_handshake()

@@ -1,18 +1,13 @@
-"""Prometheus metrics: what tlsfront counts, and the endpoint that serves them.
+"""The metrics endpoint: the counters and the server's live state, over HTTP.
 
 Theory of operation
 -------------------
-The counters live in one registry for the process (`REGISTRY`). A session
-counts itself once, when it ends, from its `SessionRecord`
-(`session_ended`): its outcome, its TLS handshake (version, cipher) or the
-handshake's failure, the relay decision for a client certificate, a backend
-failure, and the messages and message bytes it relayed. The server counts
-the connections it refuses before any session starts.
-
-What describes the running server rather than past events (sessions in
+Past events are counted as they happen (`tlsfront.ops.counters`). What
+describes the running server rather than past events (sessions in
 progress, each configured certificate's expiry, a certificate that failed
 to reload) is not bookkept: `ServerCollector` reads it from the server at
-scrape time, so it is never stale.
+scrape time, so it is never stale; the outbound relay's deliveries are read
+from its own tallies (`tlsfront.outbound.stats`) the same way.
 
 The endpoint (`serve_metrics`) is a small HTTP responder on trio instead of
 prometheus_client's own threaded server: it runs in the event loop that
@@ -25,143 +20,19 @@ the text format, or OpenMetrics when the scraper asks for it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, ProcessCollector
-from prometheus_client import disable_created_metrics as _disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from tlsfront.config.load import split_host_port
-from tlsfront.inbound.backend import Address
-
-if TYPE_CHECKING:
-    from tlsfront.inbound.server import Server
-    from tlsfront.inbound.session import SessionRecord
+from tlsfront.inbound.server import Server, StartupError
+from tlsfront.net.address import Address, split_host_port
+from tlsfront.ops.counters import REGISTRY
+from tlsfront.outbound import stats
 
 log = logging.getLogger("tlsfront")
-
-# `*_created` series double every counter for no use on a dashboard.
-_disable_created_metrics()  # type: ignore[no-untyped-call]
-
-REGISTRY = CollectorRegistry()
-ProcessCollector(registry=REGISTRY)
-
-OUTCOMES = (
-    "ok",
-    "timeout",
-    "client_lost",
-    "tls_failed",
-    "rate_limited",
-    "backend_failed",
-    "backend_closed",
-    "protocol_error",
-    "refused",
-    "denied",
-    "shutdown",
-    "cancelled",
-    "error",
-)
-
-SESSIONS = Counter(
-    "tlsfront_sessions",
-    "Connections ended, by profile and outcome",
-    ["profile", "outcome"],
-    registry=REGISTRY,
-)
-HANDSHAKES = Counter(
-    "tlsfront_tls_handshakes",
-    "TLS handshakes completed, by protocol version and cipher",
-    ["profile", "version", "cipher"],
-    registry=REGISTRY,
-)
-HANDSHAKE_FAILURES = Counter(
-    "tlsfront_tls_handshake_failures",
-    "TLS handshakes that failed, by reason",
-    ["profile", "reason"],
-    registry=REGISTRY,
-)
-RELAY = Counter(
-    "tlsfront_relay_decisions",
-    "Client certificates shown, by whether they authorized relaying (granted) or not "
-    "(refused) and by Postfix-style verdict",
-    ["profile", "decision", "cert"],
-    registry=REGISTRY,
-)
-BACKEND_FAILURES = Counter(
-    "tlsfront_backend_failures",
-    "Backends that could not start (start), hung (timeout), went away (exited) or "
-    "spoke nonsense (protocol)",
-    ["profile", "kind"],
-    registry=REGISTRY,
-)
-MESSAGES = Counter(
-    "tlsfront_messages",
-    "Messages whose end of data the backend answered, by accepted or refused",
-    ["profile", "result"],
-    registry=REGISTRY,
-)
-MESSAGE_BYTES = Counter(
-    "tlsfront_message_bytes",
-    "Message bytes relayed from clients to the backend",
-    ["profile"],
-    registry=REGISTRY,
-)
-RELOADS = Counter(
-    "tlsfront_reloads",
-    "Configuration reloads (SIGHUP), by result",
-    ["result"],
-    registry=REGISTRY,
-)
-
-
-def declare_profiles(names: Iterable[str]) -> None:
-    """Make the per-profile series exist at 0, so rate() works from the start."""
-    for name in names:
-        for outcome in OUTCOMES:
-            SESSIONS.labels(name, outcome)
-        for result in ("accepted", "refused"):
-            MESSAGES.labels(name, result)
-        MESSAGE_BYTES.labels(name)
-    for result in ("ok", "failed"):
-        RELOADS.labels(result)
-
-
-def backend_failure_kind(why: str) -> str:
-    """timeout, exited or protocol, from the dialogue's words for a failure."""
-    if "in time" in why:
-        return "timeout"
-    if why.startswith("backend closed"):
-        return "exited"
-    return "protocol"
-
-
-def session_ended(record: SessionRecord) -> None:
-    profile = record.profile
-    SESSIONS.labels(profile, record.outcome).inc()
-    if record.tls_version is not None:
-        HANDSHAKES.labels(profile, record.tls_version, record.tls_cipher or "").inc()
-        if record.cert_status not in ("none", "Anonymous"):
-            decision = "granted" if record.relay == "yes" else "refused"
-            RELAY.labels(profile, decision, record.cert_status).inc()
-    if record.tls_failure is not None:
-        HANDSHAKE_FAILURES.labels(profile, record.tls_failure).inc()
-    if record.backend_failure is not None:
-        BACKEND_FAILURES.labels(profile, record.backend_failure).inc()
-    if record.messages:
-        MESSAGES.labels(profile, "accepted").inc(record.messages)
-    if record.refused:
-        MESSAGES.labels(profile, "refused").inc(record.refused)
-    if record.bytes:
-        MESSAGE_BYTES.labels(profile).inc(record.bytes)
-
-
-def connection_refused(profile: str, outcome: str) -> None:
-    """A connection turned away before a session: `refused` (limits) or `denied` (rules)."""
-    SESSIONS.labels(profile, outcome).inc()
 
 
 class ServerCollector(Collector):
@@ -204,8 +75,6 @@ class ServerCollector(Collector):
 
 def outbound_metrics() -> Iterator[Metric]:
     """The outbound relay's deliveries, by result and TLS outcome (tlsfront.outbound.stats)."""
-    from tlsfront.outbound import stats
-
     deliveries = CounterMetricFamily(
         "tlsfront_outbound_deliveries",
         "Outbound transactions, by result (delivered, deferred, bounced, abandoned) and TLS "
@@ -297,8 +166,6 @@ async def serve_metrics(
     try:
         listeners = await trio.open_tcp_listeners(port, host=None if host == "*" else host)
     except OSError as exc:
-        from tlsfront.inbound.server import StartupError
-
         raise StartupError(f"metrics_listen {address}: cannot listen: {exc}") from exc
     bound = [Address.from_sockaddr(ln.socket.getsockname()) for ln in listeners]
     for where in bound:

@@ -1,0 +1,102 @@
+"""Rules across keys, run on a finished Profile of each mode.
+
+A rule is (key, broken, message): when `broken(profile)` holds, the profile
+is refused at the line of `key` (or of the table that set it). The message
+may name `{p}` (the profile), `{n_key}` and `{n_cert}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tlsfront.config.schema import Mode, Profile
+
+Rule = tuple[str, Callable[[Profile], bool], str]
+
+NEEDS_LISTEN: Rule = (
+    "listen",
+    lambda p: not p.listen and p.systemd is None,
+    'needs listen = ["host:port", ...] or systemd = "NAME"',
+)
+INBOUND_RULES: tuple[Rule, ...] = (
+    NEEDS_LISTEN,
+    (
+        "backend",
+        lambda p: not p.backend and p.backend_connect is None,
+        'needs backend = ["/var/qmail/bin/qmail-smtpd"] or backend_connect = "host:port"',
+    ),
+    (
+        "backend_connect",
+        lambda p: bool(p.backend) and p.backend_connect is not None,
+        "and backend are both set: a profile has one backend",
+    ),
+    (
+        "cert",
+        lambda p: p.tls != "none" and not p.cert,
+        "tls = {p.tls!r} needs a certificate: set cert (a qmail servercert.pem works"
+        " alone) or qmail_control to a directory with servercert.pem",
+    ),
+    (
+        "key",
+        lambda p: bool(p.key) and len(p.key) != len(p.cert),
+        "has {n_key} entries but cert has {n_cert}: give one key per cert, or none"
+        " when each cert file holds its key",
+    ),
+    ("require_tls", lambda p: p.require_tls and p.tls == "none", "needs TLS, but tls = 'none'"),
+    (
+        "client_cert",
+        lambda p: p.client_cert != "none" and p.tls == "none",
+        "{p.client_cert!r} needs TLS, but tls = 'none'",
+    ),
+    (
+        "client_cert",
+        lambda p: p.client_cert == "require" and p.client_ca is None,
+        "'require' needs client_ca, the CA bundle to verify client certificates with",
+    ),
+    (
+        "relay_clients",
+        lambda p: p.relay_clients is not None and p.client_ca is None,
+        "needs client_ca: addresses are trusted only from certificates verified against it",
+    ),
+    *(
+        (
+            name,
+            lambda p, name=name: p.client_cert == "none" and bool(getattr(p, name)),
+            'would never be used: set client_cert = "request"',
+        )
+        for name in ("relay_clients", "relay_fingerprints", "relay_fingerprints_file")
+    ),
+    *(
+        (
+            name,
+            lambda p, name=name: getattr(p, name) is not None and p.backend_connect is None,
+            "works only with backend_connect (an exec backend gets RELAYCLIENT instead)",
+        )
+        for name in (
+            "relay_backend_connect",
+            "source_address",
+            "relay_source_address",
+            "backend_rules",
+        )
+    ),
+    (
+        "relay_backend_connect",
+        lambda p: (
+            p.relay_backend_connect is not None and p.relay_backend_connect == p.backend_connect
+        ),
+        "equals backend_connect: relaying and other sessions would be indistinguishable",
+    ),
+    (
+        "relay_source_address",
+        lambda p: p.relay_source_address is not None and p.relay_source_address == p.source_address,
+        "equals source_address: relaying and other sessions would be indistinguishable",
+    ),
+    (
+        "proxy_protocol",
+        lambda p: p.proxy_protocol and not p.proxy_trusted,
+        "needs proxy_trusted: otherwise any client could claim any address",
+    ),
+)
+OUTBOUND_RULES: tuple[Rule, ...] = (NEEDS_LISTEN,)
+
+RULES: dict[Mode, tuple[Rule, ...]] = {"inbound": INBOUND_RULES, "outbound": OUTBOUND_RULES}
