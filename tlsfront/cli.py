@@ -70,7 +70,7 @@ def _startup_errors(exc: BaseException) -> list[BaseException] | None:
     return None
 
 
-def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
+async def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     """SIGHUP: the configuration and every file it names, read again."""
     from tlsfront.inbound.server import StartupError
     from tlsfront.ops import counters
@@ -81,7 +81,7 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     status = ""
     try:
         config = load(config_arg)
-        server.reload(config)
+        await server.reload(config)
     except (ConfigError, StartupError) as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
         counters.RELOADS.labels("failed").inc()
@@ -161,7 +161,7 @@ async def _serve(
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
-                    _reload(server, config_arg, notifier)
+                    await _reload(server, config_arg, notifier)
                 elif server.stopping:
                     log.warning("%s again: stopping now", name)
                     nursery.cancel_scope.cancel()

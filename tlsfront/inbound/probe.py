@@ -21,7 +21,10 @@ client) is logged, and the server starts anyway: the greeting is then the
 control files' text or the host name, and the EHLO reply offers none of
 the backend's extensions, only tlsfront's own (STARTTLS, SIZE). The first
 session whose backend answers its EHLO then teaches the extensions
-(`LearnedFace.learn_from_session`), and the next reload probes again.
+(`LearnedFace.learn_from_session`), and the next reload probes again. A
+reload probes before the new configuration takes its first session; should
+that probe fail, what the old one learned stays, if the backend's settings
+did not change.
 
 `LearnedFace` is the one part of a `ProfileRuntime` that changes after it
 is built; a session takes `current` once, when it starts.
@@ -85,9 +88,13 @@ class LearnedFace:
             log.info("profile %s: backend extensions learned from a session", self._profile.name)
 
     def take_over(self, old: LearnedFace) -> None:
-        """After a reload, until the new probe: what the old runtime knew, same backend."""
+        """At a reload, should the new probe fail: what the old runtime learned.
+
+        Only where nothing the backend's words depend on has changed.
+        """
         p, q = self._profile, old._profile
-        same = (p.backend, p.backend_connect, p.env) == (q.backend, q.backend_connect, q.env)
+        keys = ("backend", "backend_connect", "env", "hostname", "qmail_control", "rules")
+        same = all(getattr(p, key) == getattr(q, key) for key in keys)
         if same and old.current.probed:
             self.learn(old.current.greeting, old.current.ehlo)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -186,6 +186,21 @@ def build_runtimes(config: Config) -> dict[str, ProfileRuntime]:
     return runtimes
 
 
+async def probe_backends(runtimes: Iterable[ProfileRuntime]) -> None:
+    """Learn the face of every backend started on demand (see `inbound.probe`)."""
+    async with trio.open_nursery() as nursery:
+        for runtime in runtimes:
+            p = runtime.profile
+            if p.mode != "inbound" or p.backend_start != "on-demand" or runtime.face is None:
+                continue
+            rules_env: dict[str, str] = {}
+            rules = runtime.rules.get() if runtime.rules is not None else None
+            rule = rules.match("127.0.0.1") if rules is not None else None
+            if rule is not None:
+                rules_env = dict(rule.env)
+            nursery.start_soon(probe, p, runtime.face, rules_env)
+
+
 class Server:
     """Every profile of a configuration, listening."""
 
@@ -202,15 +217,17 @@ class Server:
         self.stopping = False
         self._stop = trio.Event()
         self._ended = trio.Event()  # pulsed when a connection ends
-        self._probe_due = trio.Event()  # set by a reload: learn the backends' faces again
         counters.declare_profiles(self.profiles)
 
     def session_counts(self) -> dict[str, int]:
         """Sessions in progress, per profile."""
         return {name: server.limits.active for name, server in self.profiles.items()}
 
-    def reload(self, config: Config) -> None:
+    async def reload(self, config: Config) -> None:
         """Take a new configuration for new sessions; raise and change nothing on error.
+
+        The backends started on demand are probed again (`inbound.probe`)
+        before the new configuration serves its first session.
 
         Every file is read again (new runtimes, loaded eagerly), also the
         ones that did not change. Profiles, `listen` and `systemd` are
@@ -229,31 +246,11 @@ class Server:
         for name, runtime in runtimes.items():
             known = self.profiles[name].runtime.face
             if runtime.face is not None and known is not None:
-                runtime.face.take_over(known)
+                runtime.face.take_over(known)  # should the probe fail
+        await probe_backends(runtimes.values())
+        for name, runtime in runtimes.items():
             self.profiles[name].runtime = runtime
         self.config = config
-        self._probe_due.set()
-
-    async def probe_backends(self) -> None:
-        """Learn the face of every backend started on demand (see `inbound.probe`)."""
-        async with trio.open_nursery() as nursery:
-            for server in self.profiles.values():
-                runtime = server.runtime
-                p = runtime.profile
-                if p.mode != "inbound" or p.backend_start != "on-demand" or runtime.face is None:
-                    continue
-                rules_env: dict[str, str] = {}
-                rules = runtime.rules.get() if runtime.rules is not None else None
-                rule = rules.match("127.0.0.1") if rules is not None else None
-                if rule is not None:
-                    rules_env = dict(rule.env)
-                nursery.start_soon(probe, p, runtime.face, rules_env)
-
-    async def _reprobe(self) -> None:
-        while True:
-            await self._probe_due.wait()
-            self._probe_due = trio.Event()
-            await self.probe_backends()
 
     def stop(self) -> None:
         """Stop gracefully (see the module doc); `run` returns when it is done."""
@@ -305,10 +302,9 @@ class Server:
                 for listener in ls:
                     await trio.aclose_forcefully(listener)
             raise
-        await self.probe_backends()
+        await probe_backends(server.runtime for server in self.profiles.values())
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
-                accepting.start_soon(self._reprobe)
                 for name, server in self.profiles.items():
                     serve = partial(
                         trio.serve_listeners,
