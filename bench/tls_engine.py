@@ -32,7 +32,7 @@ import trio
 import trustme
 
 from tlsfront.tls.certs import load_server_credentials
-from tlsfront.tls.engine import ServerTLS, TLSSettings
+from tlsfront.tls.context import ServerTLS, TLSSettings
 
 WRITE = 64 * 1024
 PY = sys.version.split()[0]

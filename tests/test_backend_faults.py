@@ -144,6 +144,8 @@ async def fault_session(port: int, mode: str, start: str = "on-demand") -> list[
             return replies
         elif mode == "flood-output":
             assert (await client.reply()).startswith(b"220 flood.invalid")
+        elif mode == "endless-line":
+            assert await client.reply() == b"220 endless.invalid ESMTP\r\n"
         # exit-before-greeting, 421-at-connect, slow-reply: the fault is at once
         replies = [await client.reply()]
         replies += split_replies(await client.rest())
@@ -179,6 +181,10 @@ EXPECTED: dict[str, tuple[list[bytes], str]] = {
     "flood-output": (
         [NOT_AVAILABLE + b", closing channel\r\n"],
         "reason='Backend failure: reply has too many lines'",
+    ),
+    "endless-line": (
+        [NOT_AVAILABLE + b"\r\n"],
+        "reason='Backend failure: reply line too long'",
     ),
 }
 AT_CONNECT = {**EXPECTED, "flood-output": ([NOT_AVAILABLE + b"\r\n"], EXPECTED["flood-output"][1])}

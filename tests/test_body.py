@@ -3,7 +3,8 @@
 The scanner's checks are built from whole-buffer `bytes` passes for speed
 (translate, shifted comparison, memrchr walks). The reference below does
 the same job line by line and byte by byte, in the order the scanner
-promises: end of data first, then NUL, bare CR/LF, line length. For any
+promises: end of data first, then NUL, bare CR/LF, line length (where a
+line's leading transparency dot does not count). For any
 input cut into any chunks, both must agree on every result and on the
 error (its reply code) at the same feed.
 """
@@ -46,7 +47,7 @@ class Reference:
             return data[:cut], True, data[cut:]
         last = max((i for i, b in enumerate(data) if b == 0x0A), default=-1)
         complete, self.held = data[: last + 1], data[last + 1 :]
-        if len(self.held) >= self.max_line:
+        if len(self.held) - self.held.startswith(b".") >= self.max_line:
             raise RemoteProtocolError(500, "5.5.2", "line too long")
         self.check(complete)
         self.count(len(complete))
@@ -66,9 +67,14 @@ class Reference:
                 raise bad
             if b == 0x0A and (i == 0 or lines[i - 1] != 0x0D):
                 raise bad
-        run = 0
+        run, line_start = 0, True
         for b in lines:
-            run = 0 if b == 0x0A else run + 1
+            if b == 0x0A:
+                run, line_start = 0, True
+                continue
+            if not (line_start and b == 0x2E):  # the transparency dot is not counted
+                run += 1
+            line_start = False
             if run >= self.max_line:
                 raise RemoteProtocolError(500, "5.5.2", "line too long")
 
@@ -121,7 +127,9 @@ def long_lines(draw: st.DrawFn) -> tuple[bytes, int]:
     """CRLF lines around the limit, so the line-length walk meets every boundary."""
     limit = draw(st.integers(3, 40))
     lengths = draw(st.lists(st.integers(0, limit + 1), min_size=1, max_size=40))
-    return b"".join(b"x" * n + b"\r\n" for n in lengths), limit
+    dots = draw(st.lists(st.booleans(), min_size=len(lengths), max_size=len(lengths)))
+    lines = (b"." * dot + b"x" * n + b"\r\n" for n, dot in zip(lengths, dots, strict=True))
+    return b"".join(lines), limit
 
 
 @settings(max_examples=800, deadline=None)
@@ -169,3 +177,21 @@ def test_big_clean_body_passes_untouched() -> None:
     assert forwarded == body + b".\r\n"
     assert result.rest == b"QUIT\r\n"
     assert scanner.size == len(forwarded)
+
+
+@pytest.mark.parametrize("dot", [False, True])
+@pytest.mark.parametrize("text", [998, 999])
+def test_rfc_5321_line_limit_does_not_count_the_transparency_dot(dot: bool, text: int) -> None:
+    """A 998-octet line is legal, also when it starts with "." and is stuffed to 999."""
+    line = (b"." if dot else b"x") + b"y" * (text - 1)
+    wire = (b"." + line if dot else line) + b"\r\n"
+    data = b"Subject: x\r\n\r\n" + wire + b".\r\n"
+    for cut in range(len(data) + 1):
+        got = outcome(BodyScanner(1000), [data[:cut], data[cut:]])
+        assert got == outcome(Reference(1000), [data[:cut], data[cut:]])
+        if text == 998:
+            last = got[-1]
+            assert isinstance(last, tuple)
+            assert last[1]  # the end of data was found, nothing refused
+        else:
+            assert got[-1] == 500

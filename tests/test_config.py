@@ -256,6 +256,8 @@ WRONG: dict[str, tuple[str, str]] = {
     "dns_servers": ('["dns.google"]', "a resolver is an IP address"),
     "helo_name": ('"a..b"', "not a host name"),
     "timeout_connect": ("-0.5", "must not be negative"),
+    "route_credentials": ("5", "must be a path"),
+    "smtproutes": ("[]", "must be a path"),
 }
 SETTINGS_KEYS = {f.name for f in dataclasses.fields(Settings)}
 

@@ -87,6 +87,8 @@ SAMPLES: dict[str, tuple[str, dict[str, str]]] = {
     "dns_servers": ('["127.0.0.1:53"]', {}),
     "helo_name": ('"relay.example.test"', {}),
     "timeout_connect": ("11", {}),
+    "route_credentials": ('"smarthost"', {}),
+    "smtproutes": ('"smtproutes"', {}),
 }
 
 PROFILE_KEYS = [f.name for f in dataclasses.fields(Profile) if f.name != "name"]

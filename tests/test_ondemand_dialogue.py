@@ -8,8 +8,8 @@ import pytest
 from test_smtp_dialogue import Harness
 
 from tlsfront.smtp import Phase
-from tlsfront.smtp.dialogue import BackendState
 from tlsfront.smtp.face import BackendFace, Probe, ProbeFailed
+from tlsfront.smtp.phases import BackendState
 from tlsfront.smtp.reply import Reply
 
 GREETING = b"220 mx.example.org ESMTP\r\n"

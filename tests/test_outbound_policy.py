@@ -14,12 +14,12 @@ from cryptography.x509.oid import NameOID
 
 from tlsfront.net.address import parse_hostport
 from tlsfront.net.dns import parse_server
-from tlsfront.outbound.certcheck import host_matches
 from tlsfront.outbound.control import ControlDirs, host_facts
 from tlsfront.outbound.dane import TlsaRecord
 from tlsfront.outbound.mtasts import StsPolicy
 from tlsfront.outbound.mx import lookup_route
 from tlsfront.outbound.policy import HostFacts, TlsAttempt, Trust, decide, table_level
+from tlsfront.tls.client import host_matches
 
 PEM = Path("/control/tlshosts/mx.example.test.pem")
 TLSA = (TlsaRecord(3, 1, 1, b"\0" * 32),)

@@ -29,7 +29,7 @@ from tlsfront.inbound.relaypolicy import (
 )
 from tlsfront.smtp.received import ClientCertTrace, TraceInfo, build_received
 from tlsfront.tls.certs import fingerprint_sha256
-from tlsfront.tls.engine import TLSInfo
+from tlsfront.tls.stream import TLSInfo
 
 LISTED = "alice@example.net"
 

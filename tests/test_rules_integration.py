@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 from support.front import Front, capture_backend, toml_str, write_config
+from support.hostile import session_log
 from support.outbound_fakes import DnsResponder
 from support.ucspi import Lines
 
@@ -82,7 +83,10 @@ async def test_relayclient_for_local_clients(
 ) -> None:
     """The classic `127.:allow,RELAYCLIENT=""`: local clients relay, before TLS and after."""
     front = await start_with_rules(start_front, tmp_path, '127.:allow,RELAYCLIENT=""\n:allow\n')
-    assert (await relay_attempt(front.port("smtp"))).startswith(b"250 ")
+    with session_log() as log, trio.fail_after(20):
+        assert (await relay_attempt(front.port("smtp"))).startswith(b"250 ")
+        await log.wait_ends(1)
+    assert " relay=rule " in log.ends[0]  # the session end line says why it could relay
     with trio.fail_after(20):
         stream = await connect(front.port("smtp"))
         plain = Lines(stream)
@@ -105,7 +109,10 @@ async def test_relayclient_for_local_clients(
 
 async def test_no_rule_for_the_client_no_relay(start_front: Any, tmp_path: Path) -> None:
     front = await start_with_rules(start_front, tmp_path, '10.:allow,RELAYCLIENT=""\n')
-    assert (await relay_attempt(front.port("smtp"))).startswith(b"553 ")
+    with session_log() as log, trio.fail_after(20):
+        assert (await relay_attempt(front.port("smtp"))).startswith(b"553 ")
+        await log.wait_ends(1)
+    assert " relay=no " in log.ends[0]
     (session,) = front.sessions()
     assert "RELAYCLIENT" not in session["env"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tlsfront.smtp import Dialogue, Phase
+from tlsfront.smtp import TRANSITIONS, Dialogue, Event, LocalProtocolError, Phase
 
 GREETING = b"220 mx.example.org ESMTP\r\n"
 EHLO_REPLY = b"250-mx.example.org\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
@@ -292,6 +292,33 @@ def test_body_line_too_long(bytewise: bool) -> None:
     assert h.d.closing
 
 
+@pytest.mark.parametrize("dot", [False, True])
+@pytest.mark.parametrize("text", [998, 999])
+def test_body_line_limit_as_rfc_5321_counts_it(dot: bool, text: int) -> None:
+    """998 octets of text pass, 999 do not; a transparency dot is not counted.
+
+    The line (and the terminator behind it) is cut in two at every place.
+    """
+    line = (b"." if dot else b"x") + b"y" * (text - 1)
+    wire = (b"." + line if dot else line) + b"\r\n.\r\n"
+    for cut in range(len(wire) + 1):
+        h = make(False, received=None).ehloed()
+        _to_data(h)
+        h.backend(b"354 go ahead\r\n")
+        h.take()
+        for piece in (wire[:cut], wire[cut:]):
+            if piece:  # b"" would be the client's end of input
+                h.client(piece)
+        client, backend = h.take()
+        if text == 998:
+            assert (client, backend) == (b"", wire), cut
+            assert phase(h) is Phase.COMMAND
+        else:
+            assert client == b"500 5.5.2 Error: message line too long\r\n", cut
+            assert b"\r\n.\r\n" not in backend
+            assert h.d.closing
+
+
 def test_command_line_too_long_closes_at_the_limit() -> None:
     """THREATS row 14: 64 MiB without LF never buffers more than the limit."""
     h = make(False).greeted()
@@ -464,3 +491,30 @@ def test_xclient_from_the_client_is_refused(bytewise: bool) -> None:
     h = make(bytewise).ehloed()
     h.client(b"XCLIENT ADDR=10.0.0.1\r\n")
     assert h.take() == (b"502 5.5.1 Error: command not implemented\r\n", b"")
+
+
+def test_every_phase_is_reachable_and_may_close() -> None:
+    reached, todo = {Phase.COMMAND}, [Phase.COMMAND]
+    while todo:
+        for target in TRANSITIONS[todo.pop()].values():
+            if target not in reached:
+                reached.add(target)
+                todo.append(target)
+    assert reached == set(Phase)
+    assert all(moves[Event.CLOSE] is Phase.CLOSING for moves in TRANSITIONS.values())
+
+
+@pytest.mark.parametrize("event", [e for e in Event if e not in TRANSITIONS[Phase.COMMAND]])
+def test_a_move_the_table_lacks_is_refused(event: Event) -> None:
+    h = make(False).ehloed()
+    with pytest.raises(LocalProtocolError, match="no move on"):
+        h.d._move(event)
+    assert phase(h) is Phase.COMMAND
+
+
+def test_starttls_answers_only_when_pending() -> None:
+    h = make(False).ehloed()
+    with pytest.raises(LocalProtocolError, match="STARTTLS is not pending"):
+        h.d.starttls_accept()
+    with pytest.raises(LocalProtocolError, match="STARTTLS is not pending"):
+        h.d.starttls_refuse()

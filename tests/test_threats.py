@@ -676,11 +676,13 @@ async def test_row_08_only_a_valid_listed_certificate_relays(
         assert reply == b"250 ok\r\n"
         assert tls["env"]["RELAYCLIENT"] == ""
         assert f"relaying allowed for cert {LISTED}" in "\n".join(log.lines)
+        assert " relay=cert " in log.ends[-1]
     else:
         assert reply == (
             b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)\r\n"
         )
         assert "RELAYCLIENT" not in tls["env"]
+        assert " relay=no " in log.ends[-1]
     assert tls["env"]["TCPREMOTEIP"] == "127.0.0.1"
 
 
@@ -945,6 +947,36 @@ async def test_row_15_oversized_message(start_front: Any, log: SessionLog) -> No
     assert session["messages"] == []
     assert front.maildir() == []
     assert b"SIZE=5000" not in session["stdin"]
+
+
+async def test_a_fatal_reply_over_tls_ends_with_close_notify(
+    start_front: Any, recorder: RecordingBackend, client_context: ssl.SSLContext
+) -> None:
+    """After `500 5.5.2` for a line too long, the client reads the reply and
+    then a TLS close_notify (b""), not a connection torn down under it."""
+    front = await tcp_front(
+        start_front,
+        recorder,
+        f"""
+[profile.smtps]
+listen = ["127.0.0.1:0"]
+tls = "implicit"
+cert = {{cert}}
+backend_connect = "{recorder.address}"
+""",
+    )
+    with trio.fail_after(30):
+        tcp = await trio.open_tcp_stream("127.0.0.1", front.port("smtps"))
+        stream = trio.SSLStream(tcp, client_context, server_hostname="localhost")
+        client = Client(stream)
+        assert await client.reply() == GREETING
+        for line in (b"EHLO c", b"MAIL FROM:<a@example.net>", b"RCPT TO:<b@example.org>"):
+            assert code(await client.command(line)) == 250
+        assert code(await client.command(b"DATA")) == 354
+        await client.send(b"." + b"y" * 999 + b"\r\n")  # 999 octets and the stuffed dot
+        assert await client.reply() == b"500 5.5.2 Error: message line too long\r\n"
+        assert await stream.receive_some() == b""  # raises on an EOF without close_notify
+        await stream.aclose()
 
 
 async def test_row_16_one_more_than_the_total_limit(

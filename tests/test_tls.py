@@ -1,4 +1,4 @@
-"""tlsfront.tls.engine: the OpenSSL engine behind a trio stream.
+"""tlsfront.tls.context and tlsfront.tls.stream: OpenSSL behind a trio stream.
 
 The client side is Python's ssl module (trio.SSLStream), so every handshake
 here is checked against a TLS implementation we did not write; one test uses
@@ -7,6 +7,7 @@ here is checked against a TLS implementation we did not write; one test uses
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import os
@@ -27,14 +28,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from support.tls_certs import DAY, NOW, Issued, crl_pem, from_trustme, issue, make_crl
 
+import tlsfront
 from tlsfront.tls.certs import ServerCredentials, load_server_credentials
-from tlsfront.tls.engine import (
-    ServerTLS,
-    TLSConfigError,
-    TLSHandshakeError,
-    TLSSettings,
-    TLSStream,
-)
+from tlsfront.tls.context import ServerTLS, TLSConfigError, TLSSettings
+from tlsfront.tls.stream import StreamState, TLSHandshakeError, TLSStream
 
 TIMEOUT = 20
 
@@ -899,6 +896,113 @@ async def test_two_readers_conflict(ca: trustme.CA, creds: ServerCredentials) ->
                 await stream.receive_some()
             await client.send_all(b"x")
         await stream.wait_send_all_might_not_block()
+
+
+async def test_two_senders_conflict(ca: trustme.CA, creds: ServerCredentials) -> None:
+    """The shared ConflictDetector guards sending as it guards receiving."""
+    client_transport, server_transport = trio.testing.memory_stream_pair()
+    held = Capture(server_transport)
+    stream = ServerTLS(TLSSettings(credentials=(creds,))).wrap(held)
+    client = trio.SSLStream(client_transport, client_context(ca), server_hostname="localhost")
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            await stream.do_handshake()
+        gate = trio.Event()
+
+        async def slow_send_all(data: bytes | bytearray | memoryview) -> None:
+            await gate.wait()
+            await server_transport.send_all(data)
+
+        held.send_all = slow_send_all  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.send_all, b"250 one\r\n")
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError, match="already sending"):
+                await stream.send_all(b"250 two\r\n")
+            with pytest.raises(trio.BusyResourceError):
+                await stream.wait_send_all_might_not_block()
+            gate.set()
+        assert await client.receive_some() == b"250 one\r\n"
+
+
+def state(stream: TLSStream) -> StreamState:
+    return stream.state  # read afresh each time (a property mypy would narrow)
+
+
+async def test_states_from_handshake_to_close(ca: trustme.CA, creds: ServerCredentials) -> None:
+    server = ServerTLS(TLSSettings(credentials=(creds,)))
+    assert server.wrap(trio.testing.memory_stream_pair()[1]).state is StreamState.HANDSHAKE
+    stream, client, _ = await handshake(server, client_context(ca))
+    assert state(stream) is StreamState.OPEN
+    with trio.fail_after(TIMEOUT):
+        await client.transport_stream.send_stream.aclose()  # the client's half ends
+        assert await stream.receive_some() == b""
+        assert state(stream) is StreamState.PEER_CLOSED
+        assert await stream.receive_some() == b""
+        await stream.send_all(b"221 bye\r\n")  # replies still go out
+        assert await client.receive_some() == b"221 bye\r\n"
+        await stream.aclose()
+        assert state(stream) is StreamState.CLOSED
+        assert await client.receive_some() == b""  # close_notify
+
+
+class FailingSends(Capture):
+    """A transport whose sends fail once `fail` is set."""
+
+    fail = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.fail:
+            raise trio.BrokenResourceError("reset by peer")
+        await self.inner.send_all(data)
+
+
+async def test_a_failed_send_stops_sending_not_receiving(
+    ca: trustme.CA, creds: ServerCredentials
+) -> None:
+    client_transport, server_transport = trio.testing.memory_stream_pair()
+    transport = FailingSends(server_transport)
+    stream = ServerTLS(TLSSettings(credentials=(creds,))).wrap(transport)
+    client = trio.SSLStream(client_transport, client_context(ca), server_hostname="localhost")
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            await stream.do_handshake()
+        transport.fail = True
+        with pytest.raises(trio.BrokenResourceError, match="reset by peer"):
+            await stream.send_all(b"250 ok\r\n")
+        assert state(stream) is StreamState.SEND_FAILED
+        with pytest.raises(trio.BrokenResourceError, match="an earlier send failed"):
+            await stream.send_all(b"250 ok\r\n")
+        await client.send_all(b"QUIT\r\n")
+        assert await stream.receive_some() == b"QUIT\r\n"
+        await client.transport_stream.send_stream.aclose()
+        assert await stream.receive_some() == b""  # the end, as ever
+        assert state(stream) is StreamState.BROKEN  # neither way is left
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.receive_some()
+        await stream.aclose()  # no close_notify: it would follow a broken record
+        assert state(stream) is StreamState.CLOSED
+
+
+def test_only_tlsfront_tls_imports_a_tls_library() -> None:
+    """The TLS library is known in tlsfront/tls/ alone (server and client side)."""
+    root = Path(tlsfront.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.parent.name == "tls" and path.parent.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            else:
+                continue
+            if any(name.split(".")[0] in ("ssl", "OpenSSL") for name in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []
 
 
 async def test_info_before_handshake(creds: ServerCredentials) -> None:

@@ -45,7 +45,7 @@ from support.front import need_tool, toml_str
 from support.hostile import RecordingBackend
 
 from tlsfront.tls.certs import load_server_credentials
-from tlsfront.tls.engine import ServerTLS, TLSSettings
+from tlsfront.tls.context import ServerTLS, TLSSettings
 
 CERTIFICATE_FINDINGS = frozenset({"cert_revocation"})
 SEVERE = frozenset({"MEDIUM", "HIGH", "CRITICAL", "FATAL"})
@@ -280,6 +280,57 @@ async def test_row_20_default_protocols_and_ciphers(
     else:
         assert negotiated is not None
         assert negotiated.startswith(expected)
+
+
+def offered(context: ssl.SSLContext) -> tuple[int, set[int]]:
+    """The protocol version and the cipher suites of the ClientHello `context` sends."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    assert hello[0] == 0x16  # a handshake record
+    assert hello[5] == 1  # a ClientHello
+    version = int.from_bytes(hello[9:11], "big")
+    at = 11 + 32  # past the version and the random
+    at += 1 + hello[at]  # the session id
+    length = int.from_bytes(hello[at : at + 2], "big")
+    suites = {int.from_bytes(hello[i : i + 2], "big") for i in range(at + 2, at + 2 + length, 2)}
+    return version, suites
+
+
+TLS10, TLS11, TLS12 = 0x0301, 0x0302, 0x0303
+
+
+@pytest.mark.parametrize(
+    ("version", "ciphers", "hello_version", "suites"),
+    [
+        (ssl.TLSVersion.TLSv1_2, "AES128-GCM-SHA256", TLS12, {0x009C}),
+        (
+            ssl.TLSVersion.TLSv1_2,
+            "ECDHE-RSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA",
+            TLS12,
+            {0xC027, 0xC00A},
+        ),
+        (ssl.TLSVersion.TLSv1_2, "DHE-RSA-AES128-GCM-SHA256", TLS12, {0x009E}),
+        (ssl.TLSVersion.TLSv1_1, "ALL", TLS11, {0xC013}),
+        (ssl.TLSVersion.TLSv1, "ALL", TLS10, {0xC013}),
+        (ssl.TLSVersion.TLSv1_1, "ECDHE-RSA-AES128-SHA", TLS11, {0xC013}),
+        (ssl.TLSVersion.TLSv1, "ECDHE-RSA-AES128-SHA", TLS10, {0xC013}),
+    ],
+    ids=["rsa-kx-gcm", "ecdhe-cbc", "dhe", "tls1.1", "tls1.0", "legacy-tls1.1", "legacy-tls1.0"],
+)
+def test_row_20_the_refused_offers_are_really_made(
+    version: ssl.TLSVersion, ciphers: str, hello_version: int, suites: set[int]
+) -> None:
+    """The positive control of the refusals above: this OpenSSL's client does
+    send a ClientHello of that version with those suites (RSA key exchange,
+    CBC, DHE), so a refusal is the server's and not a client that never
+    offered them. Python's client caps the version it offers at
+    `maximum_version`, so the hello's version is the old protocol itself."""
+    got_version, got_suites = offered(client(version=version, ciphers=ciphers))
+    assert got_version == hello_version
+    assert suites <= got_suites
 
 
 LEGACY_CIPHERS = """

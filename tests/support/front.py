@@ -78,7 +78,7 @@ PROBE_INPUT = b"EHLO front.example.org\r\nQUIT\r\n"  # the tests' hostname
 
 
 def is_probe(record: dict[str, Any]) -> bool:
-    return record["env"].get("TCPREMOTEPORT") == "0" or record["stdin"] == PROBE_INPUT
+    return bool(record["env"].get("TCPREMOTEPORT") == "0" or record["stdin"] == PROBE_INPUT)
 
 
 def capture_backend(capture: Path, *extra: str) -> str:

@@ -137,6 +137,8 @@ class Profile:
     dns_servers: tuple[str, ...] = both(())  # "ip[:port]" resolvers (MX out; =host rules in)
     helo_name: str | None = outbound(None)  # EHLO name outbound; default hostname
     timeout_connect: float = outbound(30.0)  # seconds to connect to a remote server
+    route_credentials: Path | None = outbound(None)  # "host[:port] user password" lines
+    smtproutes: Path | None = outbound(None)  # qmail smtproutes, AUTH patch lines: credentials
 
 
 @dataclass(frozen=True)

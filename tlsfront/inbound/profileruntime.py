@@ -18,7 +18,7 @@ from tlsfront.inbound.relaypolicy import RelayPolicy
 from tlsfront.ops.watch import FileWatch, watch_file
 from tlsfront.qmail.tcprules import Rules
 from tlsfront.tls.certs import load_server_credentials
-from tlsfront.tls.engine import ServerTLS, TLSSettings
+from tlsfront.tls.context import ServerTLS, TLSSettings
 
 
 def tls_settings(profile: Profile) -> TLSSettings:
@@ -70,6 +70,11 @@ class ProfileRuntime:
         return runtime
 
     def load_all(self) -> None:
+        if self.profile.mode == "outbound":
+            # a credentials file open to others is refused before serving
+            from tlsfront.outbound.credentials import profile_logins
+
+            profile_logins(self.profile)
         if self.tls is not None:
             self.tls.load()
         if self.rules is not None:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from tlsfront.inbound.relaypolicy import RelayGrant
 from tlsfront.net.address import Address
 from tlsfront.smtp.outcome import Ending, Outcome
-from tlsfront.tls.engine import HandshakeFailure
+from tlsfront.tls.stream import HandshakeFailure
 
 
 class SessionLabel(enum.StrEnum):
@@ -92,7 +93,7 @@ class SessionRecord:
     tls_version: str | None = None
     tls_cipher: str | None = None
     cert_status: str = "none"
-    relay: str = "no"
+    relay: RelayGrant = RelayGrant.NO
     messages: int = 0
     refused: int = 0
     bytes: int = 0
@@ -148,7 +149,7 @@ class SessionRecord:
             "tls_version": self.tls_version,
             "tls_cipher": self.tls_cipher,
             "cert": self.cert_status,
-            "relay": self.relay,
+            "relay": self.relay.value,
             "messages": self.messages,
             "refused": self.refused,
             "bytes": self.bytes,
@@ -163,7 +164,7 @@ class SessionRecord:
         exit_status = "-" if self.backend_exit is None else str(self.backend_exit)
         return (
             f"session end: client={self.client.ip}:{self.client.port} profile={self.profile} "
-            f"tls={tls} cert={self.cert_status} relay={self.relay} messages={self.messages} "
+            f"tls={tls} cert={self.cert_status} relay={self.relay.value} messages={self.messages} "
             f"refused={self.refused} bytes={self.bytes} backend_exit={exit_status} "
             f"duration={now - self.started:.3f}s outcome={self.outcome.value} "
             f"reason={self.reason!r}"

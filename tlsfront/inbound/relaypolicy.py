@@ -24,6 +24,7 @@ relay, and never keeps an address the admin has just removed.
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,10 +38,11 @@ from tlsfront.config.schema import Profile
 from tlsfront.ops.watch import watch_file
 from tlsfront.smtp.received import ClientCertTrace
 from tlsfront.tls.certs import PeerCertificate, normalize_fingerprint, peer_certificate, sanitize
-from tlsfront.tls.engine import TLSInfo
+from tlsfront.tls.stream import TLSInfo
 
 __all__ = [
     "RelayDecision",
+    "RelayGrant",
     "RelayListError",
     "RelayPolicy",
     "read_fingerprints",
@@ -110,6 +112,19 @@ def read_fingerprints(path: Path, *, strict: bool = True) -> frozenset[str]:
 
 # ----------------------------------------------------------------------------
 # The decision
+
+
+class RelayGrant(enum.Enum):
+    """Why a session may relay (the backend gets RELAYCLIENT), in the session's log line."""
+
+    NO = "no"  # it may not
+    CERT = "cert"  # its client certificate authorized it (the decision below)
+    RULE = "rule"  # a tcprules line or the profile's env sets RELAYCLIENT
+
+    @classmethod
+    def before_tls(cls, *envs: Mapping[str, str]) -> RelayGrant:
+        """The grant a session starts with: by rule when one of `envs` sets RELAYCLIENT."""
+        return cls.RULE if any("RELAYCLIENT" in env for env in envs) else cls.NO
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from tlsfront.net.address import Address, split_host_port
 from tlsfront.net.netstream import NetStream
 from tlsfront.net.proxyproto import accept_proxied
 from tlsfront.ops import counters
+from tlsfront.smtp import replies
 
 log = logging.getLogger("tlsfront")
 
@@ -156,7 +157,7 @@ async def _refuse(stream: trio.abc.Stream, profile: Profile, why: str) -> None:
     with trio.move_on_after(5):
         try:
             if profile.tls != "implicit":
-                await stream.send_all(f"421 4.7.0 {profile.hostname} Error: {why}\r\n".encode())
+                await stream.send_all(replies.refused_connection(profile.hostname, why).raw)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     await stream.aclose()

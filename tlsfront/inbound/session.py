@@ -66,13 +66,15 @@ from tlsfront.inbound.backend import (
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionRecord
-from tlsfront.inbound.relaypolicy import RelayDecision
+from tlsfront.inbound.relaypolicy import RelayDecision, RelayGrant
 from tlsfront.net.address import Address
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import counters, logs
 from tlsfront.smtp import Dialogue, Outcome, Phase, TraceInfo, build_received
 from tlsfront.smtp.face import BackendFace
-from tlsfront.tls.engine import HandshakeFailure, ServerTLS, TLSHandshakeError, TLSInfo
+from tlsfront.smtp.replies import backend_unavailable
+from tlsfront.tls.context import ServerTLS
+from tlsfront.tls.stream import HandshakeFailure, TLSHandshakeError, TLSInfo
 
 log = logging.getLogger("tlsfront.inbound.session")
 
@@ -175,6 +177,7 @@ class Session:
         self.local = local
         self.rules_env = rules_env or {}
         self.record = SessionRecord(self.profile.name, client, trio.current_time())
+        self.record.relay = RelayGrant.before_tls(self.profile.env, self.rules_env)
         self._stream: trio.abc.Stream = stream
         self._client_closed = False
         self._tls_info: TLSInfo | None = None
@@ -345,7 +348,8 @@ class Session:
         decision = self._decision = self.runtime.relay.decide(info)
         self.record.tls_version, self.record.tls_cipher = info.version, info.cipher
         self.record.cert_status = decision.status
-        self.record.relay = "yes" if decision.relay else "no"
+        if decision.relay:
+            self.record.relay = RelayGrant.CERT
         if log.isEnabledFor(logging.INFO):  # the fields cost even when not logged
             # Postfix's words; "unknown": tlsfront does no reverse lookup
             log.info(
@@ -364,7 +368,7 @@ class Session:
                         "tls_version": info.version,
                         "tls_cipher": info.cipher,
                         "cert": decision.status,
-                        "relay": "yes" if decision.relay else "no",
+                        "relay": self.record.relay.value,
                     },
                 ),
             )
@@ -384,9 +388,9 @@ class Session:
         """The backend at the start of a phase; on failure 421 to the client."""
         backend = await self.launch_backend()
         if backend is None:
-            reply = f"421 4.3.0 {self.profile.hostname} Service temporarily unavailable\r\n"
+            reply = backend_unavailable(self.profile.hostname).raw
             with trio.move_on_after(10), contextlib.suppress(*STREAM_ERRORS):
-                await self._stream.send_all(reply.encode())
+                await self._stream.send_all(reply)
         return backend
 
     async def launch_backend(self) -> Backend | None:

@@ -34,6 +34,8 @@ from typing import Any
 
 import trio
 
+from tlsfront.net.conflict import ConflictDetector
+
 
 class _TryFirst:
     """The loops both streams share: the system call first, a wait only on EAGAIN.
@@ -46,8 +48,8 @@ class _TryFirst:
 
     def __init__(self) -> None:
         self._closed = False
-        self._sending = False
-        self._receiving = False
+        self._send_conflict = ConflictDetector("another task is already sending")
+        self._receive_conflict = ConflictDetector("another task is already receiving")
 
     def _read(self, size: int) -> bytes:
         raise NotImplementedError
@@ -59,11 +61,12 @@ class _TryFirst:
         raise NotImplementedError
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        self._check_open()
-        self._sending = True
+        conflict = self._send_conflict
+        if conflict.held:
+            raise conflict.busy()
+        conflict.held = True
         try:
+            self._check_open()
             view = memoryview(data)
             sent = 0
             while True:
@@ -78,18 +81,19 @@ class _TryFirst:
                 await trio.lowlevel.wait_writable(self._handle)
                 self._check_open()
         finally:
-            self._sending = False
+            conflict.held = False
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check_open()
         await trio.lowlevel.wait_writable(self._handle)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._receiving:
-            raise trio.BusyResourceError("another task is receiving on this stream")
-        self._check_open()
-        self._receiving = True
+        conflict = self._receive_conflict
+        if conflict.held:
+            raise conflict.busy()
+        conflict.held = True
         try:
+            self._check_open()
             size = max_bytes or 65536
             waited = False
             while True:
@@ -106,7 +110,7 @@ class _TryFirst:
                     await trio.lowlevel.cancel_shielded_checkpoint()  # fairness (module doc)
                 return data
         finally:
-            self._receiving = False
+            conflict.held = False
 
     def _check_open(self) -> None:
         if self._closed:

@@ -246,10 +246,25 @@ def check_tcp_backend(
         )
 
 
+def check_route_credentials(profile: Profile, report: Report) -> None:
+    """The credentials files: private, well formed; which routes log in."""
+    from tlsfront.outbound.credentials import CredentialsError, describe_logins
+
+    try:
+        notes = describe_logins(profile)
+    except CredentialsError as exc:
+        report.error(f"profile {profile.name}: {exc}")
+        return
+    for note in notes:
+        report.note(f"profile {profile.name}: {note}")
+
+
 def check_config(config: Config, now: datetime.datetime | None = None) -> Report:
     report = Report()
     now = now or datetime.datetime.now(datetime.UTC)
     for profile in config.profiles.values():
+        if profile.mode == "outbound":
+            check_route_credentials(profile, report)
         if profile.mode != "inbound":
             continue
         _check_certs(profile, report, now)

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, ProcessCollector
 from prometheus_client import disable_created_metrics as _disable_created_metrics
 
 from tlsfront.inbound.record import SessionLabel, SessionRecord
+from tlsfront.inbound.relaypolicy import RelayGrant
 
 # `*_created` series double every counter for no use on a dashboard.
 _disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -97,7 +98,7 @@ def session_ended(record: SessionRecord) -> None:
     if record.tls_version is not None:
         HANDSHAKES.labels(profile, record.tls_version, record.tls_cipher or "").inc()
         if record.cert_status not in ("none", "Anonymous"):
-            decision = "granted" if record.relay == "yes" else "refused"
+            decision = "granted" if record.relay is RelayGrant.CERT else "refused"
             RELAY.labels(profile, decision, record.cert_status).inc()
     tls_failure = record.tls_failure_label
     if tls_failure is not None:

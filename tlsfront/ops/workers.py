@@ -15,6 +15,10 @@ supervises:
   the last one has;
 * a worker that dies unexpectedly is started again, no more than once a
   second; if workers keep dying within a second of starting, the parent stops;
+  its connections die with it: only the worker holds them (sockets are not
+  inherited by backends), so the kernel closes them at once and their clients
+  read EOF or a reset instead of waiting, and their backends read EOF on stdin
+  and end without queueing a message whose final dot they had not seen;
 * systemd hears READY / RELOADING / STOPPING / WATCHDOG from the parent only
   (the service's main process, as NotifyAccess=main wants).
 

@@ -1,6 +1,7 @@
 """The SMTP client side: one connection to a remote server.
 
-Moves bytes between a trio stream and the sans-I/O `ReplyReader`. Every
+Moves bytes between a trio stream and the sans-I/O `ReplyReader` (the one
+the inbound side reads its backend with). Every
 failure (connection lost, timeout, malformed reply) becomes a `RemoteError`
 whose text is safe to log and to put in a 4xx reply. After `220` to
 STARTTLS, bytes the server sent before the handshake are a protocol error
@@ -10,11 +11,13 @@ STARTTLS, bytes the server sent before the handshake are a protocol error
 from __future__ import annotations
 
 import contextlib
-import ssl
 
 import trio
 
-from tlsfront.outbound.protocol import Reply, ReplyReader, SmtpSyntaxError
+from tlsfront.smtp.errors import RemoteProtocolError
+from tlsfront.smtp.reply import Reply, ehlo_keywords
+from tlsfront.smtp.replyreader import ReplyReader
+from tlsfront.tls.client import ClientContext, ClientTLSStream, client_stream
 
 
 class RemoteError(Exception):
@@ -24,15 +27,6 @@ class RemoteError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.handshake = handshake
-
-
-def ehlo_keywords(reply: Reply) -> set[str]:
-    """The extension keywords of an EHLO reply, upper-cased."""
-    words = set()
-    for line in reply.lines[1:]:
-        word = line.split(b" ", 1)[0].split(b"=", 1)[0]
-        words.add(word.decode("ascii", "replace").upper())
-    return words
 
 
 QUIT_TIMEOUT = 10.0
@@ -55,24 +49,28 @@ class SmtpClient:
         self.data_timeout = timeout if data_timeout is None else data_timeout
         self.handshake_timeout = timeout if handshake_timeout is None else handshake_timeout
         self._reader = ReplyReader()
+        self._replies: list[Reply] = []  # complete, not yet asked for
+        self._eof = False
+        self.ehlo: Reply | None = None  # the last reply to EHLO (its AUTH line)
 
     async def read_reply(self, *, final: bool = False) -> Reply:
         """The next reply; `final` for the reply to the final dot."""
         with trio.move_on_after(self.data_timeout if final else self.timeout):
             while True:
-                try:
-                    reply = self._reader.next_reply()
-                except SmtpSyntaxError as err:
-                    raise RemoteError(f"protocol error: {err}") from None
-                if reply is not None:
-                    return reply
-                if self._reader.eof:
+                if self._replies:
+                    return self._replies.pop(0)
+                if self._reader.failure is not None:
+                    raise RemoteError(f"protocol error: {self._reader.failure.text}")
+                if self._eof:
                     raise RemoteError("connection closed by the server")
                 try:
                     data = await self.stream.receive_some(65536)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
                     raise RemoteError(f"connection lost: {err or type(err).__name__}") from None
-                self._reader.receive_data(bytes(data))
+                self._eof = not data
+                # a failure stays in `failure`, raised once the replies before it are read
+                with contextlib.suppress(RemoteProtocolError):
+                    self._replies += self._reader.feed(bytes(data))
         raise RemoteError("timeout waiting for the server's reply")
 
     async def send(self, data: bytes) -> None:
@@ -91,6 +89,7 @@ class SmtpClient:
     async def hello(self, name: str) -> set[str]:
         """EHLO (HELO when EHLO is refused); the extension keywords."""
         reply = await self.command(b"EHLO " + name.encode("ascii", "replace"))
+        self.ehlo = reply
         if reply.code == 250:
             return ehlo_keywords(reply)
         if reply.code < 500:
@@ -100,13 +99,11 @@ class SmtpClient:
             raise RemoteError(f"HELO refused: {reply.first_line}")
         return set()
 
-    async def handshake(
-        self, ctx: ssl.SSLContext, server_hostname: str | None
-    ) -> trio.SSLStream[trio.abc.Stream]:
+    async def handshake(self, ctx: ClientContext, server_hostname: str | None) -> ClientTLSStream:
         """Start TLS on the connection (after the server's 220 to STARTTLS)."""
-        if not self._reader.idle:
+        if self._replies or self._reader.partial:
             raise RemoteError("server sent data after its 220 to STARTTLS")
-        tls = trio.SSLStream(self.stream, ctx, server_hostname=server_hostname)
+        tls = client_stream(self.stream, ctx, server_hostname)
         try:
             with trio.fail_after(self.handshake_timeout):
                 await tls.do_handshake()

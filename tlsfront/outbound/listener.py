@@ -10,9 +10,13 @@ for byte, except when the remote side fails: then the answer is a 4xx (the
 message stays in qmail's queue), never a 250. A RCPT for another domain in
 the same transaction gets `451 4.5.3` (qmail-remote never sends one).
 
-The body is passed on as it comes (qmail-remote has dot-stuffed it); the
-final dot goes to the remote server only when the whole body arrived clean.
-A body with a bare CR or LF is refused with `554 5.6.0` without a final dot
+Commands and the body are read by the same rules as the inbound side's
+(`tlsfront.smtp.command`, `tlsfront.smtp.body`): a command line with a bare
+CR, LF or NUL, or too long, ends the session with the inbound side's `500
+5.5.2`. The body is passed on as it comes (qmail-remote has dot-stuffed
+it), with no line limit (the mail is already queued); the final dot goes to
+the remote server only when the whole body arrived clean. A body with a
+bare CR, bare LF or NUL is refused with `554 5.6.0` without a final dot
 (the remote server discards it). A body sent before the `354` it needed,
 behind a DATA the remote server refused, is never read as commands: the
 session ends with `421 4.5.0`.
@@ -32,15 +36,11 @@ from tlsfront.outbound.client import RemoteError
 from tlsfront.outbound.context import Runtime, default_runtime
 from tlsfront.outbound.control import control_dirs
 from tlsfront.outbound.dialer import Dialer, RemoteSession
-from tlsfront.outbound.protocol import (
-    DataReader,
-    LineReader,
-    Reply,
-    SmtpSyntaxError,
-    address_domain,
-    parse_path,
-    split_command,
-)
+from tlsfront.smtp import replies
+from tlsfront.smtp.body import BodyScanner
+from tlsfront.smtp.command import Command, address_domain, parse_command, parse_path, take_line
+from tlsfront.smtp.errors import RemoteProtocolError
+from tlsfront.smtp.reply import Reply
 
 log = logging.getLogger("tlsfront.outbound")
 
@@ -75,7 +75,7 @@ async def serve_outbound(
     try:
         if not client_allowed(client_ip, profile.allow_from):
             log.warning("outbound client=%s refused: not in allow_from", client_ip)
-            await relay.reply(Reply.make(554, "5.7.1 relaying not permitted from this address"))
+            await relay.reply(replies.relay_not_permitted())
             return
         await relay.run()
     except _ClientGone:
@@ -89,7 +89,7 @@ class Relay:
         self.stream = stream
         self.profile = profile
         self.dialer = Dialer(profile, runtime, control_dirs(profile))
-        self.lines = LineReader(profile.max_command_line)
+        self.buffer = bytearray()  # from qmail-remote, not yet read as a command or body
         self.name = profile.hostname or "localhost"
         self._reset()
 
@@ -107,7 +107,7 @@ class Relay:
     async def reply(self, reply: Reply) -> None:
         try:
             with trio.fail_after(self.profile.timeout_command):
-                await self.stream.send_all(reply.encode())
+                await self.stream.send_all(reply.raw)
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as err:
             raise _ClientGone from err
 
@@ -119,30 +119,31 @@ class Relay:
                 return bytes(await self.stream.receive_some(65536))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise _ClientGone from None
-        await self.reply(Reply.make(421, "4.4.2 timeout, closing connection"))
+        await self.reply(replies.relay_timeout())
         raise _ClientGone
 
-    async def _line(self) -> bytes:
+    async def _command(self) -> Command:
         while True:
             try:
-                line = self.lines.next_line()
-            except SmtpSyntaxError as err:
-                await self.reply(Reply.make(500, f"5.5.2 {err}, closing connection"))
+                line = take_line(self.buffer, self.profile.max_command_line)
+                if line is not None:
+                    return parse_command(line)
+            except RemoteProtocolError as err:
+                await self.reply(replies.of_error(err))
                 raise _ClientGone from None
-            if line is not None:
-                return line
             data = await self._receive()
             if not data:
                 raise _ClientGone
-            self.lines.receive_data(data)
+            self.buffer += data
 
     async def run(self) -> None:
-        await self.reply(Reply.make(220, f"{self.name} ESMTP tlsfront outbound relay"))
+        await self.reply(replies.relay_greeting(self.name))
         while True:
-            verb, argument = split_command(await self._line())
+            command = await self._command()
+            verb, argument = command.verb, command.args
             if verb in ("HELO", "EHLO"):
                 await self._end_transaction()
-                await self.reply(Reply.make(250, self.name))
+                await self.reply(replies.relay_hello(self.name))
             elif verb == "MAIL":
                 await self._mail(argument)
             elif verb == "RCPT":
@@ -151,17 +152,17 @@ class Relay:
                 await self._data()
             elif verb == "RSET":
                 await self._end_transaction()
-                await self.reply(Reply.make(250, "2.0.0 ok"))
+                await self.reply(replies.relay_ok())
             elif verb == "NOOP":
-                await self.reply(Reply.make(250, "2.0.0 ok"))
+                await self.reply(replies.relay_ok())
             elif verb == "VRFY":
-                await self.reply(Reply.make(252, "2.5.0 send some mail, I'll try my best"))
+                await self.reply(replies.relay_vrfy())
             elif verb == "QUIT":
                 await self._end_transaction()
-                await self.reply(Reply.make(221, f"2.0.0 {self.name} closing connection"))
+                await self.reply(replies.relay_bye(self.name))
                 return
             else:
-                await self.reply(Reply.make(502, "5.5.1 command not implemented"))
+                await self.reply(replies.relay_not_implemented())
 
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
@@ -173,27 +174,27 @@ class Relay:
 
     async def _mail(self, argument: bytes) -> None:
         if self.sender is not None:
-            await self.reply(Reply.make(503, "5.5.1 nested MAIL command"))
+            await self.reply(replies.relay_nested_mail())
             return
         try:
             self.sender = parse_path(argument, b"FROM")
-        except SmtpSyntaxError as err:
-            await self.reply(Reply.make(501, f"5.5.4 {err}"))
+        except RemoteProtocolError as err:
+            await self.reply(replies.of_error(err))
             return
-        await self.reply(Reply.make(250, "2.1.0 sender ok"))
+        await self.reply(replies.relay_sender_ok())
 
     async def _rcpt(self, argument: bytes) -> None:
         if self.sender is None:
-            await self.reply(Reply.make(503, "5.5.1 MAIL first"))
+            await self.reply(replies.relay_mail_first())
             return
         try:
             recipient = parse_path(argument, b"TO")
-        except SmtpSyntaxError as err:
-            await self.reply(Reply.make(501, f"5.5.4 {err}"))
+        except RemoteProtocolError as err:
+            await self.reply(replies.of_error(err))
             return
         domain = address_domain(recipient)
         if domain is None:
-            await self.reply(Reply.make(501, "5.1.3 recipient address has no domain"))
+            await self.reply(replies.relay_no_domain())
             return
         if self.domain is None:
             self.domain = domain
@@ -205,9 +206,7 @@ class Relay:
                 if not (200 <= opened.mail_reply.code < 300):
                     self.failure = opened.mail_reply
         elif domain != self.domain:
-            await self.reply(
-                Reply.make(451, "4.5.3 one destination domain per transaction, try again later")
-            )
+            await self.reply(replies.relay_one_domain())
             return
         reply = self.failure or await self._remote_command(b"RCPT TO:<" + recipient + b">")
         if 200 <= reply.code < 300:
@@ -227,15 +226,15 @@ class Relay:
         assert self.remote is not None
         where = self.remote.where
         await self.remote.client.aclose()
-        self.failure = Reply.make(451, f"4.4.2 {where}: {err.reason}")
+        self.failure = replies.relay_remote_broken(where, err.reason)
         return self.failure
 
     async def _data(self) -> None:
         if self.sender is None:
-            await self.reply(Reply.make(503, "5.5.1 MAIL first"))
+            await self.reply(replies.relay_mail_first())
             return
         if self.accepted == 0:
-            await self.reply(Reply.make(554, "5.5.1 no valid recipients"))
+            await self.reply(replies.relay_no_recipients())
             return
         reply = self.failure or await self._remote_command(b"DATA")
         if reply.code != 354:
@@ -244,9 +243,9 @@ class Relay:
                 reply = await self._remote_broken(RemoteError("DATA answered without 354"))
             self.last = reply
             await self.reply(reply)
-            if self.lines.pending:
+            if self.buffer:
                 # the body came before the 354 it needed: never run it as commands
-                await self.reply(Reply.make(421, "4.5.0 SMTP protocol synchronization error"))
+                await self.reply(replies.relay_synchronization_error())
                 raise _ClientGone
             return
         await self.reply(reply)
@@ -257,35 +256,33 @@ class Relay:
     async def _body(self) -> Reply:
         """Pass the body on; the reply for qmail-remote after its final dot."""
         assert self.remote is not None
-        reader = DataReader()
+        scanner = BodyScanner(max_line=None)
         problem: Reply | None = None
-        data = self.lines.take_buffer()
+        data = bytes(self.buffer)
+        self.buffer.clear()
         while True:
-            if not data:
-                try:
-                    data = await self._receive(data=True)
-                    if not data:
-                        raise _ClientGone
-                except _ClientGone:
-                    # no final dot: the remote server discards the message
-                    await self.remote.client.aclose()
-                    raise
             try:
-                chunk = reader.feed(data)
-            except SmtpSyntaxError as err:
-                problem = problem or Reply.make(554, f"5.6.0 {err}, message refused")
+                chunk = scanner.feed(data)
+            except RemoteProtocolError as err:
+                problem = problem or replies.relay_body_refused(err)
                 await self.remote.client.aclose()
-                reader = DataReader(strict=False)
-                continue
-            data = b""
+                chunk = scanner.feed(b"")  # from now on it only looks for the end
             if problem is None and chunk.forward:
                 try:
                     await self.remote.client.send(chunk.forward)
                 except RemoteError as err:
                     problem = await self._remote_broken(err)
             if chunk.done:
-                self.lines.receive_data(chunk.rest)
+                self.buffer += chunk.rest
                 break
+            try:
+                data = await self._receive(data=True)
+                if not data:
+                    raise _ClientGone
+            except _ClientGone:
+                # no final dot: the remote server discards the message
+                await self.remote.client.aclose()
+                raise
         if problem is not None:
             return problem
         try:
@@ -317,7 +314,15 @@ class Relay:
             "outbound domain=%s mx=%s %s result=%s reply=%r",
             self.domain,
             remote.where if remote is not None else "-",
-            remote.tls.describe() if remote is not None else "tls=none",
+            _describe(remote),
             result,
             reply.first_line if reply is not None else "-",
         )
+
+
+def _describe(remote: RemoteSession | None) -> str:
+    """The TLS of a transaction's remote session, and who it logged in as."""
+    if remote is None:
+        return "tls=none"
+    text = remote.tls.describe()
+    return text if remote.login is None else f"{text} login={remote.login}"

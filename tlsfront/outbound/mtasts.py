@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import re
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
 from tlsfront.outbound.mx import Dns, DnsFailure
+from tlsfront.tls.client import ClientContext, client_stream
 
 log = logging.getLogger("tlsfront.outbound")
 
@@ -142,7 +142,7 @@ def parse_response(raw: bytes) -> str:
 
 
 async def fetch_policy(
-    domain: str, dns_: Dns, ctx: ssl.SSLContext, connect: Connector, port: int
+    domain: str, dns_: Dns, ctx: ClientContext, connect: Connector, port: int
 ) -> str:
     """GET the policy over HTTPS (the caller bounds the time)."""
     host = f"mta-sts.{domain}"
@@ -150,7 +150,7 @@ async def fetch_policy(
     if not addresses:
         raise StsError(f"{host} has no address")
     transport = await connect(addresses[0], port)
-    stream = trio.SSLStream(transport, ctx, server_hostname=host, https_compatible=True)
+    stream = client_stream(transport, ctx, host, https=True)
     try:
         await stream.do_handshake()
         request = (
@@ -186,7 +186,7 @@ class StsCache:
         self,
         domain: str,
         dns_: Dns,
-        ctx: ssl.SSLContext,
+        ctx: ClientContext,
         connect: Connector,
         port: int = 443,
     ) -> StsPolicy | None:

@@ -44,6 +44,8 @@ class QmailControl:
     clientcert: Path | None = None
     tlshosts: Path | None = None
     notlshosts: Path | None = None
+    # the qmail-remote AUTH patch's credentials stand in `smtproutes`
+    smtproutes: Path | None = None
 
 
 def _existing(path: Path) -> Path | None:
@@ -112,4 +114,5 @@ def read_control(directory: Path, environ: Mapping[str, str] | None = None) -> Q
         clientcert=_existing(d / "clientcert.pem"),
         tlshosts=dirs["tlshosts"] if dirs["tlshosts"].is_dir() else None,
         notlshosts=dirs["notlshosts"] if dirs["notlshosts"].is_dir() else None,
+        smtproutes=_existing(d / "smtproutes"),
     )

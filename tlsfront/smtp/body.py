@@ -1,5 +1,9 @@
 """The DATA body: finding the end, refusing what could smuggle a message.
 
+Both directions hold a body to these rules: the inbound dialogue (a
+client's body on its way to the backend) and the outbound relay
+(qmail-remote's body on its way to a remote server).
+
 Theory of operation
 -------------------
 tlsfront forwards the body exactly as the client sent it (dot-stuffed, CRLF
@@ -24,6 +28,11 @@ decryption of the same bytes, so there are few passes:
 * NUL: a memchr;
 * line length: from each line start, the last LF within the limit (memrchr)
   is where the next look starts, a few finds per 64 KiB.
+
+The line limit counts as RFC 5321 §4.5.3.1.6 does: `max_line` is the
+longest line with its CRLF, and the dot a client adds for transparency
+(§4.5.2) does not count, so a 998-octet line that starts with "." passes
+although it is 1001 octets on the wire.
 """
 
 from __future__ import annotations
@@ -31,24 +40,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tlsfront.smtp.errors import RemoteProtocolError
+from tlsfront.smtp.replies import bad_body, body_line_too_long, message_too_big
 
 _END = b"\r\n.\r\n"
 # translate() deletes these, leaving the CRs, LFs and NULs
 _NOT_CR_LF_NUL = bytes(b for b in range(256) if b not in b"\r\n\0")
-
-
-def bad_body() -> RemoteProtocolError:
-    return RemoteProtocolError(
-        550, "5.5.2", "Error: bare CR, bare LF or NUL in message, message refused"
-    )
-
-
-def body_line_too_long() -> RemoteProtocolError:
-    return RemoteProtocolError(500, "5.5.2", "Error: message line too long")
-
-
-def message_too_big() -> RemoteProtocolError:
-    return RemoteProtocolError(552, "5.3.4", "Error: message too big")
+# With no line limit, an incomplete line longer than this is passed on in
+# parts (all but a last CR, whose LF is still to be seen).
+FLUSH_AT = 65536
 
 
 @dataclass
@@ -59,39 +58,80 @@ class BodyResult:
 
 
 class BodyScanner:
-    def __init__(self, max_line: int, max_size: int = 0) -> None:
+    """The body after `354`, up to and including the terminator.
+
+    `max_line` is the longest line allowed, CRLF included (None: no limit,
+    as for mail qmail has already queued); `max_size` the most bytes (0: no
+    limit). After a feed raised, the scanner only looks for the end: later
+    feeds forward nothing and say where the body ended, so a server that
+    refused a body can answer after the client's final dot (`feed(b"")`
+    looks at what the failed feed held).
+    """
+
+    def __init__(self, max_line: int | None, max_size: int = 0) -> None:
         self._max_line = max_line
         self._max_size = max_size
         self._held = b""
+        self._mid_line = False  # `_held` starts within a line passed on in parts
+        self._refused = False
         self.size = 0
 
     def feed(self, data: bytes) -> BodyResult:
         """Scan more body bytes. Raises `RemoteProtocolError` on bad input."""
         if self._held:
             data = self._held + data
-        # `data` starts at the start of a line, and the body starts right
-        # after the DATA line's CRLF: a line start is always preceded by
-        # CRLF, so a first line of "." ends the body too.
+            self._held = b""
+        if self._refused:
+            return self._skip(data)
+        try:
+            return self._scan(data)
+        except RemoteProtocolError:
+            self._refused = True
+            self._held = data
+            raise
+
+    def _end(self, data: bytes) -> int:
+        """Where the terminator in `data` ends, or -1."""
+        # `data` starts at the start of a line (unless `_mid_line`), and the
+        # body starts right after the DATA line's CRLF: a line start is
+        # always preceded by CRLF, so a first line of "." ends the body too.
         if b"." not in data:
-            cut = -1
-        elif data.startswith(b".\r\n"):
-            cut = 3
-        else:
-            end = data.find(_END)
-            cut = end + len(_END) if end >= 0 else -1
+            return -1
+        if not self._mid_line and data.startswith(b".\r\n"):
+            return 3
+        end = data.find(_END)
+        return end + len(_END) if end >= 0 else -1
+
+    def _scan(self, data: bytes) -> BodyResult:
+        cut = self._end(data)
         if cut >= 0:
             body, rest = data[:cut], data[cut:]
             self._check(data, cut - 3)
-            self._held = b""
             self._count(cut)
             return BodyResult(body, True, rest)
         complete_end = data.rfind(b"\n") + 1
-        complete, self._held = data[:complete_end], data[complete_end:]
-        if len(self._held) >= self._max_line:
-            raise body_line_too_long()
+        held = data[complete_end:]
+        if complete_end:
+            self._mid_line = False
+        if self._max_line is not None:
+            if len(held) >= self._max_line + held.startswith(b"."):
+                raise body_line_too_long()
+        elif len(held) > FLUSH_AT:
+            complete_end = len(data) - held.endswith(b"\r")
+            self._mid_line = True
         self._check(data, complete_end)
+        self._held = data[complete_end:]
         self._count(complete_end)
-        return BodyResult(complete, False, b"")
+        return BodyResult(data[:complete_end], False, b"")
+
+    def _skip(self, data: bytes) -> BodyResult:
+        cut = self._end(data)
+        if cut >= 0:
+            return BodyResult(b"", True, data[cut:])
+        if len(data) > 4:  # enough for all but the last byte of a terminator
+            data, self._mid_line = data[-4:], True
+        self._held = data
+        return BodyResult(b"", False, b"")
 
     def _count(self, n: int) -> None:
         self.size += n
@@ -103,27 +143,31 @@ class BodyScanner:
         if not end:
             return
         # Of CR, LF and NUL, there must be one CR and one LF for each CRLF
-        # (a CRLF cannot straddle `end`: data[end - 1] is an LF).
+        # (a CRLF cannot straddle `end`: data[end - 1] is an LF, or a byte
+        # other than CR when a long line is passed on in parts).
         marks = len(data.translate(None, _NOT_CR_LF_NUL))
         if end < len(data):
             marks -= len(data[end:].translate(None, _NOT_CR_LF_NUL))
         if marks != 2 * data.count(b"\r\n", 0, end):
             raise bad_body()
-        if _has_long_line(data, end, self._max_line):
+        if self._max_line is not None and _has_long_line(data, end, self._max_line):
             raise body_line_too_long()
 
 
 def _has_long_line(data: bytes, end: int, limit: int) -> bool:
-    """Whether `data[:end]` (whole lines) holds `limit` or more bytes in a row without an LF.
+    """Whether a line of `data[:end]` (whole lines) counts `limit` or more bytes before its LF.
 
-    From a line start, every line that starts within the next `limit`
-    bytes up to the last LF among them is shorter than `limit`; no LF among
-    them is a line of `limit` or more.
+    A line's leading dot (the transparency dot) does not count. From a line
+    start, every line that starts within the next `limit` bytes (one more
+    when the line starts with a dot) up to the last LF among them is
+    shorter than `limit`; no LF among them is a line of `limit` or more.
     """
     start = 0
-    while end - start >= limit:
-        lf = data.rfind(b"\n", start, start + limit)
+    while True:
+        span = limit + 1 if data.startswith(b".", start) else limit
+        if end - start < span:
+            return False
+        lf = data.rfind(b"\n", start, start + span)
         if lf < 0:
             return True
         start = lf + 1
-    return False

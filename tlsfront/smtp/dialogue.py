@@ -54,9 +54,11 @@ that is not 2xx is a refusal (`REFUSED`): the held command, and every later
 one that needs the backend, gets that very reply, and a 421 closes the
 session; no command ever reaches a refusing backend.
 
-A phase change that the shell must act on is visible in `phase`,
-`client_wants_data`, `client_read_ahead`, `waiting_for` and
-`backend_should_close`.
+The phases and the events that move between them are one table,
+`TRANSITIONS` in `tlsfront.smtp.phases`; every change of `phase` goes
+through `_move`, which refuses a move the table does not have. A phase change that the shell
+must act on is visible in `phase`, `client_wants_data`, `client_read_ahead`,
+`waiting_for` and `backend_should_close`.
 """
 
 from __future__ import annotations
@@ -65,32 +67,23 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tlsfront.smtp import replies
 from tlsfront.smtp.body import BodyScanner
-from tlsfront.smtp.command import Command, line_too_long, parse_command
-from tlsfront.smtp.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from tlsfront.smtp.command import Command, parse_command, take_line
+from tlsfront.smtp.errors import ProtocolError, RemoteProtocolError
 from tlsfront.smtp.face import BackendFace
 from tlsfront.smtp.outcome import Ending, Outcome
-from tlsfront.smtp.reply import Reply, ReplyReader, rewrite_ehlo
-
-
-class Phase(enum.Enum):
-    COMMAND = "command"  # reading command lines
-    DATA_WAIT = "data-wait"  # DATA sent to the backend, client paused until its reply
-    BODY = "body"  # reading the message body
-    STARTTLS_WAIT = "starttls-wait"  # STARTTLS read, replies owed before it still out
-    STARTTLS_READY = "starttls-ready"  # the shell must accept or refuse STARTTLS now
-    HANDSHAKE = "handshake"  # 220 queued: the shell does the TLS handshake
-    CLOSING = "closing"  # send what the client outbox holds, then close both sides
-
-
-class BackendState(enum.Enum):
-    """Where the dialogue's backend is (see "The backend on demand")."""
-
-    ABSENT = "absent"  # none yet: tlsfront answers what it owns
-    WANTED = "wanted"  # a held command needs it: the shell must start it
-    CHECKING = "checking"  # started: its greeting and HELO reply are being checked
-    READY = "ready"  # every command goes to it
-    REFUSED = "refused"  # it refused the session: its reply answers what needed it
+from tlsfront.smtp.phases import (
+    BACKEND_TRANSITIONS,
+    TRANSITIONS,
+    BackendEvent,
+    BackendState,
+    Event,
+    Phase,
+    Side,
+)
+from tlsfront.smtp.reply import Reply, rewrite_ehlo
+from tlsfront.smtp.replyreader import ReplyReader
 
 
 class _Kind(enum.Enum):
@@ -128,14 +121,6 @@ DATA_WAIT_BUFFER = 65536
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
 # What tlsfront answers itself while no backend runs (STARTTLS is always its own).
 OWNED_VERBS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT"})
-
-
-def _local(code: int, status: str, text: str) -> Reply:
-    return Reply.make(code, f"{status} {text}")
-
-
-def _message_lost() -> Reply:
-    return _local(451, "4.3.0", "Error: backend failed, message not accepted")
 
 
 @dataclass
@@ -182,7 +167,7 @@ class Dialogue:
         self._max_message_size = max_message_size
         self._max_pipeline = max_pipeline
         self._received = received
-        self.phase = Phase.COMMAND
+        self.phase = Phase.COMMAND  # changed only by `_move`
         self.stats = DialogueStats()
         self._esmtp = False
         self._replies = ReplyReader()
@@ -267,7 +252,7 @@ class Dialogue:
         )
 
     @property
-    def waiting_for(self) -> str | None:
+    def waiting_for(self) -> Side | None:
         """'backend' while a reply is owed by it, 'client' while the client must speak."""
         if self.phase in (Phase.CLOSING, Phase.HANDSHAKE, Phase.STARTTLS_READY):
             return None
@@ -321,28 +306,30 @@ class Dialogue:
             self.backend_failed(Outcome.BACKEND_EXITED, "backend closed the connection")
             return
         try:
-            replies = self._replies.feed(data)
+            found = self._replies.feed(data)
         except ProtocolError as exc:
-            self.backend_failed(Outcome.BACKEND_PROTOCOL, exc.text)
+            self.backend_failed(Outcome.BACKEND_PROTOCOL, f"Backend failure: {exc.text}")
             return
-        for reply in replies:
+        for reply in found:
             self._on_backend_reply(reply)
             if self.closing:
                 return
         if self._replies.failure is not None:
-            self.backend_failed(Outcome.BACKEND_PROTOCOL, self._replies.failure.text)
+            self.backend_failed(
+                Outcome.BACKEND_PROTOCOL, f"Backend failure: {self._replies.failure.text}"
+            )
             return
         self._process_client()
         if self._client_eof and self.phase is Phase.BODY:
             # The client closed while DATA was pending and sent no end of data.
             self._close(Outcome.CLIENT_LOST, "client closed the connection during DATA")
 
-    def timeout(self, side: str) -> None:
+    def timeout(self, side: Side) -> None:
         """The shell's timer for `waiting_for` ran out."""
         if side == "backend":
             self.backend_failed(Outcome.BACKEND_TIMEOUT, "backend did not answer in time")
             return
-        self._to_client += _local(421, "4.4.2", f"{self.hostname} Error: timeout exceeded").raw
+        self._to_client += replies.client_timeout(self.hostname).raw
         self._close(Outcome.CLIENT_TIMEOUT, "client timed out")
 
     def backend_failed(self, outcome: Outcome, why: str) -> None:
@@ -363,12 +350,10 @@ class Dialogue:
         for p in self._pending:
             if p.reply is None:
                 if p.kind is _Kind.DOT:
-                    p.reply = _message_lost()
+                    p.reply = replies.message_lost()
                     self.stats.refused += 1
                 else:
-                    p.reply = _local(
-                        421, "4.3.0", f"{self.hostname} Service not available, closing channel"
-                    )
+                    p.reply = replies.backend_gone(self.hostname, in_reply=True)
                 p.close_after = True
                 break
         else:
@@ -376,7 +361,7 @@ class Dialogue:
                 self._pending.append(
                     _Pending(
                         _Kind.OTHER,
-                        reply=_local(421, "4.3.0", f"{self.hostname} Service not available"),
+                        reply=replies.backend_gone(self.hostname, in_reply=False),
                         close_after=True,
                     )
                 )
@@ -388,18 +373,18 @@ class Dialogue:
     def backend_started(self) -> None:
         """The shell started the backend that `backend_wanted` asked for."""
         if self.backend is not BackendState.WANTED:
-            raise LocalProtocolError(503, "5.5.1", "no backend was wanted")
-        self.backend = BackendState.CHECKING
+            raise replies.no_backend_wanted()
+        self._backend_move(BackendEvent.STARTED)
         self._awaiting.append(_Pending(_Kind.GREETING, swallow=True, check=True))
 
     def backend_unavailable(self) -> None:
         """The backend could not be started: 421 to the held command, and close."""
         held = self._held
         if self.backend is not BackendState.WANTED or held is None:
-            raise LocalProtocolError(503, "5.5.1", "no backend was wanted")
+            raise replies.no_backend_wanted()
         self._held = None
-        self.backend = BackendState.REFUSED
-        held.reply = _local(421, "4.3.0", f"{self.hostname} Service temporarily unavailable")
+        self._backend_move(BackendEvent.UNAVAILABLE)
+        held.reply = replies.backend_unavailable(self.hostname)
         held.close_after = True
         self._deliver()
 
@@ -418,17 +403,17 @@ class Dialogue:
         held = self._held
         assert held is not None
         self._held = None
-        self.backend = BackendState.READY
+        self._backend_move(BackendEvent.ACCEPTED)
         self._forward(held, queued=False)
         if held.kind is _Kind.DATA:
-            self.phase = Phase.DATA_WAIT
+            self._move(Event.DATA_SENT)
 
     def _refuse(self, reply: Reply) -> None:
         """The backend refused the session: its reply answers the held command."""
         held = self._held
         assert held is not None
         self._held = None
-        self.backend = BackendState.REFUSED
+        self._backend_move(BackendEvent.REFUSED)
         self._refusal = reply
         self._awaiting.clear()
         self.backend_should_close = True
@@ -452,28 +437,28 @@ class Dialogue:
             self._answer(entry, face.helo)
         elif verb == "QUIT":
             entry.kind = _Kind.QUIT
-            self._answer(entry, _local(221, "2.0.0", f"{self.hostname} closing connection"))
+            self._answer(entry, replies.closing(self.hostname))
         else:  # NOOP, RSET: no transaction exists without a backend
-            self._answer(entry, _local(250, "2.0.0", "Ok"))
+            self._answer(entry, replies.ok())
 
     # ---------------------------------------------------------------- STARTTLS
 
     def starttls_accept(self) -> None:
         """Answer 220; the shell then sends it and does the handshake."""
         if self.phase is not Phase.STARTTLS_READY:
-            raise LocalProtocolError(503, "5.5.1", "STARTTLS is not pending")
+            raise replies.starttls_not_pending()
         self._pending.pop(0)
-        self._to_client += _local(220, "2.0.0", "Ready to start TLS").raw
-        self.phase = Phase.HANDSHAKE
+        self._to_client += replies.ready_for_tls().raw
+        self._move(Event.TLS_ACCEPTED)
         self.backend_should_close = True
 
-    def starttls_refuse(self, text: str = "TLS not available due to local problem") -> None:
+    def starttls_refuse(self, text: str = replies.TLS_UNAVAILABLE) -> None:
         """TLS cannot be had now (no certificate, a rate limit): 454, go on."""
         if self.phase is not Phase.STARTTLS_READY:
-            raise LocalProtocolError(503, "5.5.1", "STARTTLS is not pending")
+            raise replies.starttls_not_pending()
         self._pending.pop(0)
-        self._to_client += _local(454, "4.7.0", text).raw
-        self.phase = Phase.COMMAND
+        self._to_client += replies.tls_unavailable(text).raw
+        self._move(Event.TLS_REFUSED)
 
     # ---------------------------------------------------------------- shutdown
 
@@ -487,14 +472,28 @@ class Dialogue:
         if self.phase is not Phase.COMMAND or self._pending:
             return False
         self._client_buffer.clear()  # a command not yet complete is never run
-        self._to_client += _local(421, "4.3.2", f"{self.hostname} Service shutting down").raw
+        self._to_client += replies.shutting_down(self.hostname).raw
         self._close(Outcome.SHUTDOWN, "shutting down")
         return True
 
     # --------------------------------------------------------------- internals
 
+    def _move(self, event: Event) -> None:
+        """Change `phase` as `TRANSITIONS` says `event` does."""
+        target = TRANSITIONS[self.phase].get(event)
+        if target is None:
+            raise replies.illegal_move(self.phase.value, event.value)
+        self.phase = target
+
+    def _backend_move(self, event: BackendEvent) -> None:
+        """Change `backend` as `BACKEND_TRANSITIONS` says `event` does."""
+        target = BACKEND_TRANSITIONS[self.backend].get(event)
+        if target is None:
+            raise replies.illegal_move(self.backend.value, event.value)
+        self.backend = target
+
     def _close(self, outcome: Outcome, reason: str) -> None:
-        self.phase = Phase.CLOSING
+        self._move(Event.CLOSE)
         self.backend_should_close = True
         if self.stats.ending is None:
             self.stats.ending = Ending(outcome, reason)
@@ -548,7 +547,8 @@ class Dialogue:
             if self.closing:
                 return
         if self._pending and self._pending[0].kind is _Kind.STARTTLS:
-            self.phase = Phase.STARTTLS_READY
+            if self.phase is Phase.STARTTLS_WAIT:
+                self._move(Event.STARTTLS_DUE)
         elif not self._pending and self._client_eof:
             self._close(Outcome.CLIENT_CLOSED, "client closed the connection")
 
@@ -578,17 +578,17 @@ class Dialogue:
 
     def _after_data(self, reply: Reply) -> None:
         if reply.code == 354:
-            self.phase = Phase.BODY
+            self._move(Event.GO_AHEAD)
             self._body = BodyScanner(self._max_text_line, self._max_message_size)
             if self._received is not None:
                 self._send_backend(self._received(self.stats.helo, self._esmtp))
             return
-        self.phase = Phase.COMMAND
+        self._move(Event.DATA_REFUSED)
         if self._client_buffer:
             # The client sent more behind DATA before knowing its fate: if
             # that was a body, reading it as commands would run it.
             self._client_buffer.clear()
-            self._to_client += _local(554, "5.5.0", "Error: SMTP protocol synchronization").raw
+            self._to_client += replies.synchronization_error().raw
             self._close(Outcome.PROTOCOL_ERROR, "pipelining after a refused DATA")
 
     def _process_client(self) -> None:
@@ -600,14 +600,14 @@ class Dialogue:
                 continue
             if len(self._pending) >= self._max_pipeline:
                 return  # resumed as replies come back
-            end = self._client_buffer.find(b"\n", 0, self._max_command_line)
-            if end < 0:
-                if len(self._client_buffer) >= self._max_command_line:
-                    self._client_buffer.clear()
-                    self._fatal(line_too_long())
+            try:
+                line = take_line(self._client_buffer, self._max_command_line)
+            except RemoteProtocolError as exc:
+                self._client_buffer.clear()
+                self._fatal(exc)
                 return
-            line = bytes(self._client_buffer[: end + 1])
-            del self._client_buffer[: end + 1]
+            if line is None:
+                return
             self._command_line(line)
             if any(p.close_after for p in self._pending):
                 self._client_buffer.clear()
@@ -615,11 +615,7 @@ class Dialogue:
 
     def _fatal(self, error: ProtocolError) -> None:
         self.stats.events.append(error.text)
-        self._answer(
-            _Pending(_Kind.OTHER),
-            Reply.make(error.code, f"{error.status} {error.text}"),
-            close=True,
-        )
+        self._answer(_Pending(_Kind.OTHER), replies.of_error(error), close=True)
         self._deliver()
 
     def _command_line(self, line: bytes) -> None:
@@ -628,7 +624,7 @@ class Dialogue:
             command = parse_command(line)
         except RemoteProtocolError as exc:
             self.stats.events.append(exc.text)
-            self._answer(_Pending(_Kind.OTHER), _local(exc.code, exc.status, exc.text))
+            self._answer(_Pending(_Kind.OTHER), replies.of_error(exc))
             self._deliver()
             return
         self._command(command)
@@ -638,13 +634,13 @@ class Dialogue:
         verb = command.verb
         entry = _Pending(_Kind.OTHER, command)
         if self.require_tls and not self.tls_active and verb not in ALLOWED_BEFORE_TLS:
-            self._answer(entry, _local(530, "5.7.0", "Must issue a STARTTLS command first"))
+            self._answer(entry, replies.starttls_first())
         elif verb == "STARTTLS":
             self._starttls(entry, command)
         elif verb in REFUSED_VERBS:
-            self._answer(entry, _local(502, "5.5.1", "Error: command not implemented"))
+            self._answer(entry, replies.not_implemented())
         elif verb == "MAIL" and self._too_big(command):
-            self._answer(entry, _local(552, "5.3.4", "Error: message size exceeds fixed limit"))
+            self._answer(entry, replies.size_exceeded())
         elif self.backend is not BackendState.READY and verb in OWNED_VERBS:
             self._answer_locally(entry, command)
         elif self.backend is BackendState.REFUSED:
@@ -660,11 +656,11 @@ class Dialogue:
             if self.backend is BackendState.ABSENT:
                 self._pending.append(entry)  # answered once the backend runs
                 self._held = entry
-                self.backend = BackendState.WANTED
+                self._backend_move(BackendEvent.NEEDED)
                 return
             self._forward(entry)
             if entry.kind is _Kind.DATA:
-                self.phase = Phase.DATA_WAIT
+                self._move(Event.DATA_SENT)
 
     def _too_big(self, command: Command) -> bool:
         size = command.size_param
@@ -672,11 +668,11 @@ class Dialogue:
 
     def _starttls(self, entry: _Pending, command: Command) -> None:
         if command.args:
-            self._answer(entry, _local(501, "5.5.4", "Syntax: STARTTLS"))
+            self._answer(entry, replies.starttls_syntax())
         elif self.tls_active:
-            self._answer(entry, _local(554, "5.5.1", "Error: TLS already active"))
+            self._answer(entry, replies.tls_already_active())
         elif not self.tls_offered:
-            self._answer(entry, _local(502, "5.5.1", "Error: command not implemented"))
+            self._answer(entry, replies.not_implemented())
         else:
             entry.kind = _Kind.STARTTLS
             self._pending.append(entry)
@@ -685,7 +681,7 @@ class Dialogue:
                 self.stats.discarded_after_starttls += discarded
                 self.stats.events.append(f"discarded {discarded} bytes pipelined after STARTTLS")
             self._client_buffer.clear()
-            self.phase = Phase.STARTTLS_WAIT
+            self._move(Event.STARTTLS_READ)
 
     def _process_body(self, data: bytes | None = None) -> None:
         """Scan `data`, or else what the client buffer holds, as body bytes."""
@@ -707,11 +703,11 @@ class Dialogue:
         if not result.done:
             return
         self._body = None
-        self.phase = Phase.COMMAND
+        self._move(Event.BODY_END)
         self._client_buffer += result.rest
         if self._backend_dead is not None:
             self.stats.refused += 1
-            self._to_client += _message_lost().raw
+            self._to_client += replies.message_lost().raw
             self._close(self._backend_dead.outcome, self._backend_dead.text)
             return
         dot = _Pending(_Kind.DOT)

@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tlsfront.smtp.errors import ProtocolError
-from tlsfront.smtp.reply import Reply, ReplyReader
+from tlsfront.smtp.reply import Reply
+from tlsfront.smtp.replyreader import ReplyReader
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,16 @@
-"""Replies from the backend: parsing (multi-line, bounded) and EHLO rewriting."""
+"""SMTP replies: the `Reply` value, and what the EHLO reply's keywords say.
+
+A reply is the same thing in both directions: the inbound side reads the
+backend's replies and writes its own to the client; the outbound relay reads
+a remote server's replies and writes its own to qmail-remote. Bytes become
+replies in `tlsfront.smtp.replyreader`; the replies tlsfront writes itself
+are in `tlsfront.smtp.replies`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-from tlsfront.smtp.errors import RemoteProtocolError
-
-# A backend reply line longer than this, or a reply with more lines, is a
-# broken backend, not something to buffer without end.
-MAX_REPLY_LINE = 4096
-MAX_REPLY_LINES = 100
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,19 @@ class Reply:
 
     @property
     def raw(self) -> bytes:
-        """The reply as it goes on the wire, CRLF line endings."""
+        """The reply as it goes on the wire, CRLF line endings.
+
+        A last line without text is the code alone (RFC 5321 §4.2:
+        `Reply-code [ SP textstring ] CRLF`), except an AUTH challenge, which
+        keeps its space (RFC 4954 §4: `"334" SP [base64] CRLF`).
+        """
         last = len(self.lines) - 1
         code = b"%03d" % self.code
+        space = self.code == 334
         return b"".join(
-            code + (b" " if i == last else b"-") + text + b"\r\n"
+            code + (b" " + text if text or space else b"") + b"\r\n"
+            if i == last
+            else code + b"-" + text + b"\r\n"
             for i, text in enumerate(self.lines)
         )
 
@@ -34,89 +42,26 @@ class Reply:
     def positive(self) -> bool:
         return 200 <= self.code < 400
 
+    @property
+    def first_line(self) -> str:
+        """The first line, code included, printable (for logs and messages)."""
+        text = self.lines[0].decode("utf-8", "replace") if self.lines else ""
+        text = "".join(c if c.isprintable() else "?" for c in text)
+        return f"{self.code} {text}".rstrip()
+
     @classmethod
     def make(cls, code: int, *lines: str) -> Reply:
-        return cls(code, tuple(line.encode("utf-8") for line in lines))
-
-
-def _backend_error(why: str) -> RemoteProtocolError:
-    return RemoteProtocolError(421, "4.3.0", f"Backend failure: {why}")
-
-
-class ReplyReader:
-    """Bytes from the backend in, complete `Reply` objects out.
-
-    Lines end in LF (a CR before it is dropped); qmail always writes CRLF.
-    A line that is not `ddd` followed by ` `, `-` or the end is a backend
-    failure, as is a line or a reply beyond the bounds above. Replies that
-    came complete before the failure in the same `feed` are still returned
-    (a `250` for a queued message must not be lost to garbage behind it);
-    the failure is then in `failure`, and every later `feed` raises it.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._lines: list[bytes] = []
-        self._code: int | None = None
-        self.failure: RemoteProtocolError | None = None
-
-    @property
-    def partial(self) -> bool:
-        """True while a reply (or a line of one) is incomplete."""
-        return bool(self._buffer) or bool(self._lines)
-
-    def feed(self, data: bytes) -> list[Reply]:
-        if self.failure is not None:
-            raise self.failure
-        replies: list[Reply] = []
-        try:
-            self._parse(data, replies)
-        except RemoteProtocolError as exc:
-            self.failure = exc
-            self._buffer.clear()
-            if not replies:
-                raise
-        return replies
-
-    def _parse(self, data: bytes, replies: list[Reply]) -> None:
-        self._buffer += data
-        while True:
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                if len(self._buffer) > MAX_REPLY_LINE:
-                    raise _backend_error("reply line too long")
-                return
-            line = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
-            if len(line) > MAX_REPLY_LINE:
-                raise _backend_error("reply line too long")
-            reply = self._line(line.removesuffix(b"\r"))
-            if reply is not None:
-                replies.append(reply)
-
-    def _line(self, line: bytes) -> Reply | None:
-        if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3:4] not in b" -"):
-            raise _backend_error("malformed reply line")
-        code = int(line[:3])
-        if code < 200 or code > 599:
-            raise _backend_error("reply code out of range")
-        if self._code is not None and code != self._code:
-            raise _backend_error("reply code changes within a multi-line reply")
-        self._code = code
-        self._lines.append(line[4:])
-        if len(self._lines) > MAX_REPLY_LINES:
-            raise _backend_error("reply has too many lines")
-        if line[3:4] == b"-":
-            return None
-        reply = Reply(code, tuple(self._lines))
-        self._lines = []
-        self._code = None
-        return reply
+        return cls(code, tuple(line.encode("utf-8") for line in lines) or (b"",))
 
 
 def ehlo_keyword(text: bytes) -> str:
     """The extension keyword of an EHLO reply line, upper-cased."""
     return text.split(b" ", 1)[0].split(b"=", 1)[0].decode("ascii", "replace").upper()
+
+
+def ehlo_keywords(reply: Reply) -> set[str]:
+    """The extension keywords of an EHLO reply (every line after the first)."""
+    return {ehlo_keyword(line) for line in reply.lines[1:]}
 
 
 def rewrite_ehlo(reply: Reply, *, drop: Iterable[str], add: Iterable[str]) -> Reply:

@@ -15,6 +15,8 @@ event instead of for time.
 - ``slow-reply``: every reply (the greeting too) is delayed by ``--delay``.
 - ``flood-output``: after the greeting writes ``250-xxx...`` lines without end,
   not waiting for any command, until the reader goes away.
+- ``endless-line``: after the greeting writes one line of 1 MiB without an LF
+  (a reply line far past the limit), then sleeps until killed.
 - ``greeting-554``: greets ``554 blocked`` (as rblsmtpd or a tcprules refusal
   would), answers ``553`` to every command and ``221`` to QUIT.
 """
@@ -36,6 +38,7 @@ MODES = (
     "half-reply",
     "slow-reply",
     "flood-output",
+    "endless-line",
     "greeting-554",
 )
 
@@ -116,6 +119,17 @@ def flood() -> int:
         return 0
 
 
+def endless_line() -> int:
+    write_all(b"220 endless.invalid ESMTP\r\n")
+    announce("endless-line", "writing")
+    try:
+        write_all(b"250 " + b"x" * (1 << 20))
+    except OSError:
+        return 0
+    while True:
+        time.sleep(3600)
+
+
 def blocked() -> int:
     write_all(b"554 blocked\r\n")
     while True:
@@ -142,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if mode == "flood-output":
         return flood()
+    if mode == "endless-line":
+        return endless_line()
     if mode == "greeting-554":
         return blocked()
     return FaultySession(mode, args.delay).run()

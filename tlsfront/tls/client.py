@@ -1,4 +1,11 @@
-"""Client-side TLS for the outbound relay: contexts and the host-name check.
+"""Client-side TLS: the outbound relay's connections and the MTA-STS policy fetch.
+
+The client side uses Python's ``ssl`` module (through `trio.SSLStream`), not
+pyOpenSSL as the server side does: a client verifies the server or does not
+(``CERT_REQUIRED`` or ``CERT_NONE``), and needs neither the server side's
+verify callback nor its memory-BIO engine. Like the server side it is kept
+inside `tlsfront.tls`: the outbound modules get contexts, streams and checks
+from here and import no TLS library themselves.
 
 OpenSSL verifies the chain (against a `tlshosts/<host>.pem` file or a trust
 store) with `check_hostname` off; the name is checked here, on the
@@ -13,8 +20,24 @@ import ipaddress
 import ssl
 from pathlib import Path
 
+import trio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+
+__all__ = [
+    "ClientContext",
+    "ClientTLSStream",
+    "certificate_names",
+    "client_context",
+    "client_stream",
+    "host_matches",
+    "https_context",
+    "matches_any",
+    "peer_chain",
+]
+
+ClientContext = ssl.SSLContext
+ClientTLSStream = trio.SSLStream[trio.abc.Stream]
 
 _VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
@@ -51,6 +74,29 @@ def client_context(
     if client_cert is not None:
         ctx.load_cert_chain(str(client_cert))
     return ctx
+
+
+def https_context(cafile: Path | None = None, cadata: str | None = None) -> ssl.SSLContext:
+    """WebPKI context for fetching MTA-STS policies: full chain, host name checked."""
+    ctx = client_context(verify=True, cafile=cafile, cadata=cadata)
+    ctx.verify_flags &= ~ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.check_hostname = True
+    return ctx
+
+
+def client_stream(
+    transport: trio.abc.Stream,
+    ctx: ssl.SSLContext,
+    server_hostname: str | None,
+    *,
+    https: bool = False,
+) -> ClientTLSStream:
+    """`transport` wrapped for a client handshake (not yet done).
+
+    `https`: tolerate a server that closes without close_notify, as web
+    servers do (the HTTP response carries its own end).
+    """
+    return trio.SSLStream(transport, ctx, server_hostname=server_hostname, https_compatible=https)
 
 
 def _label_match(pattern: str, host: str) -> bool:
@@ -100,12 +146,13 @@ def matches_any(cert: x509.Certificate, hosts: tuple[str, ...]) -> bool:
     return any(host_matches(cert, host) for host in hosts)
 
 
-def peer_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
+def peer_chain(stream: ClientTLSStream) -> list[bytes]:
     """The DER certificates the server sent, leaf first (before verification).
 
     Python 3.13 has `get_unverified_chain()`; 3.10-3.12 have it on the
     internal object. Without either, only the leaf is known.
     """
+    ssl_object: ssl.SSLObject = stream._ssl_object
     getter = getattr(ssl_object, "get_unverified_chain", None)
     if getter is None:
         getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
