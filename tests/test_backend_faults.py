@@ -159,7 +159,8 @@ def split_replies(data: bytes) -> list[bytes]:
 
 
 # mode -> (the client's replies from the fault on, the log's reason); on demand
-# the flood breaks the reply to a command, at connect the greeting
+# the flood and the endless line break the reply to a command (MAIL), at
+# connect they come when no reply is owed
 NOT_AVAILABLE = b"421 4.3.0 front.example.org Service not available"
 LOST = b"451 4.3.0 Error: backend failed, message not accepted\r\n"
 EXPECTED: dict[str, tuple[list[bytes], str]] = {
@@ -183,11 +184,17 @@ EXPECTED: dict[str, tuple[list[bytes], str]] = {
         "reason='Backend failure: reply has too many lines'",
     ),
     "endless-line": (
-        [NOT_AVAILABLE + b"\r\n"],
+        [NOT_AVAILABLE + b", closing channel\r\n"],
         "reason='Backend failure: reply line too long'",
     ),
 }
-AT_CONNECT = {**EXPECTED, "flood-output": ([NOT_AVAILABLE + b"\r\n"], EXPECTED["flood-output"][1])}
+AT_CONNECT = {
+    **EXPECTED,
+    **{
+        mode: ([NOT_AVAILABLE + b"\r\n"], EXPECTED[mode][1])
+        for mode in ("flood-output", "endless-line")
+    },
+}
 
 
 def expected(mode: str, start: str) -> tuple[list[bytes], str]:
