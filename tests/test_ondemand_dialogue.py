@@ -242,3 +242,27 @@ def test_control_files_name_the_server() -> None:
     assert face.greeting.raw == b"220 greeting.example ESMTP\r\n"
     assert face.ehlo.raw == b"250-greeting.example\r\n250 PIPELINING\r\n"
     assert face.helo.raw == b"250 greeting.example\r\n"
+
+
+def test_after_a_dropped_message_the_next_backend_starts_on_demand(bytewise: bool) -> None:
+    """The carry of a dialogue in RESET: its EHLO for the next backend, and
+    the commands pipelined behind the dot, which start that backend at once."""
+    h = make(bytewise, max_message_size=10)
+    h.take()
+    h.client(b"EHLO c\r\nMAIL FROM:<a@b>\r\n")
+    started(h)
+    h.backend(GREETING + EHLO_REPLY + b"250 ok\r\n")
+    h.client(b"RCPT TO:<c@d>\r\nDATA\r\n")
+    h.backend(b"250 ok\r\n354 go ahead\r\n")
+    h.take()
+    h.client(b"Subject: too big\r\n\r\n.\r\nMAIL FROM:<e@f>\r\n")
+    assert h.take()[0] == b"552 5.3.4 Error: message too big\r\n"
+    assert h.d.phase is Phase.RESET
+    carried = h.d.carry()
+    nxt = make(bytewise, greet=False, carry=carried)
+    assert nxt.take() == (b"", b"")  # no greeting; MAIL held
+    assert nxt.d.backend_wanted
+    assert nxt.d.stats.helo == "c"
+    nxt.d.backend_started()
+    nxt.backend(GREETING + EHLO_REPLY)
+    assert nxt.take() == (b"", b"EHLO c\r\nMAIL FROM:<e@f>\r\n")

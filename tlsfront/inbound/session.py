@@ -60,6 +60,7 @@ from tlsfront.inbound.backend import (
     Backend,
     BackendError,
     BackendStarter,
+    ExecBackend,
     start_backend,
     ucspi_environment,
 )
@@ -67,10 +68,12 @@ from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionRecord
 from tlsfront.inbound.relaypolicy import RelayDecision, RelayGrant
+from tlsfront.inbound.remotehost import PendingHost
 from tlsfront.net.address import Address
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import counters, logs
 from tlsfront.smtp import Dialogue, Outcome, Phase, TraceInfo, build_received
+from tlsfront.smtp.dialogue import Carry
 from tlsfront.smtp.face import BackendFace
 from tlsfront.smtp.replies import backend_unavailable
 from tlsfront.tls.context import ServerTLS
@@ -170,6 +173,7 @@ class Session:
         backend_starter: BackendStarter = start_backend,
         tls_rate: TLSRateLimiter | None = None,
         shutdown: ShutdownNotice | None = None,
+        remote_host: PendingHost | None = None,
     ) -> None:
         self.runtime = runtime
         self.profile = runtime.profile
@@ -186,6 +190,7 @@ class Session:
         self._backend_starter = backend_starter
         self._tls_rate = tls_rate
         self.shutdown = shutdown  # set: close at the next idle point (421 4.3.2)
+        self.remote_host = remote_host  # the client's name, looked up beside the session
 
     # ------------------------------------------------------------- the whole
 
@@ -230,24 +235,28 @@ class Session:
         on_demand = learned is not None and self.profile.backend_start == "on-demand"
         face = learned.current if learned is not None and on_demand else None
         after_tls = False
+        carry: Carry | None = None  # after a message dropped mid-body (Phase.RESET)
         while True:
             backend = None
             if face is None:
                 backend = await self._start_backend()
                 if backend is None:
                     return
-            dialogue = self._dialogue(after_tls, face)
+            dialogue = self._dialogue(after_tls, face, carry)
             phase = _Phase(self, dialogue, backend)
             try:
                 await self._run_phase(phase)
             finally:
-                if dialogue.phase is not Phase.HANDSHAKE:
+                if dialogue.phase not in _GOES_ON:
                     # The client has had its last reply: it does not wait for
                     # a hung backend to be reaped (up to EXIT_GRACE).
                     await self._close_client()
                 if phase.backend is not None:
                     self.record.backend_exit = await phase.backend.aclose()
                 self._phase_ended(dialogue, face)
+            carry = dialogue.carry() if dialogue.phase is Phase.RESET else None
+            if carry is not None:
+                continue  # a fresh backend (on demand: when needed), the same client
             if dialogue.phase is not Phase.HANDSHAKE:
                 return
             assert self._next_tls is not None
@@ -272,7 +281,9 @@ class Session:
             # has shown its extensions after all.
             learned.learn_from_session(dialogue.backend_ehlo)
 
-    def _dialogue(self, after_tls: bool, face: BackendFace | None) -> Dialogue:
+    def _dialogue(
+        self, after_tls: bool, face: BackendFace | None, carry: Carry | None = None
+    ) -> Dialogue:
         p = self.profile
         return Dialogue(
             hostname=p.hostname,
@@ -283,9 +294,10 @@ class Session:
             max_text_line=p.max_text_line,
             max_message_size=p.max_message_size,
             received=self._received if p.received_header else None,
-            swallow_greeting=after_tls,
+            swallow_greeting=after_tls or carry is not None,
             face=face,
-            greet=not after_tls,
+            greet=not after_tls and carry is None,
+            carry=carry,
         )
 
     def _received(self, helo: str | None, esmtp: bool) -> bytes:
@@ -350,12 +362,16 @@ class Session:
         self.record.cert_status = decision.status
         if decision.relay:
             self.record.relay = RelayGrant.CERT
+        # Postfix's words: name[address], the name once its look-up is over
+        name = self.remote_host.peek().name if self.remote_host is not None else None
+        who = f"{name or 'unknown'}[{self.client.ip}]"
+        if decision.server_fault:  # a stale CRL: every certificate is refused
+            log.warning("%s: no valid cert for gatewaying: %s", who, decision.reason)
         if log.isEnabledFor(logging.INFO):  # the fields cost even when not logged
-            # Postfix's words; "unknown": tlsfront does no reverse lookup
             log.info(
-                "%s TLS connection established from unknown[%s]: %s with cipher %s (%d/%d bits)",
+                "%s TLS connection established from %s: %s with cipher %s (%d/%d bits)",
                 decision.status,
-                self.client.ip,
+                who,
                 info.version,
                 info.cipher,
                 info.bits,
@@ -364,6 +380,7 @@ class Session:
                     "tls",
                     {
                         "client_ip": self.client.ip,
+                        "client_host": name,
                         "profile": self.profile.name,
                         "tls_version": info.version,
                         "tls_cipher": info.cipher,
@@ -373,13 +390,9 @@ class Session:
                 ),
             )
             if decision.relay:
-                log.info(
-                    "unknown[%s]: relaying allowed for cert %s", self.client.ip, decision.address
-                )
-            elif decision.cert is not None:
-                log.info(
-                    "unknown[%s]: no valid cert for gatewaying: %s", self.client.ip, decision.reason
-                )
+                log.info("%s: relaying allowed for cert %s", who, decision.address)
+            elif decision.cert is not None and not decision.server_fault:
+                log.info("%s: no valid cert for gatewaying: %s", who, decision.reason)
         return True
 
     # -------------------------------------------------------------- backend
@@ -401,12 +414,17 @@ class Session:
         tls_env = tls_environment(self._tls_info) if self._tls_info else {}
         if decision is not None:
             tls_env.update(decision.env)
+        rules_env = self.rules_env
+        if self.remote_host is not None:  # bounded by remote_host_timeout
+            name = (await self.remote_host.get()).remote_host(p.remote_host_paranoid)
+            if name is not None:  # after the rule's variables: they cannot misstate it
+                rules_env = {**rules_env, "TCPREMOTEHOST": name}
         env = ucspi_environment(
             client=self.client,
             local=self.local,
             hostname=p.hostname,
             profile_env=p.env,
-            rules_env=self.rules_env,
+            rules_env=rules_env,
             tls_env=tls_env,
             relay=relay,
         )
@@ -430,7 +448,7 @@ class Session:
                 phase.nursery = nursery
                 nursery.start_soon(phase.client_reader)
                 if phase.backend is not None:
-                    nursery.start_soon(phase.backend_reader)
+                    phase.backend_started()
                 await phase.supervise()
                 nursery.cancel_scope.cancel()
         finally:
@@ -438,7 +456,8 @@ class Session:
                 shutdown.unsubscribe(phase.server_stopping)
 
 
-_TERMINAL = frozenset({Phase.CLOSING, Phase.HANDSHAKE})
+_TERMINAL = frozenset({Phase.CLOSING, Phase.HANDSHAKE, Phase.RESET})
+_GOES_ON = frozenset({Phase.HANDSHAKE, Phase.RESET})  # the client stays; a new phase comes
 
 
 class _Phase:
@@ -545,11 +564,21 @@ class _Phase:
         else:
             self.backend = backend
             self.last_backend_read = self.now()
-            assert self.nursery is not None
-            self.nursery.start_soon(self.backend_reader)
+            self.backend_started()
             d.backend_started()
         self.update()
         await self.flush()
+
+    def backend_started(self) -> None:
+        """Its reader, and its stderr logged as lines."""
+        backend = self.backend
+        nursery = self.nursery
+        assert backend is not None
+        assert nursery is not None
+        nursery.start_soon(self.backend_reader)
+        if isinstance(backend, ExecBackend):
+            backend.stderr.session = self.s.record.id
+            nursery.start_soon(backend.stderr.run)
 
     async def backend_reader(self) -> None:
         d = self.d
@@ -673,6 +702,8 @@ class _Phase:
         self.update()
         if d.client_output_size:  # tlsfront's own greeting (the backend on demand)
             await self._supervisor_flush()
+        if d.backend_wanted:  # wanted by commands carried over from the last phase
+            await self.start_backend()
         while not self._finished():
             now = self.now()
             if self.client_sending and self.client_send_deadline <= now:

@@ -56,6 +56,16 @@ def _existing(path: Path) -> Path | None:
     return path
 
 
+# A CRLF file (written on Windows) is refused the same way in tcp.smtp and
+# tlsclients: tcprules refuses such a line, and qmail keeps the CR as part of
+# a control file's line, so the address never matches; either way nothing
+# would work as the admin meant, so tlsfront says so instead of guessing.
+CR_LINE_END = (
+    "the line ends in CR (a CRLF file?): qmail and tcprules read LF line ends only;"
+    " convert the file (dos2unix)"
+)
+
+
 def _read(path: Path) -> str | None:
     """A control file's text, or None when it does not exist."""
     found = _existing(path)

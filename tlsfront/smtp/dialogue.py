@@ -54,6 +54,16 @@ that is not 2xx is a refusal (`REFUSED`): the held command, and every later
 one that needs the backend, gets that very reply, and a 421 closes the
 session; no command ever reaches a refusing backend.
 
+A message over `max_message_size` is refused, and the session goes on, as
+with qmail-smtpd's databytes (RFC 5321 §4.5.3.1.10): the backend's input is
+closed at once without an end of data (it queues nothing and exits), the
+rest of the body is read and dropped, and the client's end of data gets
+`552`. Then `phase` is `RESET`: the shell starts a fresh backend and a new
+`Dialogue` with what this one hands over (`carry`): the client's HELO or
+EHLO, replayed to the new backend with its reply and greeting swallowed,
+and the client bytes read but not yet taken (commands pipelined behind the
+dot). RSET, MAIL and QUIT then work as after any refused message.
+
 The phases and the events that move between them are one table,
 `TRANSITIONS` in `tlsfront.smtp.phases`; every change of `phase` goes
 through `_move`, which refuses a move the table does not have. A phase change that the shell
@@ -105,6 +115,15 @@ class _Pending:
     swallow: bool = False  # the fresh backend's greeting after TLS
     check: bool = False  # on demand: a greeting or HELO reply checked, never passed on
     close_after: bool = False  # a fatal local error: close once it is sent
+    reset_after: bool = False  # the 552 of a dropped message: a fresh backend next
+
+
+@dataclass(frozen=True)
+class Carry:
+    """What a dialogue in `RESET` hands to the next one (see the module doc)."""
+
+    hello: Command | None  # the client's last accepted HELO/EHLO, for the new backend
+    client_bytes: bytes  # read from the client and not yet taken
 
 
 # Keywords tlsfront never passes on from the backend's EHLO reply: STARTTLS
@@ -153,10 +172,12 @@ class Dialogue:
         swallow_greeting: bool = False,
         face: BackendFace | None = None,
         greet: bool = True,
+        carry: Carry | None = None,
     ) -> None:
         """`face`: the backend on demand, answering as it would; else one runs now.
 
         `greet` (on demand only): send the greeting; not after STARTTLS.
+        `carry`: a session that goes on after a dropped message (see the module doc).
         """
         self.hostname = hostname
         self.tls_offered = tls_offered
@@ -182,20 +203,37 @@ class Dialogue:
         self._awaiting: list[_Pending] = []  # entries waiting for a backend reply
         self._body: BodyScanner | None = None
         self._backend_dead: Ending | None = None
+        self._dropped: Reply | None = None  # the 552 owed for a message refused mid-body
+        self._hello: Command | None = None  # the client's last accepted HELO/EHLO
         self.backend_should_close = False
         self._face = face
         self._held: _Pending | None = None  # the command that wants the backend
-        self._hello: Command | None = None  # the client's HELO/EHLO, for the backend
         self._refusal: Reply | None = None
         self.backend_ehlo: Reply | None = None  # its reply to the client's EHLO, on demand
+        hello = carry.hello if carry is not None else None
         if face is None:
             self.backend = BackendState.READY
-            self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting))
+            self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting or carry is not None))
+            if hello is not None:
+                kind = _Kind.EHLO if hello.verb == "EHLO" else _Kind.HELO
+                self._forward(_Pending(kind, hello, swallow=True))
         else:
             self.backend = BackendState.ABSENT
             if greet:
                 self._answer(_Pending(_Kind.GREETING), face.greeting)
                 self._deliver()
+            if hello is not None:  # for the next backend, and the Received header
+                self._hello = hello
+                self.stats.helo = hello.args.decode("utf-8", "replace") or None
+                self._esmtp = hello.verb == "EHLO"
+        if carry is not None:
+            self._client_buffer += carry.client_bytes
+            if face is not None:  # no backend's greeting comes to set them going
+                self._process_client()
+
+    def carry(self) -> Carry:
+        """What the next dialogue takes over, in `RESET`."""
+        return Carry(self._hello, bytes(self._client_buffer))
 
     # ------------------------------------------------------------------ output
 
@@ -254,7 +292,7 @@ class Dialogue:
     @property
     def waiting_for(self) -> Side | None:
         """'backend' while a reply is owed by it, 'client' while the client must speak."""
-        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE, Phase.STARTTLS_READY):
+        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE, Phase.STARTTLS_READY, Phase.RESET):
             return None
         if self._awaiting or self.backend is BackendState.WANTED:
             return "backend"
@@ -298,7 +336,7 @@ class Dialogue:
 
     def receive_backend(self, data: bytes) -> None:
         """Bytes read from the backend; b"" when it closed its output."""
-        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE):
+        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._dropped is not None:
             return  # the old backend is being shut down; nothing it says counts
         if self.backend is BackendState.REFUSED:
             return  # it refused the session and is being shut down
@@ -338,6 +376,8 @@ class Dialogue:
             return
         if self.backend is BackendState.REFUSED:
             return  # its refusal stands; it is being shut down
+        if self._dropped is not None:
+            return  # its input was closed on purpose: a fresh one comes (RESET)
         self._backend_dead = Ending(outcome, why)
         self.backend_should_close = True
         self.stats.events.append(why)
@@ -429,11 +469,9 @@ class Dialogue:
         verb = command.verb
         if verb == "EHLO":
             entry.kind = _Kind.EHLO
-            self._hello = command
             self._answer(entry, self._rewrite_ehlo(face.ehlo))
         elif verb == "HELO":
             entry.kind = _Kind.HELO
-            self._hello = command
             self._answer(entry, face.helo)
         elif verb == "QUIT":
             entry.kind = _Kind.QUIT
@@ -544,7 +582,7 @@ class Dialogue:
             if not entry.swallow:
                 self._to_client += entry.reply.raw
             self._after_reply(entry, entry.reply)
-            if self.closing:
+            if self.phase in (Phase.CLOSING, Phase.RESET):
                 return
         if self._pending and self._pending[0].kind is _Kind.STARTTLS:
             if self.phase is Phase.STARTTLS_WAIT:
@@ -564,6 +602,7 @@ class Dialogue:
         kind = entry.kind
         if kind in (_Kind.HELO, _Kind.EHLO) and reply.code == 250:
             assert entry.command is not None
+            self._hello = entry.command
             self.stats.helo = entry.command.args.decode("utf-8", "replace") or None
             self._esmtp = kind is _Kind.EHLO
         elif kind is _Kind.QUIT:
@@ -573,6 +612,8 @@ class Dialogue:
                 self.stats.messages += 1
             else:
                 self.stats.refused += 1
+            if entry.reset_after:
+                self._move(Event.MESSAGE_DROPPED)
         elif kind is _Kind.DATA:
             self._after_data(reply)
 
@@ -595,6 +636,8 @@ class Dialogue:
         while self._client_buffer and self.phase in (Phase.COMMAND, Phase.BODY):
             if self.backend in (BackendState.WANTED, BackendState.CHECKING):
                 return  # resumed once the held command is with the backend
+            if self._dropped is not None and self.phase is Phase.COMMAND:
+                return  # kept for the next dialogue (`carry`)
             if self.phase is Phase.BODY:
                 self._process_body()
                 continue
@@ -692,11 +735,18 @@ class Dialogue:
         try:
             result = self._body.feed(data)
         except RemoteProtocolError as exc:
-            self.stats.refused += 1
             self.stats.events.append(exc.text)
-            self._to_client += exc.reply
-            self._close(Outcome.PROTOCOL_ERROR, exc.text)
-            return
+            if exc.code == 552 and self._dropped is None:
+                # Too big: refused, but not a protocol error. The backend
+                # gets no end of data; the rest of the body is dropped.
+                self._dropped = replies.of_error(exc)
+                self.backend_should_close = True
+                result = self._body.feed(b"")
+            else:
+                self.stats.refused += 1
+                self._to_client += exc.reply
+                self._close(Outcome.PROTOCOL_ERROR, exc.text)
+                return
         self.stats.body_bytes += len(result.forward)
         if self._backend_dead is None:
             self._send_backend(result.forward)
@@ -705,6 +755,10 @@ class Dialogue:
         self._body = None
         self._move(Event.BODY_END)
         self._client_buffer += result.rest
+        if self._dropped is not None:  # answered now; a fresh backend next (RESET)
+            self._pending.append(_Pending(_Kind.DOT, reply=self._dropped, reset_after=True))
+            self._deliver()
+            return
         if self._backend_dead is not None:
             self.stats.refused += 1
             self._to_client += replies.message_lost().raw
