@@ -42,6 +42,7 @@ from tlsfront.inbound.backend import (
     Backend,
     BackendError,
     BackendStarter,
+    ExecBackend,
     start_backend,
     ucspi_environment,
 )
@@ -138,6 +139,8 @@ async def probe(
         except BackendError as exc:
             why = str(exc)
         else:
+            if isinstance(backend, ExecBackend):
+                backend.stderr.session = "probe"  # what it writes names the probe
             try:
                 await _converse(backend, conversation)
             except ProbeFailed as exc:
