@@ -9,10 +9,11 @@ learned here, per profile, when the server starts and after each reload:
 * `probe` starts the backend once, exactly as for a session of a local
   client: the client is 127.0.0.1 port 0 (`TCPREMOTEIP=127.0.0.1`,
   `TCPREMOTEPORT=0`), the local address 127.0.0.1 and the profile's first
-  listening port, with the profile's `env` and the variables its tcprules
-  give 127.0.0.1, and no TLS variables. It reads the greeting, sends
-  `EHLO <hostname>`, reads the reply, sends `QUIT` and closes, all within
-  `PROBE_TIMEOUT` (or `timeout_backend`, if shorter).
+  listening port, with what a session's backend inherits, the profile's
+  `env` and the variables its tcprules give 127.0.0.1, and no TLS
+  variables. It reads the greeting, sends `EHLO <hostname>`, reads the
+  reply, sends `QUIT` and closes, all within `PROBE_TIMEOUT` (or
+  `timeout_backend`, if shorter).
 * where `qmail_control` is set, the greeting text is qmail-smtpd's own:
   `control/smtpgreeting`, else `control/me`.
 
@@ -33,6 +34,7 @@ is built; a session takes `current` once, when it starts.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import trio
@@ -100,7 +102,9 @@ class LearnedFace:
             self.learn(old.current.greeting, old.current.ehlo)
 
 
-def probe_environment(profile: Profile, rules_env: dict[str, str]) -> dict[str, str]:
+def probe_environment(
+    profile: Profile, rules_env: Mapping[str, str], inherited: Mapping[str, str]
+) -> dict[str, str]:
     port = 0
     if profile.listen:
         port = split_host_port(profile.listen[0])[1]
@@ -112,6 +116,7 @@ def probe_environment(profile: Profile, rules_env: dict[str, str]) -> dict[str, 
         rules_env=rules_env,
         tls_env={},
         relay=False,
+        inherited=inherited,
     )
 
 
@@ -126,11 +131,12 @@ async def _converse(backend: Backend, probe: Probe) -> None:
 async def probe(
     profile: Profile,
     face: LearnedFace,
-    rules_env: dict[str, str] | None = None,
+    rules_env: Mapping[str, str] | None = None,
+    inherited: Mapping[str, str] | None = None,
     starter: BackendStarter = start_backend,
 ) -> bool:
     """Start the backend once and learn its face; False (logged) if that failed."""
-    env = probe_environment(profile, rules_env or {})
+    env = probe_environment(profile, rules_env or {}, inherited or {})
     conversation = Probe(profile.hostname)
     why = ""
     with trio.move_on_after(min(PROBE_TIMEOUT, profile.timeout_backend)) as timer:

@@ -243,7 +243,7 @@ async def probe_backends(runtimes: Iterable[ProfileRuntime]) -> None:
             rule = rules.match("127.0.0.1") if rules is not None else None
             if rule is not None:
                 rules_env = dict(rule.env)
-            nursery.start_soon(probe, p, runtime.face, rules_env)
+            nursery.start_soon(probe, p, runtime.face, rules_env, runtime.inherited)
 
 
 class Server:

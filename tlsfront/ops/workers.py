@@ -10,7 +10,10 @@ supervises:
 
 * SIGHUP goes to every worker, and each re-reads the configuration itself,
   exactly as a single process does (a worker whose reload fails keeps its
-  old configuration and logs why);
+  old configuration and logs why); except when the workers have given up
+  root (tlsfront.ops.privileges): then the parent, still root, loads the
+  configuration again and, when it loads, starts fresh workers and stops
+  the old ones gracefully ("reload by replacement");
 * SIGTERM / SIGINT go to every worker (graceful stop); the parent exits when
   the last one has;
 * a worker that dies unexpectedly is started again, no more than once a
@@ -49,6 +52,8 @@ QUICK_DEATH = 1.0
 MAX_QUICK_DEATHS = 5
 
 WorkerMain = Callable[[int, Mapping[str, Sequence[socket.socket]]], int]
+# Reload by replacement: the new workers' main, or None to keep the old ones.
+Reloader = Callable[[], WorkerMain | None]
 
 
 def open_sockets(config: Config, passed: Sequence[PassedSocket]) -> dict[str, list[socket.socket]]:
@@ -84,12 +89,18 @@ def metrics_address(listen: str, worker: int) -> str:
 
 class Supervisor:
     def __init__(
-        self, count: int, sockets: Mapping[str, Sequence[socket.socket]], worker_main: WorkerMain
+        self,
+        count: int,
+        sockets: Mapping[str, Sequence[socket.socket]],
+        worker_main: WorkerMain,
+        reloader: Reloader | None = None,
     ) -> None:
         self.count = count
         self.sockets = sockets
         self.worker_main = worker_main
+        self.reloader = reloader
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started)
+        self.retiring: set[int] = set()  # replaced workers finishing their sessions
         self.stopping = False
         self.quick_deaths = 0
         self.notifier = Notifier.from_environ()
@@ -117,14 +128,35 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
+    def replace(self) -> None:
+        """SIGHUP with a reloader: fresh workers, the old ones stop gracefully."""
+        assert self.reloader is not None
+        worker_main = self.reloader()
+        if worker_main is None:
+            return  # the reloader said why; the old workers go on
+        old = list(self.children)
+        self.children.clear()
+        self.retiring.update(old)
+        for pid in old:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        self.worker_main = worker_main
+        for index in range(self.count):
+            self.spawn(index)
+        log.info("reload: %d new workers, %d old ones finishing", self.count, len(old))
+
     def reap(self) -> None:
-        while self.children:
+        while self.children or self.retiring:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            if pid in self.retiring:
+                self.retiring.discard(pid)
+                log.info("replaced worker (pid %d) stopped", pid)
+                continue
             index, started = self.children.pop(pid, (-1, 0.0))
             code = os.waitstatus_to_exitcode(status)
             if self.stopping:
@@ -145,6 +177,9 @@ class Supervisor:
     def stop(self, signum: int) -> None:
         if self.stopping:
             log.warning("%s again: workers stop now", signal.Signals(signum).name)
+            for pid in self.retiring:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
         else:
             log.info("stopping %d workers on %s", len(self.children), signal.Signals(signum).name)
             self.notifier.stopping("stopping")
@@ -157,7 +192,7 @@ class Supervisor:
             self.spawn(index)
         self.notifier.ready(f"{self.count} workers")
         watchdog = watchdog_interval()
-        while self.children:
+        while self.children or self.retiring:
             info = signal.sigtimedwait(SIGNALS, watchdog or 3600.0)
             if watchdog:
                 self.notifier.watchdog()
@@ -167,7 +202,10 @@ class Supervisor:
                 self.reap()
             elif info.si_signo == signal.SIGHUP:
                 self.notifier.reloading()
-                self.signal_all(signal.SIGHUP)
+                if self.reloader is None:
+                    self.signal_all(signal.SIGHUP)
+                elif not self.stopping:
+                    self.replace()
                 self.notifier.ready(f"{self.count} workers")
             else:
                 self.stop(info.si_signo)
