@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tlsfront.auth.checkpassword import CheckpasswordVerifier
+from tlsfront.auth.verifier import Verifier
 from tlsfront.config.schema import Profile
 from tlsfront.inbound.backend import chosen_environment
 from tlsfront.inbound.probe import LearnedFace
@@ -61,6 +63,16 @@ def tls_files(profile: Profile) -> list[Path]:
     return files
 
 
+def checkpassword(profile: Profile) -> Verifier | None:
+    """The profile's checkpassword verifier; as its `user` when tlsfront runs as root."""
+    argv = profile.auth_checkpassword
+    if not argv:
+        return None
+    if profile.user is not None and os.geteuid() == 0:
+        return CheckpasswordVerifier.as_user(argv, profile.user)
+    return CheckpasswordVerifier(argv)
+
+
 @dataclass
 class ProfileRuntime:
     profile: Profile
@@ -70,6 +82,9 @@ class ProfileRuntime:
     # The backend's greeting and EHLO, for the backend on demand; None where
     # nothing can be learned ahead (a process per connection): backend at connect.
     face: LearnedFace | None
+    # tlsfront's own AUTH with a checkpassword program (a Dovecot socket is
+    # the server's: it needs a connection that outlives sessions)
+    auth: Verifier | None
     # the base of every backend environment: env_inherit's variables (run),
     # or all that tlsfront inherited but what it owns (inetd)
     inherited: Mapping[str, str] = field(default_factory=dict)
@@ -90,7 +105,10 @@ class ProfileRuntime:
             )
         rules = watch_file(f"profile {profile.name}: rules", profile.rules, Rules.load)
         face = LearnedFace(profile)
-        runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules, face, dict(inherited))
+        auth = checkpassword(profile)
+        runtime = cls(
+            profile, tls, RelayPolicy.from_profile(profile), rules, face, auth, dict(inherited)
+        )
         if eager:
             runtime.load_all()
         return runtime

@@ -25,9 +25,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import trio
 
+from tlsfront.auth.dovecot import DovecotVerifier
+from tlsfront.auth.throttle import FailureLimiter
+from tlsfront.auth.verifier import Verifier
 from tlsfront.config.schema import Config, Profile
 from tlsfront.inbound.probe import probe
 from tlsfront.inbound.profileruntime import ProfileRuntime
@@ -66,6 +70,7 @@ class Limits:
     active: int = 0
     per_ip: Counter[str] = field(default_factory=Counter)
     tls_rate: TLSRateLimiter = field(default_factory=TLSRateLimiter)  # tls_rate_limit
+    auth_failures: FailureLimiter = field(default_factory=FailureLimiter)  # per address
 
     def admit(self, profile: Profile, ip: str) -> str | None:
         if profile.max_connections and self.active >= profile.max_connections:
@@ -83,11 +88,40 @@ class Limits:
             del self.per_ip[ip]
 
 
+class Verifiers:
+    """The AUTH verifiers of a server: checkpassword per runtime, Dovecot shared.
+
+    A Dovecot socket is one connection shared by the sessions of a process,
+    kept in the server's own nursery (`nursery`, set while it runs).
+    """
+
+    def __init__(self) -> None:
+        self.nursery: trio.Nursery | None = None
+        self._dovecot: dict[Path, DovecotVerifier] = {}
+
+    def for_runtime(self, runtime: ProfileRuntime) -> Verifier | None:
+        if runtime.auth is not None:
+            return runtime.auth
+        path = runtime.profile.auth_dovecot
+        if path is None or self.nursery is None:
+            return None
+        verifier = self._dovecot.get(path)
+        if verifier is None:
+            verifier = self._dovecot[path] = DovecotVerifier(self.nursery, str(path))
+        return verifier
+
+
 class ProfileServer:
-    def __init__(self, runtime: ProfileRuntime, shutdown: ShutdownNotice | None = None) -> None:
+    def __init__(
+        self,
+        runtime: ProfileRuntime,
+        shutdown: ShutdownNotice | None = None,
+        verifiers: Verifiers | None = None,
+    ) -> None:
         self.runtime = runtime
         self.limits = Limits()
         self.shutdown = shutdown  # set when the server stops (see the module doc)
+        self.verifiers = verifiers or Verifiers()
 
     @property
     def name(self) -> str:
@@ -170,6 +204,8 @@ class ProfileServer:
             tls_rate=self.limits.tls_rate,
             shutdown=self.shutdown,
             remote_host=host,
+            verifier=self.verifiers.for_runtime(runtime),
+            auth_failures=self.limits.auth_failures,
         ).run()
 
 
@@ -253,8 +289,9 @@ class Server:
         self.config = config
         # Set at the end of the grace: sessions close at their next idle point.
         self.shutdown = ShutdownNotice()
+        self.verifiers = Verifiers()  # AUTH verifiers shared by the sessions
         self.profiles = {
-            name: ProfileServer(runtime, self.shutdown)
+            name: ProfileServer(runtime, self.shutdown, self.verifiers)
             for name, runtime in build_runtimes(config).items()
         }
         self.addresses: dict[str, list[Address]] = {}
@@ -350,7 +387,8 @@ class Server:
                     await trio.aclose_forcefully(listener)
             raise
         await probe_backends(server.runtime for server in self.profiles.values())
-        async with trio.open_nursery() as sessions:
+        async with trio.open_nursery() as services, trio.open_nursery() as sessions:
+            self.verifiers.nursery = services  # a Dovecot connection, while sessions run
             async with trio.open_nursery() as accepting:
                 for name, server in self.profiles.items():
                     if not opened[name]:
@@ -366,6 +404,7 @@ class Server:
                 await self._stop.wait()
                 accepting.cancel_scope.cancel()  # closes the listeners
             await self._drain(sessions)
+            services.cancel_scope.cancel()
 
     async def _drain(self, sessions: trio.Nursery) -> None:
         grace = self.config.settings.shutdown_grace

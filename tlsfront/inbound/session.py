@@ -53,10 +53,17 @@ import logging
 import math
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 
 import trio
 
+from tlsfront.auth import replies as auth_replies
+from tlsfront.auth.gate import AuthGate
+from tlsfront.auth.sasl import Credentials
+from tlsfront.auth.throttle import FailureLimiter, SessionThrottle, clean_user
+from tlsfront.auth.verifier import Verifier
 from tlsfront.inbound.backend import (
+    DEFAULT_PATH,
     Backend,
     BackendError,
     BackendStarter,
@@ -174,6 +181,8 @@ class Session:
         tls_rate: TLSRateLimiter | None = None,
         shutdown: ShutdownNotice | None = None,
         remote_host: PendingHost | None = None,
+        verifier: Verifier | None = None,
+        auth_failures: FailureLimiter | None = None,
     ) -> None:
         self.runtime = runtime
         self.profile = runtime.profile
@@ -193,6 +202,10 @@ class Session:
         self._tls_rate = tls_rate
         self.shutdown = shutdown  # set: close at the next idle point (421 4.3.2)
         self.remote_host = remote_host  # the client's name, looked up beside the session
+        self.verifier = verifier  # tlsfront's own AUTH, when the profile has one
+        self._auth_failures = auth_failures or FailureLimiter()
+        self._gate: AuthGate | None = None
+        self.auth_user: str | None = None  # who logged in (the backend's environment)
 
     # ------------------------------------------------------------- the whole
 
@@ -300,6 +313,9 @@ class Session:
             face=face,
             greet=not after_tls and carry is None,
             carry=carry,
+            auth=self.verifier is not None,
+            require_auth=p.require_auth,
+            authorized=bool(self._decision and self._decision.relay),
         )
 
     def _received(self, helo: str | None, esmtp: bool) -> bytes:
@@ -313,8 +329,58 @@ class Session:
             tls_alg_bits=info.alg_bits if info else 0,
             client_cert=decision.trace if decision else None,
             relay_cert=decision.address if decision and decision.relay else None,
+            authenticated=self.auth_user is not None,
+            auth_user=self.auth_user if self.profile.received_auth_user else None,
         )
         return build_received(trace, helo, esmtp, datetime.now().astimezone())
+
+    # ----------------------------------------------------------------- AUTH
+
+    def auth_gate(self) -> AuthGate:
+        if self._gate is None:
+            assert self.verifier is not None
+            p = self.profile
+            throttle = SessionThrottle(
+                self._auth_failures, self.client.ip, max_failures=p.auth_max_failures
+            )
+            env = {
+                "PATH": DEFAULT_PATH,
+                "PROTO": "TCP",
+                "TCPREMOTEIP": self.client.ip,
+                "TCPREMOTEPORT": str(self.client.port),
+                "TCPLOCALIP": self.local.ip,
+                "TCPLOCALPORT": str(self.local.port),
+                "TCPLOCALHOST": p.hostname,
+            }
+            self._gate = AuthGate(
+                self.verifier,
+                throttle,
+                env,
+                on_result=partial(counters.auth_result, p.name),
+            )
+        return self._gate
+
+    async def conclude_auth(self, d: Dialogue) -> None:
+        """Check the credentials of the dialogue's AUTH; answer it."""
+        step = d.auth_due
+        assert step is not None
+        gate = self.auth_gate()
+        if not gate.may_try():
+            if isinstance(step, Credentials):
+                step.wipe()
+            d.auth_concluded(auth_replies.TOO_MANY_FAILURES, None, True)
+            return
+        decision = await gate.conclude(step)
+        if decision.user is not None:
+            self.auth_user = decision.user
+            self.record.events.append(f"logged in as {clean_user(decision.user)}")
+            log.info(
+                "profile %s: [%s] logged in as %s",
+                self.profile.name,
+                self.client.ip,
+                clean_user(decision.user),
+            )
+        d.auth_concluded(decision.reply, decision.user, decision.close)
 
     # ------------------------------------------------------------------ TLS
 
@@ -417,6 +483,10 @@ class Session:
         if decision is not None:
             tls_env.update(decision.env)
         rules_env = self.rules_env
+        if self.auth_user is not None:
+            # as the qmail AUTH patches: RELAYCLIENT, and the user for the Received line
+            relay = True
+            tls_env["TCPREMOTEINFO"] = tls_env["SMTPAUTHUSER"] = self.auth_user
         if self.remote_host is not None:  # bounded by remote_host_timeout
             name = (await self.remote_host.get()).remote_host(p.remote_host_paranoid)
             if name is not None:  # after the rule's variables: they cannot misstate it
@@ -553,6 +623,10 @@ class _Phase:
             d.receive_client(data)
             self.update()
             await self.flush()
+            if d.auth_due is not None:
+                await self.s.conclude_auth(d)
+                self.update()
+                await self.flush()
             if d.backend_wanted:
                 await self.start_backend()
             if not data:

@@ -77,6 +77,10 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+# Modules, not names: tlsfront.auth's own modules import this package's
+# reply type, so either side may be imported first.
+from tlsfront.auth import replies as auth_replies
+from tlsfront.auth import sasl
 from tlsfront.smtp import replies
 from tlsfront.smtp.body import BodyScanner
 from tlsfront.smtp.command import Command, parse_command, take_line
@@ -104,6 +108,9 @@ class _Kind(enum.Enum):
     DOT = enum.auto()
     QUIT = enum.auto()
     STARTTLS = enum.auto()
+    MAIL = enum.auto()
+    RSET = enum.auto()
+    AUTH = enum.auto()
     OTHER = enum.auto()
 
 
@@ -124,6 +131,7 @@ class Carry:
 
     hello: Command | None  # the client's last accepted HELO/EHLO, for the new backend
     client_bytes: bytes  # read from the client and not yet taken
+    auth_user: str | None = None  # who logged in (tlsfront's own AUTH)
 
 
 # Keywords tlsfront never passes on from the backend's EHLO reply: STARTTLS
@@ -138,6 +146,14 @@ REFUSED_VERBS = frozenset({"BDAT", "XCLIENT", "XFORWARD"})
 DATA_WAIT_BUFFER = 65536
 # What a client may do before TLS on a port that requires it (RFC 3207 §4).
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
+_FORWARDED_KINDS = {
+    "EHLO": _Kind.EHLO,
+    "HELO": _Kind.HELO,
+    "DATA": _Kind.DATA,
+    "QUIT": _Kind.QUIT,
+    "MAIL": _Kind.MAIL,
+    "RSET": _Kind.RSET,
+}
 # What tlsfront answers itself while no backend runs (STARTTLS is always its own).
 OWNED_VERBS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT"})
 
@@ -173,11 +189,17 @@ class Dialogue:
         face: BackendFace | None = None,
         greet: bool = True,
         carry: Carry | None = None,
+        auth: bool = False,
+        require_auth: bool = False,
+        authorized: bool = False,
     ) -> None:
         """`face`: the backend on demand, answering as it would; else one runs now.
 
         `greet` (on demand only): send the greeting; not after STARTTLS.
         `carry`: a session that goes on after a dropped message (see the module doc).
+        `auth`: tlsfront answers AUTH itself (a verifier is configured);
+        `require_auth`: MAIL needs a login first, unless `authorized` (a
+        client certificate that grants relaying).
         """
         self.hostname = hostname
         self.tls_offered = tls_offered
@@ -211,6 +233,14 @@ class Dialogue:
         self._refusal: Reply | None = None
         self.backend_ehlo: Reply | None = None  # its reply to the client's EHLO, on demand
         hello = carry.hello if carry is not None else None
+        self._auth = auth
+        self._require_auth = require_auth
+        self._authorized = authorized
+        self.auth_user = carry.auth_user if carry is not None else None
+        self._sasl: sasl.ServerAuth | None = None  # an AUTH exchange in progress
+        self._auth_entry: _Pending | None = None
+        self.auth_due: sasl.Credentials | sasl.Refused | None = None  # the shell must conclude it
+        self._in_transaction = False
         if face is None:
             self.backend = BackendState.READY
             self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting or carry is not None))
@@ -233,7 +263,7 @@ class Dialogue:
 
     def carry(self) -> Carry:
         """What the next dialogue takes over, in `RESET`."""
-        return Carry(self._hello, bytes(self._client_buffer))
+        return Carry(self._hello, bytes(self._client_buffer), self.auth_user)
 
     # ------------------------------------------------------------------ output
 
@@ -273,6 +303,8 @@ class Dialogue:
             return False  # nothing is read behind the held command
         if self.phase is Phase.BODY:
             return True
+        if self.phase is Phase.AUTH:
+            return self.auth_due is None
         return self.phase is Phase.COMMAND and len(self._pending) < self._max_pipeline
 
     @property
@@ -477,7 +509,71 @@ class Dialogue:
             entry.kind = _Kind.QUIT
             self._answer(entry, replies.closing(self.hostname))
         else:  # NOOP, RSET: no transaction exists without a backend
+            entry.kind = _Kind.RSET if verb == "RSET" else _Kind.OTHER
             self._answer(entry, replies.ok())
+
+    # -------------------------------------------------------- tlsfront's AUTH
+
+    def _start_auth(self, entry: _Pending, command: Command) -> None:
+        entry.kind = _Kind.AUTH
+        if not self.tls_active:
+            self._answer(entry, auth_replies.STARTTLS_FIRST)
+        elif self.auth_user is not None:
+            self._answer(entry, auth_replies.ALREADY)
+        elif self._in_transaction:
+            self._answer(entry, auth_replies.IN_TRANSACTION)
+        else:
+            self._sasl = sasl.ServerAuth(command.args.decode("utf-8", "replace"))
+            self._move(Event.AUTH_READ)
+            self._auth_step(entry, self._sasl.start())
+
+    def _auth_step(self, entry: _Pending, step: sasl.Step) -> None:
+        if isinstance(step, sasl.Challenge):
+            self._answer(entry, step.reply)  # a 334; the next line is the response
+            self._auth_entry = _Pending(_Kind.AUTH)
+            return
+        self._pending.append(entry)  # answered by `auth_concluded`
+        self._auth_entry = entry
+        self.auth_due = step
+
+    def _auth_line(self) -> bool:
+        """One response line of the exchange; False until a whole line is there."""
+        end = self._client_buffer.find(b"\n", 0, sasl.MAX_LINE)
+        if end < 0:
+            if len(self._client_buffer) >= sasl.MAX_LINE:
+                self._client_buffer.clear()
+                self._conclude(auth_replies.LINE_TOO_LONG)
+            return False
+        line = bytes(self._client_buffer[: end + 1])
+        del self._client_buffer[: end + 1]
+        entry, exchange = self._auth_entry, self._sasl
+        assert entry is not None
+        assert exchange is not None
+        self._auth_step(entry, exchange.receive(line.rstrip(b"\r\n")))
+        self._deliver()
+        return True
+
+    def auth_concluded(self, reply: Reply, user: str | None, close: bool) -> None:
+        """The shell's verdict on `auth_due` (`AuthGate.conclude`)."""
+        self.auth_due = None
+        if user is not None:
+            self.auth_user = user
+        self._conclude(reply, close)
+
+    def _conclude(self, reply: Reply, close: bool = False) -> None:
+        entry = self._auth_entry
+        assert entry is not None
+        if entry not in self._pending:
+            self._pending.append(entry)
+        entry.reply = reply
+        self._auth_entry = self._sasl = None
+        self._move(Event.AUTH_DONE)
+        if close and reply.code == 421:  # the limits, before any check
+            entry.close_after = True
+        elif close:  # a failure too many: its 535, then 421 and close
+            self._answer(_Pending(_Kind.OTHER), auth_replies.TOO_MANY_FAILURES, close=True)
+        self._deliver()
+        self._process_client()
 
     # ---------------------------------------------------------------- STARTTLS
 
@@ -565,9 +661,11 @@ class Dialogue:
 
     def _rewrite_ehlo(self, reply: Reply) -> Reply:
         drop = set(DROPPED_KEYWORDS)
-        if self.require_tls and not self.tls_active:
-            drop.add("AUTH")  # no passwords in clear where TLS is required
+        if self._auth or (self.require_tls and not self.tls_active):
+            drop.add("AUTH")  # tlsfront's own; no passwords in clear where TLS is required
         add = []
+        if self._auth and self.tls_active:
+            add.append("AUTH " + " ".join(sasl.MECHANISMS))
         if self._max_message_size:
             add.append(f"SIZE {self._max_message_size}")
         if self.tls_offered and not self.tls_active:
@@ -600,6 +698,15 @@ class Dialogue:
             self._close(Outcome.BACKEND_CLOSED, f"backend closed the session: 421 {first}")
             return
         kind = entry.kind
+        if kind is _Kind.MAIL:
+            self._in_transaction = 200 <= reply.code < 300
+        elif kind in (_Kind.RSET, _Kind.HELO, _Kind.EHLO, _Kind.DOT):
+            self._in_transaction = False
+        if kind is _Kind.AUTH and reply.code == 235 and self.backend is not BackendState.ABSENT:
+            # A backend from before the login runs: a fresh one, with its environment
+            self._move(Event.AUTHENTICATED)
+            self.backend_should_close = True
+            return
         if kind in (_Kind.HELO, _Kind.EHLO) and reply.code == 250:
             assert entry.command is not None
             self._hello = entry.command
@@ -633,7 +740,11 @@ class Dialogue:
             self._close(Outcome.PROTOCOL_ERROR, "pipelining after a refused DATA")
 
     def _process_client(self) -> None:
-        while self._client_buffer and self.phase in (Phase.COMMAND, Phase.BODY):
+        while self._client_buffer and self.phase in (Phase.COMMAND, Phase.BODY, Phase.AUTH):
+            if self.phase is Phase.AUTH:
+                if self.auth_due is not None or not self._auth_line():
+                    return
+                continue
             if self.backend in (BackendState.WANTED, BackendState.CHECKING):
                 return  # resumed once the held command is with the backend
             if self._dropped is not None and self.phase is Phase.COMMAND:
@@ -680,6 +791,10 @@ class Dialogue:
             self._answer(entry, replies.starttls_first())
         elif verb == "STARTTLS":
             self._starttls(entry, command)
+        elif verb == "AUTH" and self._auth:
+            self._start_auth(entry, command)
+        elif verb == "MAIL" and self._require_auth and not (self.auth_user or self._authorized):
+            self._answer(entry, auth_replies.REQUIRED)
         elif verb in REFUSED_VERBS:
             self._answer(entry, replies.not_implemented())
         elif verb == "MAIL" and self._too_big(command):
@@ -690,12 +805,7 @@ class Dialogue:
             assert self._refusal is not None
             self._answer(entry, self._refusal)
         else:
-            entry.kind = {
-                "EHLO": _Kind.EHLO,
-                "HELO": _Kind.HELO,
-                "DATA": _Kind.DATA,
-                "QUIT": _Kind.QUIT,
-            }.get(verb, _Kind.OTHER)
+            entry.kind = _FORWARDED_KINDS.get(verb, _Kind.OTHER)
             if self.backend is BackendState.ABSENT:
                 self._pending.append(entry)  # answered once the backend runs
                 self._held = entry

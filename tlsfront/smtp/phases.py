@@ -12,6 +12,8 @@ cause.
     STARTTLS_READY --TLS_ACCEPTED--> HANDSHAKE
     STARTTLS_READY --TLS_REFUSED--> COMMAND
     COMMAND --MESSAGE_DROPPED--> RESET
+    COMMAND --AUTH_READ--> AUTH --AUTH_DONE--> COMMAND
+    COMMAND --AUTHENTICATED--> RESET (235 sent, a backend from before it runs)
     any phase --CLOSE--> CLOSING
 
 Where the backend starts on demand, the dialogue's backend has a state of
@@ -39,7 +41,8 @@ class Phase(enum.Enum):
     STARTTLS_READY = "starttls-ready"  # the shell must accept or refuse STARTTLS now
     HANDSHAKE = "handshake"  # 220 queued: the shell does the TLS handshake
     CLOSING = "closing"  # send what the client outbox holds, then close both sides
-    RESET = "reset"  # a message was refused mid-body: the shell starts a fresh backend
+    RESET = "reset"  # a message dropped, or a login: the shell starts a fresh backend
+    AUTH = "auth"  # tlsfront's own AUTH exchange: client lines are SASL responses
 
 
 class Event(enum.Enum):
@@ -54,6 +57,9 @@ class Event(enum.Enum):
     TLS_ACCEPTED = "220 to STARTTLS"
     TLS_REFUSED = "454 to STARTTLS"
     MESSAGE_DROPPED = "552 sent for a message refused mid-body"
+    AUTH_READ = "AUTH read, on a profile with a verifier"
+    AUTH_DONE = "the AUTH exchange answered"
+    AUTHENTICATED = "235 sent while a backend from before the login runs"
     CLOSE = "the session ends"
 
 
@@ -63,6 +69,12 @@ TRANSITIONS: dict[Phase, dict[Event, Phase]] = {
         Event.DATA_SENT: Phase.DATA_WAIT,
         Event.STARTTLS_READ: Phase.STARTTLS_WAIT,
         Event.MESSAGE_DROPPED: Phase.RESET,
+        Event.AUTH_READ: Phase.AUTH,
+        Event.AUTHENTICATED: Phase.RESET,
+        Event.CLOSE: Phase.CLOSING,
+    },
+    Phase.AUTH: {
+        Event.AUTH_DONE: Phase.COMMAND,
         Event.CLOSE: Phase.CLOSING,
     },
     Phase.DATA_WAIT: {
