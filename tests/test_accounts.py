@@ -27,8 +27,15 @@ from typing import Any
 
 import pytest
 import trio
-from support.accounts import NOBODY, StreamLog, kill_group, nobody_python, shared_directory
-from support.front import CAPTURE, toml_str
+from support.accounts import (
+    NOBODY,
+    StreamLog,
+    kill_group,
+    nobody_capture,
+    nobody_python,
+    shared_directory,
+)
+from support.front import toml_str
 
 from tlsfront.config.files import parse_config
 from tlsfront.inbound.server import Server
@@ -43,7 +50,7 @@ def shared() -> Iterator[Path]:
 
 
 def capture_argv(python: list[str], capture: Path) -> str:
-    argv = [*python, str(CAPTURE), "--dir", str(capture), "--rcpthost", "example.org"]
+    argv = [*python, str(nobody_capture()), "--dir", str(capture), "--rcpthost", "example.org"]
     return "[" + ", ".join(toml_str(a) for a in argv) + "]"
 
 

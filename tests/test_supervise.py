@@ -35,10 +35,11 @@ from support.accounts import (
     TREE,
     StreamLog,
     kill_group,
+    nobody_capture,
     nobody_python,
     shared_directory,
 )
-from support.front import CAPTURE, need_tool, toml_str
+from support.front import need_tool, toml_str
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as CI runs the tests")
 
@@ -61,7 +62,7 @@ def service(shared: Path, tls_dir: Path) -> tuple[Path, Path]:
     command.write_text(f'#!/bin/sh\nexec env {env}{" ".join(python)} -m tlsfront "$@"\n')
     command.chmod(0o755)
     capture = shared / "capture"
-    backend = [*python, str(CAPTURE), "--dir", str(capture), "--rcpthost", "example.org"]
+    backend = [*python, str(nobody_capture()), "--dir", str(capture), "--rcpthost", "example.org"]
     config = shared / "tlsfront.toml"
     config.write_text(
         f"""

@@ -8,7 +8,9 @@ its dependencies on PYTHONPATH.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import pwd
 import re
@@ -20,6 +22,7 @@ import sysconfig
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 
 import trio
@@ -30,26 +33,105 @@ TREE = Path(tlsfront.__file__).resolve().parent.parent
 NOBODY = pwd.getpwnam("nobody")
 
 
-def nobody_python() -> tuple[list[str], dict[str, str]]:
-    """A Python argv prefix nobody can run, and the PYTHONPATH it needs."""
+def _can_import(python: list[str], env: dict[str, str]) -> bool:
+    """Whether nobody can start `python` and import tlsfront with `env`."""
     try:
         probe = subprocess.run(
-            [sys.executable, "-c", "import trio, tlsfront"],
+            [*python, "-c", "import trio, tlsfront, OpenSSL, dns, prometheus_client"],
             user=NOBODY.pw_uid,
             group=NOBODY.pw_gid,
             extra_groups=[],
             cwd="/",
+            env={"PATH": "/usr/bin:/bin", **env},
             capture_output=True,
             check=False,
         )
     except PermissionError:  # it cannot even start it
-        pass
-    else:
-        if probe.returncode == 0:
-            return [sys.executable], {}
+        return False
+    return probe.returncode == 0
+
+
+def _runtime_distributions() -> set[str]:
+    """tlsfront's run-time dependencies, with theirs, by distribution name."""
+    seen: set[str] = set()
+    todo = ["tlsfront"]
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            for requirement in metadata.requires(name) or []:
+                if "extra ==" in requirement:
+                    continue
+                match = re.match(r"[A-Za-z0-9_.-]+", requirement)
+                if match:
+                    todo.append(match.group(0))
+    return seen
+
+
+def _mirror(root: Path) -> None:
+    """Copy this tree's tlsfront and test backends, and the installed run-time
+    dependencies, to `root`: for a clone in a directory nobody may enter."""
+    shutil.copytree(
+        TREE / "tlsfront", root / "tlsfront", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copytree(
+        TREE / "tests" / "support" / "backends",
+        root / "tests" / "support" / "backends",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    wanted = _runtime_distributions() - {"tlsfront"}
+    for dist in metadata.distributions():
+        if re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower() not in wanted:
+            continue
+        for file in dist.files or []:
+            source = Path(str(dist.locate_file(file)))
+            if "__pycache__" in file.parts or not source.is_file():
+                continue
+            target = root / "site" / file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@functools.cache
+def nobody_runtime() -> tuple[list[str], dict[str, str], Path]:
+    """A Python argv prefix nobody can run, the PYTHONPATH it needs, and the
+    capture backend script it can read.
+
+    `sys.executable` and this tree when nobody can reach them; else the
+    system's python3 with this tree and its dependencies on PYTHONPATH; else
+    (a clone under a directory only root may enter) a copy of what is needed
+    in a directory under /tmp, removed when the tests end.
+    """
+    capture = TREE / "tests" / "support" / "backends" / "capture.py"
+    if _can_import([sys.executable], {}):
+        return [sys.executable], {}, capture
     system = shutil.which("python3", path="/usr/bin:/bin")
     assert system is not None
-    return [system], {"PYTHONPATH": f"{TREE}:{sysconfig.get_paths()['purelib']}"}
+    env = {"PYTHONPATH": f"{TREE}:{sysconfig.get_paths()['purelib']}"}
+    if _can_import([system], env):
+        return [system], env, capture
+    root = Path(tempfile.mkdtemp(prefix="tlsfront-nobody-tree-"))
+    atexit.register(shutil.rmtree, root, True)
+    _mirror(root)
+    env = {"PYTHONPATH": f"{root}:{root / 'site'}"}
+    assert _can_import([system], env), "nobody cannot import the copied tree"
+    return [system], env, root / "tests" / "support" / "backends" / "capture.py"
+
+
+def nobody_python() -> tuple[list[str], dict[str, str]]:
+    """A Python argv prefix nobody can run, and the PYTHONPATH it needs."""
+    python, env, _ = nobody_runtime()
+    return python, env
+
+
+def nobody_capture() -> Path:
+    """The capture backend's script, at a path nobody can read."""
+    return nobody_runtime()[2]
 
 
 @contextmanager
