@@ -24,6 +24,8 @@ import pytest
 import trio
 from support.front import Front, need_tool, toml_str
 from support.hostile import SessionLog, session_log
+from test_auth_dovecot import Dovecot
+from test_auth_dovecot import dovecot as dovecot  # the fixture, a real Dovecot
 
 CHECKPASSWORD = Path(__file__).parent / "support" / "checkpassword.py"
 VERIFIER = f'[{toml_str(sys.executable)}, {toml_str(CHECKPASSWORD)}, "/bin/true"]'
@@ -249,3 +251,30 @@ async def test_swaks(
     (session,) = front.sessions()  # the good one's; the bad one sent no MAIL
     assert session["env"]["SMTPAUTHUSER"] == "alice"
     assert len(session["messages"]) == 1
+
+
+async def test_dovecot_verifies_for_a_profile(
+    start_front: Any, client_context: ssl.SSLContext, log: SessionLog, dovecot: Dovecot
+) -> None:
+    """A real Dovecot (its passwd-file has alice / wonderland), one connection
+    for the sessions of the server."""
+    front: Front = await start_front(
+        PROFILES.replace(
+            f"auth_checkpassword = {VERIFIER}", f"auth_dovecot = {toml_str(dovecot.socket)}"
+        )
+    )
+    port = front.port("submission")
+    good = await in_thread(
+        lambda: submit(port, client_context, "wonderland", implicit=False, mechanism="LOGIN")
+    )
+    bad = await in_thread(
+        lambda: submit(port, client_context, BAD, implicit=False, mechanism="PLAIN")
+    )
+    with trio.fail_after(30):
+        await log.wait_ends(2)
+    assert good["login"] == (235, b"2.7.0 Authentication successful")
+    assert good["dot"][0] == 250
+    assert bad["login"] == (535, b"5.7.8 Authentication credentials invalid")
+    assert bad["rcpt"][0] == 553
+    relayed = [s for s in front.sessions() if "SMTPAUTHUSER" in s["env"]]
+    assert [s["env"]["SMTPAUTHUSER"] for s in relayed] == ["alice"]

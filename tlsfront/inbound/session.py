@@ -352,6 +352,8 @@ class Session:
                 "TCPLOCALPORT": str(self.local.port),
                 "TCPLOCALHOST": p.hostname,
             }
+            if self._tls_info is not None:  # always, since AUTH is only inside TLS
+                env.update(tls_environment(self._tls_info))
             self._gate = AuthGate(
                 self.verifier,
                 throttle,
