@@ -27,6 +27,8 @@ from support.hostile import SessionLog, session_log
 from test_auth_dovecot import Dovecot
 from test_auth_dovecot import dovecot as dovecot  # the fixture, a real Dovecot
 
+from tlsfront.ops.counters import REGISTRY
+
 CHECKPASSWORD = Path(__file__).parent / "support" / "checkpassword.py"
 VERIFIER = f'[{toml_str(sys.executable)}, {toml_str(CHECKPASSWORD)}, "/bin/true"]'
 PROFILES = f"""
@@ -138,9 +140,19 @@ async def test_bad_password_is_refused_and_nothing_relays(
     caplog.set_level(logging.DEBUG, logger="tlsfront")
     front: Front = await start_front(PROFILES)
     port = front.port("submission")
+    labels = {"profile": "submission", "mechanism": "PLAIN", "verifier": "checkpassword"}
+
+    def counted(result: str) -> float:
+        found = REGISTRY.get_sample_value(
+            "tlsfront_auth_results_total", {**labels, "result": result}
+        )
+        return found or 0.0
+
+    before = counted("bad"), counted("good")
     seen = await in_thread(
         lambda: submit(port, client_context, BAD, implicit=False, mechanism="PLAIN")
     )
+    assert (counted("bad"), counted("good")) == (before[0] + 1, before[1])
     with trio.fail_after(30):
         await log.wait_ends(1)
     assert seen["login"] == (535, b"5.7.8 Authentication credentials invalid")
