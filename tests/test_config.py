@@ -202,6 +202,8 @@ WRONG: dict[str, tuple[str, str]] = {
     "metrics_listen": ('"localhost"', "missing ':port'"),
     "workers": ("-1", "must not be negative"),
     "shutdown_grace": ("-1", "must not be negative"),
+    "handoff_socket": ("5", "must be a path"),
+    "handoff_user": ('""', "must not be empty"),
     # profile
     "mode": ('"both"', "must be one of 'inbound', 'outbound', not 'both'"),
     "listen": ("25", "must be a string or a list"),

@@ -50,7 +50,7 @@ class Front:
         """What each client's backend session recorded, in start order.
 
         The probe that learns the backend's face is left out: an exec'd one
-        by its client port 0, one reached over TCP (whose tcpserver sets the
+        by its client, 127.0.0.1 port 0, one reached over TCP (whose tcpserver sets the
         real port) by what it says, the tests' host name. `started()` counts
         every backend start.
         """
@@ -78,7 +78,9 @@ PROBE_INPUT = b"EHLO front.example.org\r\nQUIT\r\n"  # the tests' hostname
 
 
 def is_probe(record: dict[str, Any]) -> bool:
-    return bool(record["env"].get("TCPREMOTEPORT") == "0" or record["stdin"] == PROBE_INPUT)
+    env = record["env"]
+    local_client = (env.get("TCPREMOTEIP"), env.get("TCPREMOTEPORT")) == ("127.0.0.1", "0")
+    return bool(local_client or record["stdin"] == PROBE_INPUT)
 
 
 def capture_backend(capture: Path, *extra: str) -> str:

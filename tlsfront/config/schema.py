@@ -71,6 +71,8 @@ class Settings:
     metrics_listen: str | None = None  # "host:port" of the metrics endpoint
     workers: int = 0  # processes sharing the listening sockets; 0 = one per core
     shutdown_grace: float = 30.0  # seconds sessions get to finish on shutdown
+    handoff_socket: Path | None = None  # UNIX socket inetd starters hand connections to
+    handoff_user: str | None = None  # the one account that may hand over; default: the serving one
 
 
 @dataclass(frozen=True)

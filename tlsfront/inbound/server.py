@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -49,6 +50,10 @@ from tlsfront.smtp import replies
 log = logging.getLogger("tlsfront")
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
+# Another source of sessions for `Server.run` (the handoff socket): started
+# with the nursery its sessions run in, it calls task_status.started() once
+# it accepts, and accepts until cancelled.
+Acceptor = Callable[..., Awaitable[None]]
 
 
 class StartupError(Exception):
@@ -139,10 +144,17 @@ class ProfileServer:
         await self.serve_stream(stream, client, local)
 
     async def serve_stream(
-        self, stream: trio.abc.Stream, client: Address, local: Address, host: str | None = None
+        self,
+        stream: trio.abc.Stream,
+        client: Address,
+        local: Address,
+        host: str | None = None,
+        runtime: ProfileRuntime | None = None,
     ) -> None:
-        """One client. `host`: its name when already known (tcpserver's TCPREMOTEHOST)."""
-        runtime = self.runtime  # this session keeps it, whatever reloads come
+        """One client. `host`: its name when already known (tcpserver's TCPREMOTEHOST).
+        `runtime`: the session's own (a handed-over connection's environment),
+        else the profile's current one."""
+        runtime = runtime or self.runtime  # this session keeps it, whatever reloads come
         profile = runtime.profile
         refusal = self.limits.admit(profile, client.ip)
         if refusal is not None:
@@ -235,8 +247,9 @@ def inetd_only(config: Config) -> list[str]:
 
 
 def check_something_listens(config: Config) -> None:
-    """`tlsfront run` needs one profile it can listen for; raise StartupError if none."""
-    if len(inetd_only(config)) == len(config.profiles):
+    """`tlsfront run` needs one profile it can listen for, or the handoff
+    socket (inetd starters hand it the connections); raise StartupError if none."""
+    if config.settings.handoff_socket is None and len(inetd_only(config)) == len(config.profiles):
         raise StartupError(
             "no profile has listen or systemd: nothing for tlsfront run to serve"
             " (such profiles are for tlsfront inetd -p NAME)"
@@ -339,18 +352,25 @@ class Server:
         self.stopping = True
         self._stop.set()
 
-    async def _handle(self, server: ProfileServer, stream: trio.SocketStream) -> None:
+    @contextmanager
+    def connection(self) -> Iterator[None]:
+        """Count a connection in progress for as long as the block runs."""
         self.active += 1
         try:
-            await server.handle(stream)
-        except Exception:
-            # One session's bug must not take every other session down.
-            log.exception("profile %s: internal error in a session", server.name)
-            counters.connection_refused(server.name, SessionLabel.ERROR)
+            yield
         finally:
             self.active -= 1
             self._ended.set()
             self._ended = trio.Event()
+
+    async def _handle(self, server: ProfileServer, stream: trio.SocketStream) -> None:
+        with self.connection():
+            try:
+                await server.handle(stream)
+            except Exception:
+                # One session's bug must not take every other session down.
+                log.exception("profile %s: internal error in a session", server.name)
+                counters.connection_refused(server.name, SessionLabel.ERROR)
 
     async def wait_idle(self) -> None:
         """Until no connection is in progress."""
@@ -361,11 +381,14 @@ class Server:
         self,
         listeners: Mapping[str, Sequence[trio.SocketListener]] | None = None,
         *,
+        acceptors: Sequence[Acceptor] = (),
         task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until `stop()` has run its course, or until cancelled.
 
         `listeners` (e.g. from systemd) replace a profile's `listen`.
+        `acceptors`: more sources of sessions, e.g. the handoff socket's
+        (tlsfront.inbound.handoff), stopped with the listeners.
         """
         opened: dict[str, list[trio.SocketListener]] = {}
         try:
@@ -400,6 +423,8 @@ class Server:
                         handler_nursery=sessions,
                     )
                     await accepting.start(serve)
+                for acceptor in acceptors:
+                    await accepting.start(acceptor, sessions)
                 task_status.started(self)
                 await self._stop.wait()
                 accepting.cancel_scope.cancel()  # closes the listeners
