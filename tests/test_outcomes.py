@@ -90,7 +90,7 @@ def _pipelined_body(h: Harness) -> None:
 
 
 def _pipelined_body_trusted(h: Harness) -> None:
-    h.d.trusted = True  # relaying by certificate: pipelining is not policed
+    h.d.auth_user = "alice"  # logged in: pipelining is not policed
     _data(h)
     h.client(b"DATA\r\nSubject: too early\r\n")
     h.backend(b"554 no\r\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from test_ondemand_dialogue import FACE
 from test_smtp_dialogue import EHLO_REPLY, GREETING, RECEIVED, Harness
 
 from tlsfront.smtp import Outcome, Phase
@@ -264,7 +265,7 @@ def test_ehlo_after_helo_allows_pipelining_again() -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [{"pipelining_strict": False}, {"trusted": True}], ids=["relaxed", "trusted"]
+    "options", [{"pipelining_strict": False}, {"authorized": True}], ids=["relaxed", "certificate"]
 )
 def test_not_policed_the_body_waits_for_354(options: dict[str, Any]) -> None:
     """Relaxed profile or trusted client: the old defence, DATA mode only on 354."""
@@ -276,11 +277,39 @@ def test_not_policed_the_body_waits_for_354(options: dict[str, Any]) -> None:
         assert be.messages == [RECEIVED + FIRST]
 
 
-def test_a_certificate_granted_trust_can_be_given_later() -> None:
-    h = Harness(False)
+def test_a_login_ends_the_policing() -> None:
+    """After a successful AUTH the session is trusted: a body sent before the
+    354 waits for it, as on a relaxed profile."""
+    h, be, _ = run(b"", 0, quick=True)
     assert not h.d.trusted
-    h.d.trusted = True  # e.g. after AUTH succeeded
+    h.d.auth_user = "alice"  # what `auth_concluded` sets on success
     assert h.d.trusted
+    h.client(ENVELOPE + b"DATA\r\n" + FIRST)
+    be.answer()
+    assert h.take()[0] == b"250 ok\r\n250 ok\r\n354 go ahead\r\n250 ok queued\r\n"
+    assert be.messages == [RECEIVED + FIRST]
+
+
+@pytest.mark.parametrize("split", range(len(b"HELO c\r\nMAIL FROM:<a@b>\r\n") + 1))
+def test_on_demand_no_backend_for_a_client_out_of_sync(split: int) -> None:
+    """With the backend on demand, HELO is answered in the backend's words by
+    tlsfront; a client that pipelines behind it is refused before any
+    backend is started for it."""
+    h = Harness(False, face=FACE)
+    h.take()
+    data = b"HELO c\r\nMAIL FROM:<a@b>\r\n"
+    for part in (data[:split], data[split:]):
+        if part and h.d.client_wants_data:
+            h.d.receive_client(part)
+    client, backend = h.take()
+    if split == len(b"HELO c\r\n"):  # answered at once, so MAIL came after its reply
+        assert client == b"250 mx.example.org\r\n"
+        assert h.d.backend_wanted
+        return
+    assert client.endswith(DESYNC)
+    assert not h.d.backend_wanted
+    assert backend == b""
+    assert h.d.closing
 
 
 def test_discipline_words() -> None:

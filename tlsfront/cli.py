@@ -80,7 +80,7 @@ def _startup_errors(exc: BaseException) -> list[BaseException] | None:
     return None
 
 
-def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
+async def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     """SIGHUP: the configuration and every file it names, read again."""
     from tlsfront.inbound.server import StartupError
     from tlsfront.ops import counters
@@ -93,7 +93,7 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     try:
         config = load(config_arg)
         _check_privileges(config)
-        server.reload(config)
+        await server.reload(config)
     except (ConfigError, StartupError, PrivilegeError) as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
         counters.RELOADS.labels("failed").inc()
@@ -198,7 +198,7 @@ async def _serve(
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
-                    _reload(server, config_arg, notifier)
+                    await _reload(server, config_arg, notifier)
                 elif server.stopping:
                     log.warning("%s again: stopping now", name)
                     nursery.cancel_scope.cancel()

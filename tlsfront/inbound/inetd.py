@@ -1,6 +1,9 @@
 """`tlsfront inetd`: one connection on stdin/stdout.
 
-For inetd, systemd `Accept=yes` and tcpserver run scripts. When standard
+For inetd, systemd `Accept=yes` and tcpserver run scripts. The backend
+starts at connect here, whatever `backend_start` says: the backend's face
+that the on-demand start answers with is learned by a probe, and a process
+per connection has nowhere to keep it. When standard
 input is a socket its addresses are read from it; under tcpserver (or with
 pipes) the TCPREMOTEIP / TCPREMOTEPORT / TCPLOCALIP / TCPLOCALPORT variables
 tcpserver sets say who the client is, and TCPREMOTEHOST, when tcpserver
@@ -83,6 +86,9 @@ async def serve_inetd(
     """`tlsfront inetd`: the connection on stdin/stdout, in this process;
     `account`: become it once the keys are read."""
     runtime = ProfileRuntime.build(profile, eager=False, inherited=inherited_environment(environ))
+    # One process per connection: no probe could be kept for the next one,
+    # and one per connection would cost what the backend on demand saves.
+    runtime.face = None
     stream, client, local = _stdio_stream()
     if runtime.rules is not None:
         # A process per connection has no earlier rules to fall back on: a

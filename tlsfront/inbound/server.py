@@ -22,14 +22,19 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import trio
 
+from tlsfront.auth.dovecot import DovecotVerifier
+from tlsfront.auth.throttle import FailureLimiter
+from tlsfront.auth.verifier import Verifier
 from tlsfront.config.schema import Config, Profile
+from tlsfront.inbound.probe import probe
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionLabel
@@ -70,6 +75,7 @@ class Limits:
     active: int = 0
     per_ip: Counter[str] = field(default_factory=Counter)
     tls_rate: TLSRateLimiter = field(default_factory=TLSRateLimiter)  # tls_rate_limit
+    auth_failures: FailureLimiter = field(default_factory=FailureLimiter)  # per address
 
     def admit(self, profile: Profile, ip: str) -> str | None:
         if profile.max_connections and self.active >= profile.max_connections:
@@ -87,11 +93,40 @@ class Limits:
             del self.per_ip[ip]
 
 
+class Verifiers:
+    """The AUTH verifiers of a server: checkpassword per runtime, Dovecot shared.
+
+    A Dovecot socket is one connection shared by the sessions of a process,
+    kept in the server's own nursery (`nursery`, set while it runs).
+    """
+
+    def __init__(self) -> None:
+        self.nursery: trio.Nursery | None = None
+        self._dovecot: dict[Path, DovecotVerifier] = {}
+
+    def for_runtime(self, runtime: ProfileRuntime) -> Verifier | None:
+        if runtime.auth is not None:
+            return runtime.auth
+        path = runtime.profile.auth_dovecot
+        if path is None or self.nursery is None:
+            return None
+        verifier = self._dovecot.get(path)
+        if verifier is None:
+            verifier = self._dovecot[path] = DovecotVerifier(self.nursery, str(path))
+        return verifier
+
+
 class ProfileServer:
-    def __init__(self, runtime: ProfileRuntime, shutdown: ShutdownNotice | None = None) -> None:
+    def __init__(
+        self,
+        runtime: ProfileRuntime,
+        shutdown: ShutdownNotice | None = None,
+        verifiers: Verifiers | None = None,
+    ) -> None:
         self.runtime = runtime
         self.limits = Limits()
         self.shutdown = shutdown  # set when the server stops (see the module doc)
+        self.verifiers = verifiers or Verifiers()
 
     @property
     def name(self) -> str:
@@ -181,6 +216,8 @@ class ProfileServer:
             tls_rate=self.limits.tls_rate,
             shutdown=self.shutdown,
             remote_host=host,
+            verifier=self.verifiers.for_runtime(runtime),
+            auth_failures=self.limits.auth_failures,
         ).run()
 
 
@@ -243,6 +280,21 @@ def build_runtimes(config: Config) -> dict[str, ProfileRuntime]:
     return runtimes
 
 
+async def probe_backends(runtimes: Iterable[ProfileRuntime]) -> None:
+    """Learn the face of every backend started on demand (see `inbound.probe`)."""
+    async with trio.open_nursery() as nursery:
+        for runtime in runtimes:
+            p = runtime.profile
+            if p.mode != "inbound" or p.backend_start != "on-demand" or runtime.face is None:
+                continue
+            rules_env: dict[str, str] = {}
+            rules = runtime.rules.get() if runtime.rules is not None else None
+            rule = rules.match("127.0.0.1") if rules is not None else None
+            if rule is not None:
+                rules_env = dict(rule.env)
+            nursery.start_soon(probe, p, runtime.face, rules_env, runtime.inherited)
+
+
 class Server:
     """Every profile of a configuration, listening."""
 
@@ -250,8 +302,9 @@ class Server:
         self.config = config
         # Set at the end of the grace: sessions close at their next idle point.
         self.shutdown = ShutdownNotice()
+        self.verifiers = Verifiers()  # AUTH verifiers shared by the sessions
         self.profiles = {
-            name: ProfileServer(runtime, self.shutdown)
+            name: ProfileServer(runtime, self.shutdown, self.verifiers)
             for name, runtime in build_runtimes(config).items()
         }
         self.addresses: dict[str, list[Address]] = {}
@@ -265,8 +318,11 @@ class Server:
         """Sessions in progress, per profile."""
         return {name: server.limits.active for name, server in self.profiles.items()}
 
-    def reload(self, config: Config) -> None:
+    async def reload(self, config: Config) -> None:
         """Take a new configuration for new sessions; raise and change nothing on error.
+
+        The backends started on demand are probed again (`inbound.probe`)
+        before the new configuration serves its first session.
 
         Every file is read again (new runtimes, loaded eagerly), also the
         ones that did not change. Profiles, `listen` and `systemd` are
@@ -282,6 +338,11 @@ class Server:
             if (old.listen, old.systemd) != (new.listen, new.systemd):
                 raise StartupError(f"profile {name}: listen or systemd changed: restart to apply")
         runtimes = build_runtimes(config)
+        for name, runtime in runtimes.items():
+            known = self.profiles[name].runtime.face
+            if runtime.face is not None and known is not None:
+                runtime.face.take_over(known)  # should the probe fail
+        await probe_backends(runtimes.values())
         for name, runtime in runtimes.items():
             self.profiles[name].runtime = runtime
         self.config = config
@@ -348,7 +409,9 @@ class Server:
                 for listener in ls:
                     await trio.aclose_forcefully(listener)
             raise
-        async with trio.open_nursery() as sessions:
+        await probe_backends(server.runtime for server in self.profiles.values())
+        async with trio.open_nursery() as services, trio.open_nursery() as sessions:
+            self.verifiers.nursery = services  # a Dovecot connection, while sessions run
             async with trio.open_nursery() as accepting:
                 for name, server in self.profiles.items():
                     if not opened[name]:
@@ -366,6 +429,7 @@ class Server:
                 await self._stop.wait()
                 accepting.cancel_scope.cancel()  # closes the listeners
             await self._drain(sessions)
+            services.cancel_scope.cancel()
 
     async def _drain(self, sessions: trio.Nursery) -> None:
         grace = self.config.settings.shutdown_grace

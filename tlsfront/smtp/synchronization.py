@@ -42,6 +42,8 @@ event breaks it; the dialogue sends the reply and ends the session.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 # The commands that end a pipelined group (RFC 2920 §3; BDAT: RFC 3030).
 GROUP_ENDERS = frozenset({"DATA", "BDAT", "QUIT"})
 
@@ -49,14 +51,14 @@ GROUP_ENDERS = frozenset({"DATA", "BDAT", "QUIT"})
 class Discipline:
     """Whether client input breaks command synchronization (see module doc)."""
 
-    def __init__(self, *, strict: bool = True, trusted: bool = False) -> None:
+    def __init__(self, *, strict: bool = True, trusted: Callable[[], bool] = bool) -> None:
         self.strict = strict
-        self.trusted = trusted  # authenticated, or relaying by certificate
+        self._trusted = trusted  # logged in, or relaying by certificate, as of now
         self.helo_client = False  # the last greeting command was HELO
 
     @property
     def enforced(self) -> bool:
-        return self.strict and not self.trusted
+        return self.strict and not self._trusted()
 
     def command(self, verb: str, *, followed: bool, owed: bool) -> str | None:
         """A command line taken (`verb` "." for the end of a message).
