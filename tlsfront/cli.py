@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ from tlsfront.config.files import load_chosen
 from tlsfront.config.schema import Config
 from tlsfront.ops import logs
 from tlsfront.ops.systemd import SystemdError
-from tlsfront.ops.workers import metrics_address
+from tlsfront.ops.workers import WorkerPlace
 
 if TYPE_CHECKING:
     from tlsfront.inbound.server import Server
@@ -122,17 +123,18 @@ async def _serve(
     config_arg: str | None,
     passed: list[PassedSocket],
     sockets: Mapping[str, Sequence[socket.socket]] | None = None,
-    worker: int = 0,
+    place: WorkerPlace | None = None,
 ) -> None:
     """One server process: all of it, or one of `workers` (then on `sockets`)."""
     from tlsfront.inbound.server import Server
-    from tlsfront.ops.metrics_endpoint import serve_metrics
+    from tlsfront.ops.metrics_endpoint import exposed, serve_metrics
     from tlsfront.ops.systemd import (
         Notifier,
         listeners_by_profile,
         session_status,
         watchdog_interval,
     )
+    from tlsfront.ops.workermetrics import gather, serve_worker_figures
 
     notifier = Notifier.from_environ()
     watchdog = watchdog_interval()
@@ -143,7 +145,7 @@ async def _serve(
             name: [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
             for name, socks in sockets.items()
         }
-    server = Server(config)
+    server = Server(config, place.limits if place is not None else None)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -152,9 +154,16 @@ async def _serve(
                 nursery.cancel_scope.cancel()  # stopped: metrics and signals too
 
             await nursery.start(run_server)
-            if config.settings.metrics_listen:
-                address = metrics_address(config.settings.metrics_listen, worker)
-                await nursery.start(serve_metrics, address, server)
+            listen = config.settings.metrics_listen
+            if listen and place is None:
+                await nursery.start(serve_metrics, listen, server)
+            elif listen and place is not None:
+                # every worker tells its figures; worker 0 serves their sum
+                own = exposed(server)
+                await nursery.start(serve_worker_figures, place.tag, place.index, own)
+                if place.index == 0:
+                    summed = partial(gather, place.tag, place.count, place.index)
+                    await nursery.start(serve_metrics, listen, server, summed)
             notifier.ready(session_status(server.session_counts()))
             if notifier.enabled:
                 nursery.start_soon(_heartbeat, server, notifier, watchdog)
@@ -203,17 +212,21 @@ def _run_workers(
 ) -> int:
     """`workers` processes on shared sockets (tlsfront.ops.workers)."""
     from tlsfront.inbound.server import build_runtimes
-    from tlsfront.ops.workers import Supervisor, open_sockets
+    from tlsfront.ops.workers import Supervisor, open_sockets, shared_limits
 
     build_runtimes(config)  # a broken configuration is refused before any fork
     sockets = open_sockets(config, passed)
+    limits = shared_limits(config, count)
+    tag = os.getpid()
 
     def worker_main(index: int, sockets: Mapping[str, Sequence[socket.socket]]) -> int:
-        trio.run(_serve, config, config_arg, [], sockets, index)
+        limits.worker = index
+        place = WorkerPlace(index, count, tag, limits)
+        trio.run(_serve, config, config_arg, [], sockets, place)
         return 0
 
     log.info("starting %d workers", count)
-    return Supervisor(count, sockets, worker_main).run()
+    return Supervisor(count, sockets, worker_main, limits).run()
 
 
 def cmd_inetd(args: argparse.Namespace) -> int:

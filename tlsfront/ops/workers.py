@@ -22,8 +22,14 @@ supervises:
 * systemd hears READY / RELOADING / STOPPING / WATCHDOG from the parent only
   (the service's main process, as NotifyAccess=main wants).
 
-Limits (`max_connections`, `max_per_ip`, `tls_rate_limit`) are counted by each
-worker for its own sessions. Worker i serves `metrics_listen` on its port + i.
+The workers behave as one server to the outside:
+
+* `max_connections` and `max_per_ip` hold for the whole server: the parent
+  makes the shared counters (`tlsfront.inbound.sharedlimits`) before it
+  forks, and zeroes a dead worker's share of them before starting its
+  replacement; `tls_rate_limit` is still counted by each worker;
+* one metrics endpoint: worker 0 serves `metrics_listen` with the sum of
+  every worker's figures (`tlsfront.ops.workermetrics`).
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from tlsfront.config.schema import Config
+from tlsfront.inbound.sharedlimits import SharedLimits
 from tlsfront.net.address import split_host_port
 from tlsfront.ops.systemd import Notifier, PassedSocket, match_sockets, watchdog_interval
 
@@ -76,17 +84,32 @@ def open_sockets(config: Config, passed: Sequence[PassedSocket]) -> dict[str, li
     return opened
 
 
-def metrics_address(listen: str, worker: int) -> str:
-    host, port = split_host_port(listen)
-    host = f"[{host}]" if ":" in host else host
-    return f"{host}:{port + worker}"
+@dataclass(frozen=True)
+class WorkerPlace:
+    """What a worker knows of the others."""
+
+    index: int
+    count: int
+    tag: int  # the parent's process id: names the workers' private metrics sockets
+    limits: SharedLimits
+
+
+def shared_limits(config: Config, workers: int) -> SharedLimits:
+    """The connection counters all workers share, sized for the configured limits."""
+    capacity = sum(p.max_connections or 1000 for p in config.profiles.values())
+    return SharedLimits(list(config.profiles), workers, capacity)
 
 
 class Supervisor:
     def __init__(
-        self, count: int, sockets: Mapping[str, Sequence[socket.socket]], worker_main: WorkerMain
+        self,
+        count: int,
+        sockets: Mapping[str, Sequence[socket.socket]],
+        worker_main: WorkerMain,
+        limits: SharedLimits | None = None,
     ) -> None:
         self.count = count
+        self.limits = limits
         self.sockets = sockets
         self.worker_main = worker_main
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started)
@@ -127,6 +150,8 @@ class Supervisor:
                 return
             index, started = self.children.pop(pid, (-1, 0.0))
             code = os.waitstatus_to_exitcode(status)
+            if self.limits is not None and index >= 0:
+                self.limits.forget_worker(index)  # its connections died with it
             if self.stopping:
                 log.info("worker %d (pid %d) stopped", index, pid)
                 continue
