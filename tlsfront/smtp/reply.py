@@ -25,12 +25,14 @@ class Reply:
         """The reply as it goes on the wire, CRLF line endings.
 
         A last line without text is the code alone (RFC 5321 §4.2:
-        `Reply-code [ SP textstring ] CRLF`).
+        `Reply-code [ SP textstring ] CRLF`), except an AUTH challenge, which
+        keeps its space (RFC 4954 §4: `"334" SP [base64] CRLF`).
         """
         last = len(self.lines) - 1
         code = b"%03d" % self.code
+        space = self.code == 334
         return b"".join(
-            code + (b" " + text if text else b"") + b"\r\n"
+            code + (b" " + text if text or space else b"") + b"\r\n"
             if i == last
             else code + b"-" + text + b"\r\n"
             for i, text in enumerate(self.lines)
