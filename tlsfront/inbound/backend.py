@@ -81,6 +81,9 @@ class ExecBackend:
         self._stdin = stdin
         self._stdout = stdout
         self._eof_sent = False
+        # The pipe's own method: a session idle on its backend waits one
+        # coroutine frame less.
+        self.receive_some: Callable[[int], Awaitable[bytes]] = stdout.receive_some
 
     @classmethod
     async def start(cls, argv: Sequence[str], env: Mapping[str, str]) -> ExecBackend:
@@ -106,9 +109,6 @@ class ExecBackend:
 
     async def send_all(self, data: bytes) -> None:
         await self._stdin.send_all(data)
-
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
-        return await self._stdout.receive_some(max_bytes)
 
     async def send_eof(self) -> None:
         if not self._eof_sent:
@@ -148,6 +148,7 @@ class TCPBackend:
         self._stream = stream
         self._eof_sent = False
         self.description = target
+        self.receive_some: Callable[[int], Awaitable[bytes]] = stream.receive_some  # as above
 
     @classmethod
     async def connect(cls, target: str, source_address: str | None = None) -> TCPBackend:
@@ -166,9 +167,6 @@ class TCPBackend:
     async def send_all(self, data: bytes) -> None:
         await self._stream.send_all(data)
 
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
-        return await self._stream.receive_some(max_bytes)
-
     async def send_eof(self) -> None:
         if not self._eof_sent:
             self._eof_sent = True
@@ -184,7 +182,8 @@ class Backend(Protocol):
     """What a session needs of a backend connection."""
 
     async def send_all(self, data: bytes) -> None: ...
-    async def receive_some(self, max_bytes: int = 65536) -> bytes: ...
+    @property
+    def receive_some(self) -> Callable[[int], Awaitable[bytes]]: ...
     async def send_eof(self) -> None: ...
     async def aclose(self) -> int | None: ...
 
