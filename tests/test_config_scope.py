@@ -62,6 +62,9 @@ SAMPLES: dict[str, tuple[str, dict[str, str]]] = {
     "env": ("{ X = '1' }", {}),
     "rules": ('"tcp.smtp"', {}),
     "received_header": ("false", {}),
+    "remote_host_lookup": ("false", {}),
+    "remote_host_paranoid": ("true", {}),
+    "remote_host_timeout": ("2.5", {}),
     "max_connections": ("7", {}),
     "max_per_ip": ("3", {}),
     "max_message_size": ("1000000", {}),
@@ -86,6 +89,8 @@ SAMPLES: dict[str, tuple[str, dict[str, str]]] = {
     "dns_servers": ('["127.0.0.1:53"]', {}),
     "helo_name": ('"relay.example.test"', {}),
     "timeout_connect": ("11", {}),
+    "route_credentials": ('"smarthost"', {}),
+    "smtproutes": ('"smtproutes"', {}),
 }
 
 PROFILE_KEYS = [f.name for f in dataclasses.fields(Profile) if f.name != "name"]

@@ -21,9 +21,11 @@ import trustme
 from support.front import capture_backend, toml_str
 from support.ucspi import Lines, sessions, tcpserver
 
+from tlsfront.config.files import load_config
+from tlsfront.inbound.server import Server
+
 PROFILE = """
 [profile.smtp]
-listen = ["127.0.0.1:0"]
 hostname = "front.example.org"
 cert = {cert}
 backend = {backend}
@@ -46,6 +48,11 @@ def write_setup(tmp_path: Path, tls_dir: Path, rules: str) -> tuple[Path, Path]:
         )
     )
     return config, capture
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "tlsfront", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
 def inetd_argv(config: Path) -> list[str]:
@@ -291,3 +298,39 @@ async def test_rules_that_do_not_load_close_the_connection(tmp_path: Path, tls_d
     assert f"{tmp_path / 'tcp.smtp'}:2: " in log
     assert "connection closed" in log
     assert sessions(capture) == []
+
+
+# -- a profile served only through inetd ---------------------------------------------
+
+
+INETD_ONLY = """\
+[profile.smtp]
+tls = "none"
+backend = ["/bin/cat"]
+"""
+
+
+def test_a_profile_for_inetd_needs_no_listen(tmp_path: Path) -> None:
+    """It loads and passes check; `run` refuses a configuration with nothing to
+    listen for, and skips such a profile beside one that listens."""
+    config = tmp_path / "tlsfront.toml"
+    config.write_text(INETD_ONLY)
+    assert load_config(config).profiles["smtp"].listen == ()
+    checked = run_cli("check", "-c", str(config))
+    assert checked.returncode == 0, checked.stdout
+    assert "served only through tlsfront inetd -p smtp" in checked.stdout
+    ran = run_cli("run", "-c", str(config))
+    assert ran.returncode == 1
+    assert "no profile has listen or systemd" in ran.stderr
+
+
+async def test_run_skips_an_inetd_only_profile(nursery: trio.Nursery, tmp_path: Path) -> None:
+    config = tmp_path / "tlsfront.toml"
+    config.write_text(
+        INETD_ONLY + '[profile.other]\nlisten = ["127.0.0.1:0"]\ntls = "none"\n'
+        'backend = ["/bin/cat"]\n'
+    )
+    server = await nursery.start(Server(load_config(config)).run)
+    assert server.addresses["smtp"] == []
+    assert len(server.addresses["other"]) == 1
+    server.stop()

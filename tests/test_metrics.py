@@ -22,8 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.front import Front, toml_str
 from support.hostile import Client, code
 
+from tlsfront.inbound.record import SessionRecord
+from tlsfront.inbound.relaypolicy import RelayGrant
 from tlsfront.net.address import Address
+from tlsfront.ops import counters
 from tlsfront.ops.metrics_endpoint import _Exposed, render, serve_metrics
+from tlsfront.smtp.outcome import Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "conf" / "grafana-dashboard.json"
@@ -160,6 +164,9 @@ async def test_sessions_handshakes_relay_and_bytes(
     relay = "tlsfront_relay_decisions_total"
     assert value(samples, relay, profile=p, decision="granted", cert="Verified") == 1
     assert value(samples, relay, profile=p, decision="refused", cert="Trusted") == 1
+    why = "tlsfront_relay_sessions_total"
+    assert value(samples, why, profile=p, reason="cert") == 1
+    assert value(samples, why, profile=p, reason="rule") == 0
     assert value(samples, "tlsfront_messages_total", profile=p, result="accepted") == 3
     # Each body as the client sent it, its end-of-data line included.
     relayed = value(samples, "tlsfront_message_bytes_total", profile=p)
@@ -247,3 +254,21 @@ async def test_the_dashboard_graphs_metrics_that_exist(
     assert used <= families, used - families
     documented = set(re.findall(r"`(tlsfront_\w+)`", DOCS.read_text()))
     assert {re.sub(r"_total$", "", n) for n in documented} <= families
+
+
+def test_relay_sessions_count_each_reason() -> None:
+    """A session that could relay is counted once, by why: certificate or rule."""
+    name = "relay-reasons"
+    counters.declare_profiles([name])
+
+    def count(reason: str) -> float | None:
+        labels = {"profile": name, "reason": reason}
+        return counters.REGISTRY.get_sample_value("tlsfront_relay_sessions_total", labels)
+
+    assert (count("cert"), count("rule")) == (0, 0)
+    for grant in (RelayGrant.RULE, RelayGrant.RULE, RelayGrant.CERT, RelayGrant.NO):
+        record = SessionRecord(name, Address("192.0.2.1", 1), 0.0)
+        record.relay = grant
+        record.end(Outcome.QUIT, "quit")
+        counters.session_ended(record)
+    assert (count("cert"), count("rule"), count("no")) == (1, 2, None)

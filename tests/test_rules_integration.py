@@ -28,6 +28,7 @@ tls = "{tls}"
 cert = {{cert}}
 backend = {{backend}}
 rules = {rules}
+remote_host_lookup = false
 """
 
 
@@ -131,7 +132,7 @@ async def test_variables_reach_the_backend(start_front: Any, tmp_path: Path) -> 
     assert (env["GREETING"], env["EMPTY"], env["QUOTED"]) == ("hello", "", 'a "b",c=d')
     assert env["TCPREMOTEIP"] == "127.0.0.1"
     assert env["TCPLOCALPORT"] == str(front.port("smtp"))
-    assert env["TCPREMOTEHOST"] == "trusted.example"  # no look-up: a rule may set it
+    assert env["TCPREMOTEHOST"] == "trusted.example"  # no name looked up: a rule may set it
 
 
 RANKED = """\
@@ -215,9 +216,14 @@ async def dns_server(nursery: trio.Nursery) -> tuple[DnsResponder, str]:
 
 
 async def start_with_dns(
-    nursery: trio.Nursery, tmp_path: Path, tls_dir: Path, rules: str, dns_address: str
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    tls_dir: Path,
+    rules: str,
+    dns_address: str,
+    **keys: Any,
 ) -> Front:
-    """A front whose inbound profile uses `dns_address` for its look-ups."""
+    """A front whose inbound profile looks names up at `dns_address`, with `keys`."""
     capture = tmp_path / "capture"
     capture.mkdir()
     text = PROFILE.format(tls="starttls", rules=toml_str(rules_file(tmp_path, rules))).format(
@@ -226,7 +232,8 @@ async def start_with_dns(
     config = load_config(
         write_config(tmp_path, '[defaults]\nhostname = "front.example.org"\n' + text)
     )
-    profile = dataclasses.replace(config.profiles["smtp"], dns_servers=(dns_address,))
+    keys.setdefault("remote_host_lookup", True)
+    profile = dataclasses.replace(config.profiles["smtp"], dns_servers=(dns_address,), **keys)
     config = dataclasses.replace(config, profiles={"smtp": profile})
     server = await nursery.start(Server(config).run)
     return Front(server, config, capture)
@@ -269,28 +276,76 @@ async def test_host_keys(
     assert (reverse(source), "PTR") in responder.queries
 
 
-async def test_no_look_up_without_host_keys(
+async def test_no_look_up_with_remote_host_lookup_false(
     nursery: trio.Nursery, tmp_path: Path, tls_dir: Path, dns_server: tuple[DnsResponder, str]
 ) -> None:
-    """Like tcpserver -H: no `=` key, no DNS query, no TCPREMOTEHOST."""
+    """Like tcpserver -H: no DNS query, no TCPREMOTEHOST, and `=host` keys never match."""
     responder, address = dns_server
-    front = await start_with_dns(nursery, tmp_path, tls_dir, '127.:allow,A="1"\n', address)
+    rules = '=mail.example.net:allow,WHICH="host"\n:allow,WHICH="default"\n'
+    front = await start_with_dns(
+        nursery, tmp_path, tls_dir, rules, address, remote_host_lookup=False
+    )
     assert (await relay_attempt(front.port("smtp"))).startswith(b"553 ")
     (session,) = front.sessions()
     assert "TCPREMOTEHOST" not in session["env"]
+    assert session["env"]["WHICH"] == "default"
     assert responder.queries == []
+
+
+@pytest.mark.parametrize(
+    ("source", "paranoid", "host", "forward"),
+    [
+        ("127.0.0.1", False, "mail.example.net", False),
+        ("127.0.0.2", False, "liar.example.net", False),  # as tcpserver without -p
+        ("127.0.0.1", True, "mail.example.net", True),
+        ("127.0.0.2", True, None, True),  # -p: the name does not point back
+        ("127.0.0.5", False, None, False),  # no PTR record
+    ],
+)
+async def test_remote_host_without_host_keys(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    tls_dir: Path,
+    dns_server: tuple[DnsResponder, str],
+    source: str,
+    paranoid: bool,
+    host: str | None,
+    forward: bool,
+) -> None:
+    """tcpserver's default: TCPREMOTEHOST from the PTR record; -p confirms it first."""
+    responder, address = dns_server
+    rules = ':allow,A="1"\n'
+    front = await start_with_dns(
+        nursery, tmp_path, tls_dir, rules, address, remote_host_paranoid=paranoid
+    )
+    assert (await relay_attempt(front.port("smtp"), source)).startswith(b"553 ")
+    (session,) = front.sessions()
+    assert session["env"].get("TCPREMOTEHOST") == host
+    assert (reverse(source), "PTR") in responder.queries
+    # the forward look-up is made only when something needs a confirmed name
+    assert any(rdtype == "A" for _, rdtype in responder.queries) == forward
 
 
 async def test_look_up_gives_up_after_its_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """A resolver that never answers costs LOOKUP_TIMEOUT, then the name is unknown."""
+    """A resolver that never answers costs the timeout, then the name is unknown."""
     with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as silent:
         await silent.bind(("127.0.0.1", 0))
         port = silent.getsockname()[1]
         start = trio.current_time()
-        assert await remotehost.lookup_host("127.0.0.1", [f"127.0.0.1:{port}"]) is None
-        assert trio.current_time() - start == pytest.approx(remotehost.LOOKUP_TIMEOUT)
+        cache = remotehost.HostCache()
+        found = await remotehost.lookup_host(
+            "127.0.0.1", [f"127.0.0.1:{port}"], seconds=3.0, cache=cache
+        )
+        assert found == remotehost.NO_NAME
+        assert trio.current_time() - start == pytest.approx(3.0)
+        # remembered: the next client from there does not wait again
+        again = await remotehost.lookup_host(
+            "127.0.0.1", [f"127.0.0.1:{port}"], seconds=3.0, cache=cache
+        )
+        assert again == remotehost.NO_NAME
+        assert trio.current_time() - start == pytest.approx(3.0)
 
 
 async def test_servfail_means_no_name(nursery: trio.Nursery) -> None:
@@ -298,4 +353,19 @@ async def test_servfail_means_no_name(nursery: trio.Nursery) -> None:
     responder.servfail.add(reverse("127.0.0.1"))
     address = await responder.listen(nursery)
     with trio.fail_after(20):
-        assert await remotehost.lookup_host("127.0.0.1", [address]) is None
+        found = await remotehost.lookup_host(
+            "127.0.0.1", [address], seconds=10, cache=remotehost.HostCache()
+        )
+        assert found == remotehost.NO_NAME
+
+
+async def test_a_name_is_looked_up_once_for_many_sessions(
+    nursery: trio.Nursery, tmp_path: Path, tls_dir: Path, dns_server: tuple[DnsResponder, str]
+) -> None:
+    """The cache answers the client's next connections: no query, no task."""
+    responder, address = dns_server
+    front = await start_with_dns(nursery, tmp_path, tls_dir, ":allow\n", address)
+    for _ in range(3):
+        assert (await relay_attempt(front.port("smtp"))).startswith(b"553 ")
+    assert [s["env"]["TCPREMOTEHOST"] for s in front.sessions()] == ["mail.example.net"] * 3
+    assert responder.queries == [(reverse("127.0.0.1"), "PTR")]

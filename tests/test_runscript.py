@@ -36,8 +36,6 @@ PENDING_KEYS = (
     "user",
     "group",
     "env_inherit",
-    "remote_host_lookup",
-    "remote_host_paranoid",
     "allow_root_backend",
 )
 NOBODY_GROUP = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name

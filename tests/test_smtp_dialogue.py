@@ -448,7 +448,47 @@ def test_size_limits(bytewise: bool) -> None:
     client, backend = h.take()
     assert client == b"552 5.3.4 Error: message too big\r\n"
     assert b".\r\n" not in backend
-    assert h.d.closing
+    assert phase(h) is Phase.RESET  # the session goes on, with a fresh backend
+
+
+def test_after_552_for_a_big_body_the_session_goes_on(bytewise: bool) -> None:
+    """The backend's input closes without an end of data as soon as the body is
+    too big; the rest is read and dropped; the client's dot gets 552; what it
+    pipelined behind goes to a fresh backend, after its own EHLO replayed."""
+    h = make(bytewise, max_message_size=100).ehloed()
+    _to_data(h)
+    h.backend(b"354 go ahead\r\n")
+    h.take()
+    h.client(b"x" * 60 + b"\r\n" + b"y" * 60 + b"\r\n")
+    assert h.d.backend_should_close  # no end of data: the backend queues nothing
+    assert h.d.waiting_for == "client"
+    # fed whole, the chunk that passes the limit is not passed on at all
+    assert h.take() == (b"", b"x" * 60 + b"\r\n" if bytewise else b"")
+    h.backend(b"")  # it exits; that is no failure
+    assert h.d.backend_error is None
+    h.client(b"z" * 500 + b"\r\n")
+    assert h.take() == (b"", b"")  # dropped
+    assert phase(h) is Phase.BODY
+    h.client(b".\r\nRSET\r\nMAIL FROM:<a@b>\r\n")
+    client, backend = h.take()
+    assert (client, b".\r\n" in backend) == (b"552 5.3.4 Error: message too big\r\n", False)
+    assert phase(h) is Phase.RESET
+    assert (h.d.stats.refused, h.d.stats.messages) == (1, 0)
+    assert h.d.waiting_for is None
+    assert not h.d.client_wants_data
+    carry = h.d.carry()
+    assert carry.hello is not None
+    assert carry.hello.raw == b"EHLO client.example\r\n"
+    assert carry.client_bytes == b"RSET\r\nMAIL FROM:<a@b>\r\n"
+
+    fresh = make(bytewise, max_message_size=100, carry=carry)
+    assert fresh.take() == (b"", b"EHLO client.example\r\n")  # replayed
+    fresh.backend(GREETING + EHLO_REPLY)  # both swallowed
+    assert fresh.take() == (b"", b"RSET\r\nMAIL FROM:<a@b>\r\n")
+    fresh.backend(b"250 flushed\r\n250 ok\r\n")
+    assert fresh.take() == (b"250 flushed\r\n250 ok\r\n", b"")
+    assert phase(fresh) is Phase.COMMAND
+    assert fresh.d.stats.helo == "client.example"  # for tlsfront's Received header
 
 
 def test_pipeline_depth_is_bounded() -> None:

@@ -918,7 +918,7 @@ async def test_row_13_hostile_certificate_name_adds_no_header(
 
 async def test_row_15_oversized_message(start_front: Any, log: SessionLog) -> None:
     """Above max_message_size: 552 for a SIZE= that says so, 552 for a body that
-    turns out so; nothing queued."""
+    turns out so; nothing queued, and the session goes on with a fresh backend."""
     front: Front = await start_front(EXEC_PROFILE + "max_message_size = 1000\n")
     with trio.fail_after(30):
         client = await Client.connect(front.port("smtp"))
@@ -932,13 +932,22 @@ async def test_row_15_oversized_message(start_front: Any, log: SessionLog) -> No
         assert code(await client.command(b"DATA")) == 354
         await client.send(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 30 + b".\r\n")
         assert await client.reply() == b"552 5.3.4 Error: message too big\r\n"
-        assert await is_closed(client)
+        assert code(await client.command(b"RSET")) == 250
+        for line in (b"MAIL FROM:<a@example.net>", b"RCPT TO:<b@example.org>", b"DATA"):
+            assert code(await client.command(line)) in (250, 354)
+        await client.send(b"Subject: small\r\n\r\nfits\r\n.\r\n")
+        assert code(await client.reply()) == 250
+        assert code(await client.command(b"QUIT")) == 221
         await client.aclose()
         await log.wait_ends(1)
-    (session,) = front.sessions()
-    assert session["messages"] == []
-    assert front.maildir() == []
-    assert b"SIZE=5000" not in session["stdin"]
+    dropped, fresh = front.sessions()
+    assert dropped["messages"] == []
+    assert b"SIZE=5000" not in dropped["stdin"]
+    assert not dropped["stdin"].endswith(b"\r\n.\r\n")  # no end of data: nothing queued
+    assert fresh["stdin"].startswith(b"EHLO c\r\nRSET\r\n")  # its EHLO replayed
+    (message,) = front.maildir()
+    assert b"Subject: small" in message
+    assert " messages=1 refused=1 " in log.ends[0]
 
 
 async def test_a_fatal_reply_over_tls_ends_with_close_notify(

@@ -186,6 +186,7 @@ async def _serve(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from tlsfront.inbound.server import check_something_listens
     from tlsfront.ops.systemd import passed_sockets
 
     try:
@@ -193,6 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load(args.config)
         settings = config.settings
         setup_logging(settings.log_level, settings.log_format)
+        check_something_listens(config)
         count = settings.workers or os.cpu_count() or 1
         if count > 1:
             return _run_workers(config, args.config, passed, count)

@@ -175,6 +175,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "timeout_command": _above_zero,
     "timeout_data": _above_zero,
     "timeout_backend": _above_zero,
+    "remote_host_timeout": _above_zero,
     "timeout_connect": _above_zero,
     "proxy_trusted": _each(_network),
     "allow_from": _each(_network),

@@ -13,13 +13,9 @@ from tlsfront.config.schema import Mode, Profile
 
 Rule = tuple[str, Callable[[Profile], bool], str]
 
-NEEDS_LISTEN: Rule = (
-    "listen",
-    lambda p: not p.listen and p.systemd is None,
-    'needs listen = ["host:port", ...] or systemd = "NAME"',
-)
+# No rule wants `listen` or `systemd`: a profile with neither is served
+# only through `tlsfront inetd -p NAME`, and `tlsfront run` skips it.
 INBOUND_RULES: tuple[Rule, ...] = (
-    NEEDS_LISTEN,
     (
         "backend",
         lambda p: not p.backend and p.backend_connect is None,
@@ -97,6 +93,6 @@ INBOUND_RULES: tuple[Rule, ...] = (
         "needs proxy_trusted: otherwise any client could claim any address",
     ),
 )
-OUTBOUND_RULES: tuple[Rule, ...] = (NEEDS_LISTEN,)
+OUTBOUND_RULES: tuple[Rule, ...] = ()
 
 RULES: dict[Mode, tuple[Rule, ...]] = {"inbound": INBOUND_RULES, "outbound": OUTBOUND_RULES}

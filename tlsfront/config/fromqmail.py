@@ -9,7 +9,8 @@ keys, for both modes, as the qmail-tls patch would have used them:
               tlsserverciphers or $TLSCIPHERS -> ciphers,
               dh2048.pem / dh1024.pem -> dhparams, databytes -> max_message_size
     outbound: tlshosts/ -> tlshosts, notlshosts/ -> notlshosts,
-              clientcert.pem -> client_cert_file
+              clientcert.pem -> client_cert_file, smtproutes -> smtproutes
+              (its `domain:relay:port user password` lines give credentials)
     both:     me -> hostname
 
 The values sit just below the table that names the directory (see
@@ -45,6 +46,7 @@ def control_values(qc: QmailControl, mode: Mode, environ: Mapping[str, str]) -> 
         put("tlshosts", qc.tlshosts, qc.tlshosts)
         put("notlshosts", qc.notlshosts, qc.notlshosts)
         put("client_cert_file", qc.clientcert, qc.clientcert)
+        put("smtproutes", qc.smtproutes, qc.smtproutes)
         return out
     put("cert", (qc.servercert,) if qc.servercert else None, qc.servercert)
     put("client_ca", qc.clientca, qc.clientca)

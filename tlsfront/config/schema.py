@@ -109,6 +109,9 @@ class Profile:
     env: Mapping[str, str] = inbound(factory=_empty_map)  # extra backend environment
     rules: Path | None = inbound(None)  # tcprules source file (/etc/tcp.smtp)
     received_header: bool = inbound(True)  # add tlsfront's Received header to each message
+    remote_host_lookup: bool = inbound(True)  # TCPREMOTEHOST from PTR (false: tcpserver -H)
+    remote_host_paranoid: bool = inbound(False)  # only a name that points back (tcpserver -p)
+    remote_host_timeout: float = inbound(5.0)  # seconds a look-up may delay a session, at most
     # limits and timeouts
     max_connections: int = both(200)  # sessions at once on this profile
     max_per_ip: int = both(50)  # sessions at once from one client address
@@ -132,9 +135,11 @@ class Profile:
     tls_policy: Mapping[str, TlsPolicy] = outbound(factory=_empty_map)  # domain -> policy
     mta_sts: bool = outbound(False)  # honour MTA-STS policies (RFC 8461)
     dane: bool = outbound(False)  # honour DANE TLSA records (RFC 7672)
-    dns_servers: tuple[str, ...] = both(())  # "ip[:port]" resolvers (MX out; =host rules in)
+    dns_servers: tuple[str, ...] = both(())  # "ip[:port]" resolvers (MX out; client names in)
     helo_name: str | None = outbound(None)  # EHLO name outbound; default hostname
     timeout_connect: float = outbound(30.0)  # seconds to connect to a remote server
+    route_credentials: Path | None = outbound(None)  # "host[:port] user password" lines
+    smtproutes: Path | None = outbound(None)  # qmail smtproutes, AUTH patch lines: credentials
 
 
 @dataclass(frozen=True)

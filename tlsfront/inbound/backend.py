@@ -18,6 +18,7 @@ from typing import Protocol
 import trio
 
 from tlsfront.config.schema import Profile
+from tlsfront.inbound.stderr import StderrLog
 from tlsfront.net.address import Address, is_ip, split_host_port
 from tlsfront.net.netstream import NetStream, PipeStream
 
@@ -75,11 +76,16 @@ class ExecBackend:
     """
 
     def __init__(
-        self, process: subprocess.Popen[bytes], stdin: PipeStream, stdout: PipeStream
+        self,
+        process: subprocess.Popen[bytes],
+        stdin: PipeStream,
+        stdout: PipeStream,
+        stderr: StderrLog,
     ) -> None:
         self.process = process
         self._stdin = stdin
         self._stdout = stdout
+        self.stderr = stderr  # logged line by line (tlsfront.inbound.stderr)
         self._eof_sent = False
         # The pipe's own method: a session idle on its backend waits one
         # coroutine frame less.
@@ -89,19 +95,26 @@ class ExecBackend:
     async def start(cls, argv: Sequence[str], env: Mapping[str, str]) -> ExecBackend:
         child_in, to_child = os.pipe()  # both ends close-on-exec; Popen dups the child's
         from_child, child_out = os.pipe()
+        errors, child_err = os.pipe()
         try:
             process = subprocess.Popen(  # noqa: ASYNC220 (vfork: see the class doc)
-                list(argv), stdin=child_in, stdout=child_out, env=dict(env), close_fds=True
+                list(argv),
+                stdin=child_in,
+                stdout=child_out,
+                stderr=child_err,
+                env=dict(env),
+                close_fds=True,
             )
         except OSError as exc:
-            os.close(to_child)
-            os.close(from_child)
+            for fd in (to_child, from_child, errors):
+                os.close(fd)
             raise BackendError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
         finally:
-            os.close(child_in)
-            os.close(child_out)
+            for fd in (child_in, child_out, child_err):
+                os.close(fd)
         await trio.lowlevel.checkpoint()
-        return cls(process, PipeStream(to_child), PipeStream(from_child))
+        stderr = StderrLog(errors, process.pid)
+        return cls(process, PipeStream(to_child), PipeStream(from_child), stderr)
 
     @property
     def description(self) -> str:
@@ -138,6 +151,7 @@ class ExecBackend:
                 self.process.kill()
                 await self.wait()
             await self._stdout.aclose()
+            self.stderr.drain()
         return self.process.returncode
 
 

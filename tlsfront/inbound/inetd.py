@@ -4,9 +4,10 @@ For inetd, systemd `Accept=yes` and tcpserver run scripts. When standard
 input is a socket its addresses are read from it; under tcpserver (or with
 pipes) the TCPREMOTEIP / TCPREMOTEPORT / TCPLOCALIP / TCPLOCALPORT variables
 tcpserver sets say who the client is, and TCPREMOTEHOST, when tcpserver
-looked it up, is the name `=host` rules match, as it was for tcpserver's own
-rules (tcpserver -p confirms it; with -H tlsfront looks the name up itself,
-confirmed, when its rules need one). No other variable of tlsfront's own
+looked it up, is the client's name and the one `=host` rules match, as it
+was for tcpserver's own rules (tcpserver -p confirms it). Under `tcpserver
+-H`, or without tcpserver, tlsfront looks the name up itself as the
+profile's `remote_host_lookup` says. No other variable of tlsfront's own
 environment reaches the backend: RELAYCLIENT or any variable that
 tcpserver's own -x rules set stays with tlsfront; tcprules variables for the
 backend come from the profile's `rules` file, read by tlsfront itself.

@@ -9,6 +9,8 @@ and re-read for new sessions without any reload.
 
 from __future__ import annotations
 
+import datetime
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from tlsfront.config.schema import Profile
 from tlsfront.inbound.relaypolicy import RelayPolicy
 from tlsfront.ops.watch import FileWatch, watch_file
 from tlsfront.qmail.tcprules import Rules
-from tlsfront.tls.certs import load_server_credentials
+from tlsfront.tls.certs import load_crls, load_server_credentials, stale_crls
 from tlsfront.tls.context import ServerTLS, TLSSettings
 
 
@@ -34,6 +36,19 @@ def tls_settings(profile: Profile) -> TLSSettings:
         client_ca=profile.client_ca,
         client_crl=profile.client_crl,
     )
+
+
+log = logging.getLogger("tlsfront")
+
+
+def server_tls(profile: Profile) -> ServerTLS:
+    """The profile's TLS context, built from its files; a stale CRL is a WARNING."""
+    built = ServerTLS(tls_settings(profile))
+    if profile.client_crl is not None and profile.client_cert != "none":
+        now = datetime.datetime.now(datetime.UTC)
+        for problem in stale_crls(load_crls(profile.client_crl), now):
+            log.warning("profile %s: %s: %s", profile.name, profile.client_crl, problem)
+    return built
 
 
 def tls_files(profile: Profile) -> list[Path]:
@@ -57,7 +72,7 @@ class ProfileRuntime:
             tls = FileWatch(
                 f"profile {profile.name}: TLS",
                 tls_files(profile),
-                lambda: ServerTLS(tls_settings(profile)),
+                lambda: server_tls(profile),
             )
         rules = watch_file(f"profile {profile.name}: rules", profile.rules, Rules.load)
         runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules)
@@ -66,6 +81,11 @@ class ProfileRuntime:
         return runtime
 
     def load_all(self) -> None:
+        if self.profile.mode == "outbound":
+            # a credentials file open to others is refused before serving
+            from tlsfront.outbound.credentials import profile_logins
+
+            profile_logins(self.profile)
         if self.tls is not None:
             self.tls.load()
         if self.rules is not None:

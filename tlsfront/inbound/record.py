@@ -17,6 +17,8 @@ ever becomes a label.
 from __future__ import annotations
 
 import enum
+import itertools
+import os
 from dataclasses import dataclass, field
 
 from tlsfront.inbound.relaypolicy import RelayGrant
@@ -78,6 +80,14 @@ BACKEND_LABELS: dict[Outcome, BackendLabel] = {
 }
 
 
+_serial = itertools.count(1)
+
+
+def next_session_id() -> str:
+    """A session's id: unique on the host for the life of the process (pid.serial)."""
+    return f"{os.getpid()}.{next(_serial)}"
+
+
 def handshake_label(failure: HandshakeFailure) -> str:
     """The `reason` label of a failed handshake: one of a fixed set."""
     return failure.value
@@ -93,7 +103,7 @@ class SessionRecord:
     tls_version: str | None = None
     tls_cipher: str | None = None
     cert_status: str = "none"
-    relay: RelayGrant = RelayGrant.NO
+    relay: RelayGrant = RelayGrant.NO  # why it may relay
     messages: int = 0
     refused: int = 0
     bytes: int = 0
@@ -102,6 +112,7 @@ class SessionRecord:
     events: list[str] = field(default_factory=list)
     tls_failure: HandshakeFailure | None = None  # the handshake's, when it failed
     backend_failure: Outcome | None = None  # a backend failure in any phase
+    id: str = field(default_factory=next_session_id)  # names its backends' stderr lines
 
     def end(self, outcome: Outcome, text: str) -> None:
         """Record how the session ended, in the shell's own words."""
@@ -143,6 +154,7 @@ class SessionRecord:
     def fields(self, now: float) -> dict[str, object]:
         """The end line's fields, by name (the JSON log's keys)."""
         return {
+            "session_id": self.id,
             "client_ip": self.client.ip,
             "client_port": self.client.port,
             "profile": self.profile,
@@ -163,7 +175,8 @@ class SessionRecord:
         tls = f"{self.tls_version}/{self.tls_cipher}" if self.tls_version else "none"
         exit_status = "-" if self.backend_exit is None else str(self.backend_exit)
         return (
-            f"session end: client={self.client.ip}:{self.client.port} profile={self.profile} "
+            f"session end: id={self.id} client={self.client.ip}:{self.client.port} "
+            f"profile={self.profile} "
             f"tls={tls} cert={self.cert_status} relay={self.relay.value} messages={self.messages} "
             f"refused={self.refused} bytes={self.bytes} backend_exit={exit_status} "
             f"duration={now - self.started:.3f}s outcome={self.outcome.value} "
@@ -178,4 +191,5 @@ __all__ = [
     "SessionLabel",
     "SessionRecord",
     "handshake_label",
+    "next_session_id",
 ]

@@ -36,6 +36,7 @@ from cryptography.x509.oid import NameOID
 
 from tlsfront.config.schema import Profile
 from tlsfront.ops.watch import watch_file
+from tlsfront.qmail.control import CR_LINE_END
 from tlsfront.smtp.received import ClientCertTrace
 from tlsfront.tls.certs import PeerCertificate, normalize_fingerprint, peer_certificate, sanitize
 from tlsfront.tls.stream import TLSInfo
@@ -62,9 +63,9 @@ class RelayListError(Exception):
 # The list files
 
 
-def _lines(path: Path, strict: bool) -> list[tuple[int, str]]:
+def _lines(path: Path, strict: bool, *, refuse_cr: bool = False) -> list[tuple[int, str]]:
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_bytes().decode("utf-8", errors="replace")  # no newline translation
     except FileNotFoundError:
         if strict:
             raise
@@ -73,6 +74,9 @@ def _lines(path: Path, strict: bool) -> list[tuple[int, str]]:
     # lines end at LF only, as qmail reads control files (not at VT, FF, U+2028)
     for number, raw in enumerate(text.split("\n"), 1):
         line = raw.split("#", 1)[0].strip()
+        if line and refuse_cr and raw.rstrip(" \t").endswith("\r"):
+            _bad_line(strict, path, number, CR_LINE_END)  # as tcp.smtp (tcprules)
+            continue
         if line:
             result.append((number, line))
     return result
@@ -91,7 +95,7 @@ def read_relay_clients(path: Path, *, strict: bool = True) -> frozenset[str]:
     a malformed line is logged and skipped instead of raising.
     """
     addresses = set()
-    for number, line in _lines(path, strict):
+    for number, line in _lines(path, strict, refuse_cr=True):
         if "@" not in line or any(ch.isspace() or not ch.isprintable() for ch in line):
             _bad_line(strict, path, number, f"not an e-mail address: {sanitize(line)!r}")
             continue
@@ -127,6 +131,18 @@ class RelayGrant(enum.Enum):
         return cls.RULE if any("RELAYCLIENT" in env for env in envs) else cls.NO
 
 
+# OpenSSL's verify errors that say the server's CRL is unusable, not the certificate
+CRL_FAULTS = frozenset(
+    {
+        "CRL has expired",
+        "CRL is not yet valid",
+        "unable to get certificate CRL",
+        "CRL signature failure",
+        "unable to get CRL issuer certificate",
+    }
+)
+
+
 @dataclass(frozen=True)
 class RelayDecision:
     relay: bool
@@ -137,6 +153,12 @@ class RelayDecision:
     env: Mapping[str, str] = field(default_factory=dict)  # SSL_CLIENT_*, sanitized
     verified: bool = False  # the certificate verified against client_ca
     issuer_cn: str = ""
+    verify_error: str | None = None  # OpenSSL's verdict when it did not verify
+
+    @property
+    def server_fault(self) -> bool:
+        """The certificate did not relay because of the server's own CRL (stale, unusable)."""
+        return self.verify_error in CRL_FAULTS
 
     @property
     def trace(self) -> ClientCertTrace | None:
@@ -281,7 +303,9 @@ class RelayPolicy:
         def refuse(reason: str) -> RelayDecision:
             status = "Trusted" if verified else "Untrusted"
             env = _cert_env(cert, raw, verify)
-            return RelayDecision(False, status, reason, None, cert, env, verified, issuer_cn)
+            return RelayDecision(
+                False, status, reason, None, cert, env, verified, issuer_cn, info.verify_error
+            )
 
         def allow(by: str) -> RelayDecision:
             env = _cert_env(cert, raw, verify)

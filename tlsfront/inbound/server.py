@@ -32,13 +32,14 @@ from tlsfront.config.schema import Config, Profile
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionLabel
-from tlsfront.inbound.remotehost import lookup_host, needs_host
+from tlsfront.inbound.remotehost import PendingHost, cached_host, needs_host
 from tlsfront.inbound.session import Session, ShutdownNotice
 from tlsfront.inbound.sharedlimits import SharedLimits
 from tlsfront.net.address import Address, split_host_port
 from tlsfront.net.netstream import NetStream
 from tlsfront.net.proxyproto import accept_proxied
 from tlsfront.ops import counters
+from tlsfront.qmail.tcprules import Rules
 from tlsfront.smtp import replies
 
 log = logging.getLogger("tlsfront")
@@ -136,21 +137,6 @@ class ProfileServer:
             await _refuse(stream, profile, refusal)
             return
         try:
-            rules_env: dict[str, str] = {}
-            rules = runtime.rules.get() if runtime.rules is not None else None
-            if rules is not None:
-                if host is None and needs_host(rules):
-                    host = await lookup_host(client.ip, profile.dns_servers)
-                rule = rules.match(client.ip, host)
-                if rule is not None and not rule.allow:
-                    log.info("profile %s: [%s] denied by %s", profile.name, client.ip, rule.source)
-                    counters.connection_refused(profile.name, SessionLabel.DENIED)
-                    await stream.aclose()
-                    return
-                if rule is not None:
-                    rules_env = dict(rule.env)
-            if host is not None:  # after the rule's variables: they cannot misstate it
-                rules_env["TCPREMOTEHOST"] = host
             if profile.mode == "outbound":
                 from tlsfront.outbound.listener import serve_outbound
 
@@ -159,17 +145,61 @@ class ProfileServer:
                 finally:
                     await stream.aclose()
                 return
-            await Session(
-                runtime,
-                stream,
-                client,
-                local,
-                rules_env,
-                tls_rate=self.limits.tls_rate,
-                shutdown=self.shutdown,
-            ).run()
+            rules = runtime.rules.get() if runtime.rules is not None else None
+            confirm = rules is not None and needs_host(rules)
+            known = _known_host(profile, client.ip, host, confirm)
+            if known is not None:
+                await self._serve_inbound(runtime, rules, stream, client, local, known)
+                return
+            # the client's name is looked up beside the session (see remotehost)
+            async with trio.open_nursery() as lookups:
+                pending = PendingHost.start(lookups, client.ip, profile, confirm=confirm)
+                await self._serve_inbound(runtime, rules, stream, client, local, pending)
+                lookups.cancel_scope.cancel()
         finally:
             self.limits.release(profile.name, client.ip)
+
+    async def _serve_inbound(
+        self,
+        runtime: ProfileRuntime,
+        rules: Rules | None,
+        stream: trio.abc.Stream,
+        client: Address,
+        local: Address,
+        host: PendingHost,
+    ) -> None:
+        """An inbound session, after the rules (`=host` keys: the confirmed name)."""
+        profile = runtime.profile
+        rules_env: dict[str, str] = {}
+        if rules is not None:
+            name = (await host.get()).confirmed if needs_host(rules) else None
+            rule = rules.match(client.ip, name)
+            if rule is not None and not rule.allow:
+                log.info("profile %s: [%s] denied by %s", profile.name, client.ip, rule.source)
+                counters.connection_refused(profile.name, SessionLabel.DENIED)
+                await stream.aclose()
+                return
+            if rule is not None:
+                rules_env = dict(rule.env)
+        await Session(
+            runtime,
+            stream,
+            client,
+            local,
+            rules_env,
+            tls_rate=self.limits.tls_rate,
+            shutdown=self.shutdown,
+            remote_host=host,
+        ).run()
+
+
+def _known_host(profile: Profile, ip: str, host: str | None, confirm: bool) -> PendingHost | None:
+    """The client's name without a look-up (tcpserver's, none as with -H, or the
+    cache's), or None: a look-up is due."""
+    if host is not None or not profile.remote_host_lookup:
+        return PendingHost.known(host)
+    cached = cached_host(ip, profile, confirm=confirm)
+    return None if cached is None else PendingHost(cached)
 
 
 async def _refuse(stream: trio.abc.Stream, profile: Profile, why: str) -> None:
@@ -181,6 +211,20 @@ async def _refuse(stream: trio.abc.Stream, profile: Profile, why: str) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     await stream.aclose()
+
+
+def inetd_only(config: Config) -> list[str]:
+    """Profiles with neither `listen` nor `systemd`: `tlsfront inetd -p NAME` serves them."""
+    return [n for n, p in config.profiles.items() if not p.listen and p.systemd is None]
+
+
+def check_something_listens(config: Config) -> None:
+    """`tlsfront run` needs one profile it can listen for; raise StartupError if none."""
+    if len(inetd_only(config)) == len(config.profiles):
+        raise StartupError(
+            "no profile has listen or systemd: nothing for tlsfront run to serve"
+            " (such profiles are for tlsfront inetd -p NAME)"
+        )
 
 
 async def open_listeners(profile: Profile) -> list[trio.SocketListener]:
@@ -294,6 +338,8 @@ class Server:
                 self.addresses[name] = [
                     Address.from_sockaddr(ln.socket.getsockname()) for ln in opened[name]
                 ]
+                if not opened[name]:
+                    log.info("profile %s: no listen: served by tlsfront inetd only", name)
                 for address in self.addresses[name]:
                     log.info("profile %s: listening on [%s]:%d", name, address.ip, address.port)
         except BaseException:
@@ -304,6 +350,8 @@ class Server:
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 for name, server in self.profiles.items():
+                    if not opened[name]:
+                        continue
                     serve = partial(
                         trio.serve_listeners,
                         partial(self._handle, server),

@@ -51,6 +51,7 @@ from tlsfront.inbound.backend import (
     Backend,
     BackendError,
     BackendStarter,
+    ExecBackend,
     start_backend,
     ucspi_environment,
 )
@@ -58,10 +59,12 @@ from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionRecord
 from tlsfront.inbound.relaypolicy import RelayDecision, RelayGrant
+from tlsfront.inbound.remotehost import PendingHost
 from tlsfront.net.address import Address
 from tlsfront.net.netstream import NetStream
 from tlsfront.ops import counters, logs
 from tlsfront.smtp import Dialogue, Outcome, Phase, TraceInfo, build_received
+from tlsfront.smtp.dialogue import Carry
 from tlsfront.smtp.replies import backend_unavailable
 from tlsfront.tls.context import ServerTLS
 from tlsfront.tls.stream import HandshakeFailure, TLSHandshakeError, TLSInfo
@@ -160,6 +163,7 @@ class Session:
         backend_starter: BackendStarter = start_backend,
         tls_rate: TLSRateLimiter | None = None,
         shutdown: ShutdownNotice | None = None,
+        remote_host: PendingHost | None = None,
     ) -> None:
         self.runtime = runtime
         self.profile = runtime.profile
@@ -176,6 +180,7 @@ class Session:
         self._backend_starter = backend_starter
         self._tls_rate = tls_rate
         self.shutdown = shutdown  # set: close at the next idle point (421 4.3.2)
+        self.remote_host = remote_host  # the client's name, looked up beside the session
 
     # ------------------------------------------------------------- the whole
 
@@ -217,15 +222,16 @@ class Session:
                     self.record.end(Outcome.TLS_UNAVAILABLE, "TLS unavailable")
                 return
         swallow_greeting = False
+        carry: Carry | None = None  # after a message dropped mid-body (Phase.RESET)
         while True:
             backend = await self._start_backend()
             if backend is None:
                 return
-            dialogue = self._dialogue(swallow_greeting)
+            dialogue = self._dialogue(swallow_greeting, carry)
             try:
                 await self._run_phase(dialogue, backend)
             finally:
-                if dialogue.phase is not Phase.HANDSHAKE:
+                if dialogue.phase not in _GOES_ON:
                     # The client has had its last reply: it does not wait for
                     # a hung backend to be reaped (up to EXIT_GRACE).
                     await self._close_client()
@@ -238,6 +244,9 @@ class Session:
                     self.record.ending = dialogue.stats.ending
                 if dialogue.backend_error is not None:
                     self.record.backend_failure = dialogue.backend_error.outcome
+            carry = dialogue.carry() if dialogue.phase is Phase.RESET else None
+            if carry is not None:
+                continue  # a fresh backend, the same client
             if dialogue.phase is not Phase.HANDSHAKE:
                 return
             assert self._next_tls is not None
@@ -245,7 +254,7 @@ class Session:
                 return
             swallow_greeting = True
 
-    def _dialogue(self, swallow_greeting: bool) -> Dialogue:
+    def _dialogue(self, swallow_greeting: bool, carry: Carry | None = None) -> Dialogue:
         p = self.profile
         return Dialogue(
             hostname=p.hostname,
@@ -257,6 +266,7 @@ class Session:
             max_message_size=p.max_message_size,
             received=self._received if p.received_header else None,
             swallow_greeting=swallow_greeting,
+            carry=carry,
         )
 
     def _received(self, helo: str | None, esmtp: bool) -> bytes:
@@ -321,12 +331,16 @@ class Session:
         self.record.cert_status = decision.status
         if decision.relay:
             self.record.relay = RelayGrant.CERT
+        # Postfix's words: name[address], the name once its look-up is over
+        name = self.remote_host.peek().name if self.remote_host is not None else None
+        who = f"{name or 'unknown'}[{self.client.ip}]"
+        if decision.server_fault:  # a stale CRL: every certificate is refused
+            log.warning("%s: no valid cert for gatewaying: %s", who, decision.reason)
         if log.isEnabledFor(logging.INFO):  # the fields cost even when not logged
-            # Postfix's words; "unknown": tlsfront does no reverse lookup
             log.info(
-                "%s TLS connection established from unknown[%s]: %s with cipher %s (%d/%d bits)",
+                "%s TLS connection established from %s: %s with cipher %s (%d/%d bits)",
                 decision.status,
-                self.client.ip,
+                who,
                 info.version,
                 info.cipher,
                 info.bits,
@@ -335,6 +349,7 @@ class Session:
                     "tls",
                     {
                         "client_ip": self.client.ip,
+                        "client_host": name,
                         "profile": self.profile.name,
                         "tls_version": info.version,
                         "tls_cipher": info.cipher,
@@ -344,13 +359,9 @@ class Session:
                 ),
             )
             if decision.relay:
-                log.info(
-                    "unknown[%s]: relaying allowed for cert %s", self.client.ip, decision.address
-                )
-            elif decision.cert is not None:
-                log.info(
-                    "unknown[%s]: no valid cert for gatewaying: %s", self.client.ip, decision.reason
-                )
+                log.info("%s: relaying allowed for cert %s", who, decision.address)
+            elif decision.cert is not None and not decision.server_fault:
+                log.info("%s: no valid cert for gatewaying: %s", who, decision.reason)
         return True
 
     # -------------------------------------------------------------- backend
@@ -362,12 +373,17 @@ class Session:
         tls_env = tls_environment(self._tls_info) if self._tls_info else {}
         if decision is not None:
             tls_env.update(decision.env)
+        rules_env = self.rules_env
+        if self.remote_host is not None:  # bounded by remote_host_timeout
+            name = (await self.remote_host.get()).remote_host(p.remote_host_paranoid)
+            if name is not None:  # after the rule's variables: they cannot misstate it
+                rules_env = {**rules_env, "TCPREMOTEHOST": name}
         env = ucspi_environment(
             client=self.client,
             local=self.local,
             hostname=p.hostname,
             profile_env=p.env,
-            rules_env=self.rules_env,
+            rules_env=rules_env,
             tls_env=tls_env,
             relay=relay,
         )
@@ -394,6 +410,9 @@ class Session:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(phase.client_reader)
                 nursery.start_soon(phase.backend_reader)
+                if isinstance(backend, ExecBackend):  # its stderr, logged as lines
+                    backend.stderr.session = self.record.id
+                    nursery.start_soon(backend.stderr.run)
                 await phase.supervise()
                 nursery.cancel_scope.cancel()
         finally:
@@ -401,7 +420,8 @@ class Session:
                 shutdown.unsubscribe(phase.server_stopping)
 
 
-_TERMINAL = frozenset({Phase.CLOSING, Phase.HANDSHAKE})
+_TERMINAL = frozenset({Phase.CLOSING, Phase.HANDSHAKE, Phase.RESET})
+_GOES_ON = frozenset({Phase.HANDSHAKE, Phase.RESET})  # the client stays; a new phase comes
 
 
 class _Phase:

@@ -18,7 +18,14 @@ from tlsfront.config.errors import ConfigError
 from tlsfront.config.files import load_chosen
 from tlsfront.config.schema import Config, Profile
 from tlsfront.net.address import split_host_port
-from tlsfront.tls.certs import CertError, load_ca_bundle, load_crls, load_server_credentials
+from tlsfront.tls.certs import (
+    CertError,
+    load_ca_bundle,
+    load_crls,
+    load_server_credentials,
+    stale_crls,
+)
+from tlsfront.tls.context import issued_by_trusted_root, non_forward_secret
 
 if TYPE_CHECKING:
     from tlsfront.qmail.tcprules import Rules
@@ -73,14 +80,30 @@ def _check_certs(profile: Profile, report: Report, now: datetime.datetime) -> No
                     f"{where}: chain out of order: {child.subject.rfc4514_string()} "
                     f"is not issued by {parent.subject.rfc4514_string()}"
                 )
-        if len(creds.chain) == 1 and leaf.issuer != leaf.subject:
+        lone = len(creds.chain) == 1 and leaf.issuer != leaf.subject
+        if lone and not issued_by_trusted_root(leaf):  # a root's own leaf needs none
             report.warn(
-                f"{where}: no intermediate certificates in the file; clients may "
-                "not be able to build the chain"
+                f"{where}: no intermediate certificates in the file, and its issuer"
+                f" ({leaf.issuer.rfc4514_string()}) is not a root this host trusts;"
+                " clients may not be able to build the chain"
             )
 
 
-def _check_client_files(profile: Profile, report: Report) -> None:
+def _check_ciphers(profile: Profile, report: Report) -> None:
+    if profile.ciphers is None:
+        return
+    weak = non_forward_secret(profile.ciphers)
+    if weak:
+        shown = ", ".join(weak[:4]) + (", ..." if len(weak) > 4 else "")
+        report.warn(
+            f"profile {profile.name}: ciphers enables {len(weak)} TLS 1.2 suite(s) without"
+            f" forward secrecy ({shown}): whoever gets the server key later can read"
+            " recorded sessions; add ':!kRSA:!aNULL' or drop the key (a legacy"
+            " tlsserverciphers is taken as it is)"
+        )
+
+
+def _check_client_files(profile: Profile, report: Report, now: datetime.datetime) -> None:
     from tlsfront.inbound.relaypolicy import RelayListError, read_fingerprints, read_relay_clients
 
     if profile.client_ca is not None:
@@ -93,9 +116,14 @@ def _check_client_files(profile: Profile, report: Report) -> None:
             report.error(f"profile {profile.name}: {exc}")
     if profile.client_crl is not None:
         try:
-            load_crls(profile.client_crl)
+            crls = load_crls(profile.client_crl)
         except CertError as exc:
             report.error(f"profile {profile.name}: {exc}")
+        else:
+            # it refuses every certificate relay; unused without client_cert
+            say = report.error if profile.client_cert != "none" else report.warn
+            for problem in stale_crls(crls, now):
+                say(f"profile {profile.name}: {profile.client_crl}: {problem}")
     try:
         if profile.relay_clients is not None:
             n = len(read_relay_clients(profile.relay_clients))
@@ -143,10 +171,15 @@ def _check_rules(profile: Profile, report: Report) -> Rules | None:
     report.note(f"profile {profile.name}: rules {profile.rules} read")
     from tlsfront.inbound.remotehost import needs_host
 
-    if needs_host(rules):
+    if needs_host(rules) and not profile.remote_host_lookup:
+        report.warn(
+            f"profile {profile.name}: rules have host name (=host) keys, but"
+            " remote_host_lookup = false: they never match (as with tcpserver -H)"
+        )
+    elif needs_host(rules):
         report.note(
-            f"profile {profile.name}: rules have host name (=host) keys: tlsfront looks up"
-            " each client's name, confirmed as tcpserver -p does"
+            f"profile {profile.name}: rules have host name (=host) keys: they match the"
+            " client's name only when it points back to its address, as with tcpserver -p"
         )
     return rules
 
@@ -246,14 +279,35 @@ def check_tcp_backend(
         )
 
 
+def check_route_credentials(profile: Profile, report: Report) -> None:
+    """The credentials files: private, well formed; which routes log in."""
+    from tlsfront.outbound.credentials import CredentialsError, describe_logins
+
+    try:
+        notes = describe_logins(profile)
+    except CredentialsError as exc:
+        report.error(f"profile {profile.name}: {exc}")
+        return
+    for note in notes:
+        report.note(f"profile {profile.name}: {note}")
+
+
 def check_config(config: Config, now: datetime.datetime | None = None) -> Report:
     report = Report()
     now = now or datetime.datetime.now(datetime.UTC)
     for profile in config.profiles.values():
+        if not profile.listen and profile.systemd is None:
+            report.note(
+                f"profile {profile.name}: no listen or systemd: served only through"
+                f" tlsfront inetd -p {profile.name}"
+            )
+        if profile.mode == "outbound":
+            check_route_credentials(profile, report)
         if profile.mode != "inbound":
             continue
         _check_certs(profile, report, now)
-        _check_client_files(profile, report)
+        _check_ciphers(profile, report)
+        _check_client_files(profile, report, now)
         _check_backend(profile, report)
         own_rules = _check_rules(profile, report)
         # the backend tcpserver's own rules file, once the configuration names it

@@ -3,7 +3,8 @@
 The counters live in one registry for the process (`REGISTRY`). A session
 counts itself once, when it ends, from its `SessionRecord`
 (`session_ended`): its outcome, its TLS handshake (version, cipher) or the
-handshake's failure, the relay decision for a client certificate, a backend
+handshake's failure, the relay decision for a client certificate, why it
+could relay (`relay_sessions`: by certificate or by rule), a backend
 failure, and the messages and message bytes it relayed. The server counts
 the connections it refuses before any session starts. Every label that says
 how something ended comes from a fixed set (`tlsfront.inbound.record`).
@@ -53,6 +54,13 @@ RELAY = Counter(
     ["profile", "decision", "cert"],
     registry=REGISTRY,
 )
+RELAY_SESSIONS = Counter(
+    "tlsfront_relay_sessions",
+    "Sessions that could relay (the backend had RELAYCLIENT), by why: a client "
+    "certificate (cert) or a tcprules line or the profile's env (rule)",
+    ["profile", "reason"],
+    registry=REGISTRY,
+)
 BACKEND_FAILURES = Counter(
     "tlsfront_backend_failures",
     "Backends that could not start (start), hung (timeout), went away (exited) or "
@@ -88,6 +96,9 @@ def declare_profiles(names: Iterable[str]) -> None:
         for result in ("accepted", "refused"):
             MESSAGES.labels(name, result)
         MESSAGE_BYTES.labels(name)
+        for grant in RelayGrant:
+            if grant is not RelayGrant.NO:
+                RELAY_SESSIONS.labels(name, grant.value)
     for result in ("ok", "failed"):
         RELOADS.labels(result)
 
@@ -100,6 +111,8 @@ def session_ended(record: SessionRecord) -> None:
         if record.cert_status not in ("none", "Anonymous"):
             decision = "granted" if record.relay is RelayGrant.CERT else "refused"
             RELAY.labels(profile, decision, record.cert_status).inc()
+    if record.relay is not RelayGrant.NO:
+        RELAY_SESSIONS.labels(profile, record.relay.value).inc()
     tls_failure = record.tls_failure_label
     if tls_failure is not None:
         HANDSHAKE_FAILURES.labels(profile, tls_failure).inc()
@@ -128,6 +141,7 @@ __all__ = [
     "MESSAGE_BYTES",
     "REGISTRY",
     "RELAY",
+    "RELAY_SESSIONS",
     "RELOADS",
     "SESSIONS",
     "connection_refused",

@@ -90,8 +90,17 @@ def outbound_metrics() -> Iterator[Metric]:
     )
     for tls, count in sorted(stats.attempts.items()):
         attempts.add_metric([tls], count)
+    logins = CounterMetricFamily(
+        "tlsfront_outbound_logins",
+        "Outbound logins (AUTH) to smarthosts, by result (succeeded, rejected, tempfail, "
+        "unavailable) and mechanism",
+        labels=["result", "mechanism"],
+    )
+    for (result, mechanism), count in sorted(stats.logins.items()):
+        logins.add_metric([result, mechanism], count)
     yield deliveries
     yield attempts
+    yield logins
 
 
 class _Exposed(Collector):

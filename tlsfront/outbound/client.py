@@ -51,6 +51,7 @@ class SmtpClient:
         self._reader = ReplyReader()
         self._replies: list[Reply] = []  # complete, not yet asked for
         self._eof = False
+        self.ehlo: Reply | None = None  # the last reply to EHLO (its AUTH line)
 
     async def read_reply(self, *, final: bool = False) -> Reply:
         """The next reply; `final` for the reply to the final dot."""
@@ -88,6 +89,7 @@ class SmtpClient:
     async def hello(self, name: str) -> set[str]:
         """EHLO (HELO when EHLO is refused); the extension keywords."""
         reply = await self.command(b"EHLO " + name.encode("ascii", "replace"))
+        self.ehlo = reply
         if reply.code == 250:
             return ehlo_keywords(reply)
         if reply.code < 500:

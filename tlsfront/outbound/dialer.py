@@ -15,6 +15,11 @@ passes that answer on. Any failure before MAIL moves on:
 * anything else (connect error, greeting not 220, required TLS missing or
   not verified, timeout) moves to the next address, then the next host.
 
+A host the profile has credentials for (`route_credentials`, `smtproutes`)
+is logged in to after the second EHLO, and only over TLS whose certificate
+was checked: its decision is raised to `verify` first. The server's answer
+to AUTH is final (see `tlsfront.outbound.login`).
+
 When no host is left, the result is a `451` (`4.7.5` when a TLS requirement
 was what failed, `4.4.0` otherwise), so qmail retries later; a domain that
 does not exist, or publishes a null MX, gets the permanent answer
@@ -36,10 +41,19 @@ from tlsfront.outbound import stats
 from tlsfront.outbound.client import RemoteError, SmtpClient
 from tlsfront.outbound.context import Runtime
 from tlsfront.outbound.control import ControlDirs, host_facts
+from tlsfront.outbound.credentials import Login
 from tlsfront.outbound.dane import check_chain, lookup_tlsa
+from tlsfront.outbound.login import log_in
 from tlsfront.outbound.mtasts import StsPolicy
 from tlsfront.outbound.mx import Destination, Dns, DnsFailure, Hop, find_hops
-from tlsfront.outbound.policy import Decision, HostFacts, TlsAttempt, Trust, decide
+from tlsfront.outbound.policy import (
+    Decision,
+    HostFacts,
+    TlsAttempt,
+    Trust,
+    decide,
+    with_credentials,
+)
 from tlsfront.smtp import replies
 from tlsfront.smtp.reply import Reply
 from tlsfront.tls.client import (
@@ -81,6 +95,7 @@ class RemoteSession:
     where: str  # host[address]:port
     tls: TlsInfo
     mail_reply: Reply
+    login: str | None = None  # the user logged in as (AUTH), for the log
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,7 @@ class _Failed:
     reason: str
     tls: bool = False  # a TLS requirement failed
     retry: bool = False  # an optional TLS handshake failed: the next attempt may follow
+    final: Reply | None = None  # the answer for qmail-remote: try nothing else
 
 
 def _where(hop: Hop, address: str) -> str:
@@ -112,12 +128,17 @@ class Dialer:
             if err.permanent:
                 return replies.relay_no_such_domain(err.message)
             return replies.relay_dns_failed(err.message)
+        logins = self.runtime.logins(self.profile).get()
+        if logins is None:
+            return replies.relay_credentials_unreadable()
         sts = await self._sts(dest)
         last, tls_failed = f"{domain}: no host to try", False
         for hop in dest.hops:
-            decision = decide(
-                domain, hop.host, self.profile.tls_policy, await self._facts(dest, hop), sts
-            )
+            facts = await self._facts(dest, hop)
+            decision = decide(domain, hop.host, self.profile.tls_policy, facts, sts)
+            login = logins.find(hop.host, hop.port)
+            if login is not None:
+                decision = with_credentials(decision, hop.host, facts.pem)
             for note in decision.notes:
                 log.warning("outbound domain=%s mx=%s mta-sts testing: %s", domain, hop.host, note)
             if decision.refuse is not None:
@@ -136,9 +157,11 @@ class Dialer:
                 last = f"{hop.host}: no address"
                 continue
             for address in addresses:
-                result = await self._try_address(domain, hop, address, decision, sender)
+                result = await self._try_address(domain, hop, address, decision, sender, login)
                 if isinstance(result, RemoteSession):
                     return result
+                if result.final is not None:
+                    return result.final
                 last, tls_failed = result.reason, tls_failed or result.tls
         if tls_failed:
             return replies.relay_tls_policy_not_met(last)
@@ -166,13 +189,19 @@ class Dialer:
         return dataclasses.replace(facts, tlsa=answer.records, tlsa_unusable=answer.unusable_only)
 
     async def _try_address(
-        self, domain: str, hop: Hop, address: str, decision: Decision, sender: bytes
+        self,
+        domain: str,
+        hop: Hop,
+        address: str,
+        decision: Decision,
+        sender: bytes,
+        login: Login | None,
     ) -> RemoteSession | _Failed:
         attempts = decision.attempts
         for index, attempt in enumerate(attempts):
-            result = await self._attempt(domain, hop, address, decision, attempt, sender)
+            result = await self._attempt(domain, hop, address, decision, attempt, sender, login)
             where = _where(hop, address)
-            if isinstance(result, RemoteSession):
+            if isinstance(result, RemoteSession) or result.final is not None:
                 return result
             stats.record_attempt("failed")
             log.warning(
@@ -212,6 +241,7 @@ class Dialer:
         decision: Decision,
         attempt: TlsAttempt | None,
         sender: bytes,
+        login: Login | None = None,
     ) -> RemoteSession | _Failed:
         where = _where(hop, address)
         try:
@@ -252,12 +282,30 @@ class Dialer:
                             tls=attempt.required,
                             retry=not attempt.required,
                         )
+            if login is not None:
+                refused = await self._log_in(client, login, tls, domain, where)
+                if refused is not None:
+                    return refused
             mail = await client.command(b"MAIL FROM:<" + sender + b">")
         except RemoteError as err:
             await client.aclose()
             return _Failed(f"{where}: {err.reason}")
         stats.record_attempt(tls.label)
-        return RemoteSession(client, domain, where, tls, mail)
+        return RemoteSession(client, domain, where, tls, mail, login.user if login else None)
+
+    async def _log_in(
+        self, client: SmtpClient, login: Login, tls: TlsInfo, domain: str, where: str
+    ) -> _Failed | None:
+        """AUTH, only inside TLS checked for this host; None when logged in."""
+        if not tls.verified:
+            # the decision was raised to verify: this is the last line of defence
+            await client.quit()
+            return _Failed(f"{where}: credentials withheld: TLS not verified", tls=True)
+        final = await log_in(client, login, domain, where)
+        if final is None:
+            return None
+        await client.quit()
+        return _Failed(f"{where}: {final.first_line}", final=final)
 
     async def _starttls(
         self,

@@ -314,7 +314,15 @@ class Relay:
             "outbound domain=%s mx=%s %s result=%s reply=%r",
             self.domain,
             remote.where if remote is not None else "-",
-            remote.tls.describe() if remote is not None else "tls=none",
+            _describe(remote),
             result,
             reply.first_line if reply is not None else "-",
         )
+
+
+def _describe(remote: RemoteSession | None) -> str:
+    """The TLS of a transaction's remote session, and who it logged in as."""
+    if remote is None:
+        return "tls=none"
+    text = remote.tls.describe()
+    return text if remote.login is None else f"{text} login={remote.login}"

@@ -12,6 +12,12 @@ gathered elsewhere; `decide` applies them in this order, first match wins:
 5. DANE (validated, usable TLSA records for the host), then MTA-STS;
 6. opportunistic TLS (`may`).
 
+A route that logs in (it has credentials) needs more: `with_credentials`
+raises its decision to `verify` unless it already authenticates the server
+on every attempt (`verify` by a tlshosts file or the trust store, DANE,
+MTA-STS enforce), so a password never goes out in clear, nor to a server
+whose certificate was not checked.
+
 A decision is a list of attempts on the same host: each a `TlsAttempt` or
 `None` for cleartext. An optional attempt that fails its handshake leads to
 the next one on a new connection; a required one fails the host.
@@ -129,3 +135,18 @@ def decide(
         attempts = (TlsAttempt(Trust.WEBPKI, required=False, audit=True), *_MAY)
         return Decision("mta-sts-testing", "may", attempts, names=(host,), notes=notes)
     return Decision("default", "may", _MAY)
+
+
+def authenticated(decision: Decision) -> bool:
+    """Every attempt requires TLS and checks the server's certificate."""
+    return bool(decision.attempts) and all(
+        a is not None and a.required and not a.audit and a.trust is not Trust.NONE
+        for a in decision.attempts
+    )
+
+
+def with_credentials(decision: Decision, host: str, pem: Path | None) -> Decision:
+    """The decision for a host the relay logs in to: at least `verify`."""
+    if decision.refuse is not None or authenticated(decision):
+        return decision
+    return _level("verify", "credentials", host, pem)

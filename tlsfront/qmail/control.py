@@ -42,6 +42,8 @@ class QmailControl:
     clientcert: Path | None = None
     tlshosts: Path | None = None
     notlshosts: Path | None = None
+    # the qmail-remote AUTH patch's credentials stand in `smtproutes`
+    smtproutes: Path | None = None
 
 
 def _existing(path: Path) -> Path | None:
@@ -50,6 +52,16 @@ def _existing(path: Path) -> Path | None:
     if not os.access(path, os.R_OK):
         raise QmailControlError(path, "exists but is not readable")
     return path
+
+
+# A CRLF file (written on Windows) is refused the same way in tcp.smtp and
+# tlsclients: tcprules refuses such a line, and qmail keeps the CR as part of
+# a control file's line, so the address never matches; either way nothing
+# would work as the admin meant, so tlsfront says so instead of guessing.
+CR_LINE_END = (
+    "the line ends in CR (a CRLF file?): qmail and tcprules read LF line ends only;"
+    " convert the file (dos2unix)"
+)
 
 
 def _read(path: Path) -> str | None:
@@ -109,4 +121,5 @@ def read_control(directory: Path, environ: Mapping[str, str] | None = None) -> Q
         clientcert=_existing(d / "clientcert.pem"),
         tlshosts=dirs["tlshosts"] if dirs["tlshosts"].is_dir() else None,
         notlshosts=dirs["notlshosts"] if dirs["notlshosts"].is_dir() else None,
+        smtproutes=_existing(d / "smtproutes"),
     )

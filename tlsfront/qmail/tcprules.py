@@ -10,8 +10,9 @@ Compiling (`Rules.parse`), line by line as tcprules does:
 
 - `#` in the first column starts a comment; trailing spaces, tabs and the
   newline are dropped; a line without `:` is skipped (tcprules skips it
-  silently, we also record a warning). Only LF ends a line, so a CRLF file
-  fails on its first rule, as with tcprules.
+  silently, we also record a warning). Only LF ends a line: a line that
+  ends in CR (a CRLF file) is an error, as with tcprules, and as a CRLF
+  `tlsclients` is (`CR_LINE_END`).
 - The key is everything before the first `:` that is followed by `allow` or
   `deny` (the IPv6 tcprules of Debian's ucspi-tcp-ipv6 finds it that way, so
   `::1:allow` has the key `::1`; for every line the IPv4 tcprules accepts
@@ -64,6 +65,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from tlsfront.net.address import unmap
+from tlsfront.qmail.control import CR_LINE_END
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -254,6 +256,8 @@ class Rules:
                 continue
             where = f"{path}:{number}"
             line = line.rstrip(_TRAILING_BLANKS)
+            if line.endswith("\r"):
+                raise RulesError(path, number, CR_LINE_END)
             parts = _split(line)
             if parts is None:
                 if line:
@@ -265,10 +269,7 @@ class Rules:
                 expanded = _expand(address)
                 targets = [(key, _network(key)) for key in expanded]
             except _LineError as exc:
-                message = str(exc)
-                if line.endswith("\r"):
-                    message += " (the line ends in CR: tcprules reads LF line ends only)"
-                raise RulesError(path, number, message) from None
+                raise RulesError(path, number, str(exc)) from None
             if not expanded:
                 warnings.append(f"{where}: range {address!r} is empty: no address matches it")
             frozen_env = MappingProxyType(env)

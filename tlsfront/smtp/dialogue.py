@@ -36,6 +36,16 @@ Three commands change how client bytes are read:
   be had), and does the handshake. After TLS the shell builds a new
   `Dialogue` with a fresh backend: nothing from before TLS survives.
 
+A message over `max_message_size` is refused, and the session goes on, as
+with qmail-smtpd's databytes (RFC 5321 §4.5.3.1.10): the backend's input is
+closed at once without an end of data (it queues nothing and exits), the
+rest of the body is read and dropped, and the client's end of data gets
+`552`. Then `phase` is `RESET`: the shell starts a fresh backend and a new
+`Dialogue` with what this one hands over (`carry`): the client's HELO or
+EHLO, replayed to the new backend with its reply and greeting swallowed,
+and the client bytes read but not yet taken (commands pipelined behind the
+dot). RSET, MAIL and QUIT then work as after any refused message.
+
 The phases and the events that move between them are one table,
 `TRANSITIONS` in `tlsfront.smtp.phases`; every change of `phase` goes
 through `_move`, which refuses a move the table does not have. A phase change that the shell
@@ -77,6 +87,15 @@ class _Pending:
     reply: Reply | None = None
     swallow: bool = False  # the fresh backend's greeting after TLS
     close_after: bool = False  # a fatal local error: close once it is sent
+    reset_after: bool = False  # the 552 of a dropped message: a fresh backend next
+
+
+@dataclass(frozen=True)
+class Carry:
+    """What a dialogue in `RESET` hands to the next one (see the module doc)."""
+
+    hello: Command | None  # the client's last accepted HELO/EHLO, for the new backend
+    client_bytes: bytes  # read from the client and not yet taken
 
 
 # Keywords tlsfront never passes on from the backend's EHLO reply: STARTTLS
@@ -121,7 +140,9 @@ class Dialogue:
         max_pipeline: int = 100,
         received: Callable[[str | None, bool], bytes] | None = None,
         swallow_greeting: bool = False,
+        carry: Carry | None = None,
     ) -> None:
+        """`carry`: a session that goes on after a dropped message (see the module doc)."""
         self.hostname = hostname
         self.tls_offered = tls_offered
         self.tls_active = tls_active
@@ -146,8 +167,19 @@ class Dialogue:
         self._awaiting: list[_Pending] = []  # entries waiting for a backend reply
         self._body: BodyScanner | None = None
         self._backend_dead: Ending | None = None
+        self._dropped: Reply | None = None  # the 552 owed for a message refused mid-body
+        self._hello: Command | None = None  # the client's last accepted HELO/EHLO
         self.backend_should_close = False
-        self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting))
+        self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting or carry is not None))
+        if carry is not None:
+            if carry.hello is not None:
+                kind = _Kind.EHLO if carry.hello.verb == "EHLO" else _Kind.HELO
+                self._forward(_Pending(kind, carry.hello, swallow=True))
+            self._client_buffer += carry.client_bytes
+
+    def carry(self) -> Carry:
+        """What the next dialogue takes over, in `RESET`."""
+        return Carry(self._hello, bytes(self._client_buffer))
 
     # ------------------------------------------------------------------ output
 
@@ -204,7 +236,7 @@ class Dialogue:
     @property
     def waiting_for(self) -> Side | None:
         """'backend' while a reply is owed by it, 'client' while the client must speak."""
-        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE, Phase.STARTTLS_READY):
+        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE, Phase.STARTTLS_READY, Phase.RESET):
             return None
         if self._awaiting:
             return "backend"
@@ -243,7 +275,7 @@ class Dialogue:
 
     def receive_backend(self, data: bytes) -> None:
         """Bytes read from the backend; b"" when it closed its output."""
-        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE):
+        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._dropped is not None:
             return  # the old backend is being shut down; nothing it says counts
         if not data:
             self.backend_failed(Outcome.BACKEND_EXITED, "backend closed the connection")
@@ -279,6 +311,8 @@ class Dialogue:
         """The backend died, hung or spoke nonsense: 4xx to the client, never 250."""
         if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._backend_dead is not None:
             return
+        if self._dropped is not None:
+            return  # its input was closed on purpose: a fresh one comes (RESET)
         self._backend_dead = Ending(outcome, why)
         self.backend_should_close = True
         self.stats.events.append(why)
@@ -401,7 +435,7 @@ class Dialogue:
             if not entry.swallow:
                 self._to_client += entry.reply.raw
             self._after_reply(entry, entry.reply)
-            if self.closing:
+            if self.phase in (Phase.CLOSING, Phase.RESET):
                 return
         if self._pending and self._pending[0].kind is _Kind.STARTTLS:
             if self.phase is Phase.STARTTLS_WAIT:
@@ -421,6 +455,7 @@ class Dialogue:
         kind = entry.kind
         if kind in (_Kind.HELO, _Kind.EHLO) and reply.code == 250:
             assert entry.command is not None
+            self._hello = entry.command
             self.stats.helo = entry.command.args.decode("utf-8", "replace") or None
             self._esmtp = kind is _Kind.EHLO
         elif kind is _Kind.QUIT:
@@ -430,6 +465,8 @@ class Dialogue:
                 self.stats.messages += 1
             else:
                 self.stats.refused += 1
+            if entry.reset_after:
+                self._move(Event.MESSAGE_DROPPED)
         elif kind is _Kind.DATA:
             self._after_data(reply)
 
@@ -450,6 +487,8 @@ class Dialogue:
 
     def _process_client(self) -> None:
         while self._client_buffer and self.phase in (Phase.COMMAND, Phase.BODY):
+            if self._dropped is not None and self.phase is Phase.COMMAND:
+                return  # kept for the next dialogue (`carry`)
             if self.phase is Phase.BODY:
                 self._process_body()
                 continue
@@ -537,11 +576,18 @@ class Dialogue:
         try:
             result = self._body.feed(data)
         except RemoteProtocolError as exc:
-            self.stats.refused += 1
             self.stats.events.append(exc.text)
-            self._to_client += exc.reply
-            self._close(Outcome.PROTOCOL_ERROR, exc.text)
-            return
+            if exc.code == 552 and self._dropped is None:
+                # Too big: refused, but not a protocol error. The backend
+                # gets no end of data; the rest of the body is dropped.
+                self._dropped = replies.of_error(exc)
+                self.backend_should_close = True
+                result = self._body.feed(b"")
+            else:
+                self.stats.refused += 1
+                self._to_client += exc.reply
+                self._close(Outcome.PROTOCOL_ERROR, exc.text)
+                return
         self.stats.body_bytes += len(result.forward)
         if self._backend_dead is None:
             self._send_backend(result.forward)
@@ -550,6 +596,10 @@ class Dialogue:
         self._body = None
         self._move(Event.BODY_END)
         self._client_buffer += result.rest
+        if self._dropped is not None:  # answered now; a fresh backend next (RESET)
+            self._pending.append(_Pending(_Kind.DOT, reply=self._dropped, reset_after=True))
+            self._deliver()
+            return
         if self._backend_dead is not None:
             self.stats.refused += 1
             self._to_client += replies.message_lost().raw

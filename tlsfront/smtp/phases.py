@@ -11,6 +11,7 @@ cause.
     COMMAND --STARTTLS_READ--> STARTTLS_WAIT --STARTTLS_DUE--> STARTTLS_READY
     STARTTLS_READY --TLS_ACCEPTED--> HANDSHAKE
     STARTTLS_READY --TLS_REFUSED--> COMMAND
+    COMMAND --MESSAGE_DROPPED--> RESET
     any phase --CLOSE--> CLOSING
 """
 
@@ -28,6 +29,7 @@ class Phase(enum.Enum):
     STARTTLS_READY = "starttls-ready"  # the shell must accept or refuse STARTTLS now
     HANDSHAKE = "handshake"  # 220 queued: the shell does the TLS handshake
     CLOSING = "closing"  # send what the client outbox holds, then close both sides
+    RESET = "reset"  # a message was refused mid-body: the shell starts a fresh backend
 
 
 class Event(enum.Enum):
@@ -41,6 +43,7 @@ class Event(enum.Enum):
     STARTTLS_DUE = "every reply owed before STARTTLS sent"
     TLS_ACCEPTED = "220 to STARTTLS"
     TLS_REFUSED = "454 to STARTTLS"
+    MESSAGE_DROPPED = "552 sent for a message refused mid-body"
     CLOSE = "the session ends"
 
 
@@ -49,6 +52,7 @@ TRANSITIONS: dict[Phase, dict[Event, Phase]] = {
     Phase.COMMAND: {
         Event.DATA_SENT: Phase.DATA_WAIT,
         Event.STARTTLS_READ: Phase.STARTTLS_WAIT,
+        Event.MESSAGE_DROPPED: Phase.RESET,
         Event.CLOSE: Phase.CLOSING,
     },
     Phase.DATA_WAIT: {
@@ -70,6 +74,7 @@ TRANSITIONS: dict[Phase, dict[Event, Phase]] = {
         Event.CLOSE: Phase.CLOSING,
     },
     Phase.HANDSHAKE: {Event.CLOSE: Phase.CLOSING},  # the client went away before it
+    Phase.RESET: {Event.CLOSE: Phase.CLOSING},
     Phase.CLOSING: {Event.CLOSE: Phase.CLOSING},  # a second cause changes nothing
 }
 

@@ -226,3 +226,23 @@ def relay_tls_policy_not_met(why: str) -> Reply:
 
 def relay_unreachable(why: str) -> Reply:
     return _reply(451, "4.4.0", f"no remote host reachable: {why}")
+
+
+def relay_credentials_unreadable() -> Reply:
+    """The route credentials files have never been read (the log says why)."""
+    return _reply(451, "4.3.0", "route credentials cannot be read, see the log")
+
+
+def relay_login_refused(where: str, user: str, said: str) -> Reply:
+    """The smarthost refused the login (5xx): permanent, so qmail bounces with its words."""
+    return _reply(554, "5.7.8", f"{where} refused the login as {user}: {said}")
+
+
+def relay_login_failed(where: str, user: str, said: str) -> Reply:
+    """The smarthost could not check the login now (4xx): qmail retries."""
+    return _reply(451, "4.7.0", f"{where}: login as {user} failed for now: {said}")
+
+
+def relay_login_impossible(where: str, user: str, why: str) -> Reply:
+    """No mechanism both sides speak: a configuration matter, the mail waits."""
+    return _reply(451, "4.7.0", f"{where}: cannot log in as {user}: {why}")

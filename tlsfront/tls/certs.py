@@ -16,7 +16,7 @@ import ipaddress
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ __all__ = [
     "normalize_fingerprint",
     "peer_certificate",
     "sanitize",
+    "stale_crls",
 ]
 
 
@@ -185,6 +186,30 @@ def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
     if not crls:
         raise CertError(path, "no CRL found (expected PEM 'BEGIN X509 CRL')")
     return crls
+
+
+def stale_crls(crls: Sequence[x509.CertificateRevocationList], now: datetime.datetime) -> list[str]:
+    """Why each CRL OpenSSL would refuse is unusable (past nextUpdate, not yet valid).
+
+    With CRL checking on, a certificate whose issuer's CRL is stale does
+    not verify: one stale CRL refuses every certificate of that CA.
+    """
+    problems = []
+    for n, crl in enumerate(crls, 1):
+        issuer = crl.issuer.rfc4514_string()
+        last = crl.last_update_utc
+        if last > now:
+            problems.append(
+                f"CRL {n} (issuer {issuer}) is not valid before {last:%Y-%m-%d %H:%M} UTC"
+            )
+        following = crl.next_update_utc
+        if following is not None and following < now:
+            problems.append(
+                f"CRL {n} (issuer {issuer}) is past its nextUpdate ({following:%Y-%m-%d %H:%M}"
+                " UTC): OpenSSL refuses every client certificate of that CA until a fresh CRL"
+                " is installed"
+            )
+    return problems
 
 
 def cert_expiry(path: Path) -> datetime.datetime:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Literal
 
 import trio
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
@@ -58,6 +59,8 @@ __all__ = [
     "ServerTLS",
     "TLSConfigError",
     "TLSSettings",
+    "issued_by_trusted_root",
+    "non_forward_secret",
 ]
 
 
@@ -364,3 +367,41 @@ def _configure_client_auth(ctx: SSL.Context, settings: TLSSettings) -> None:
     ctx.set_verify(mode, _make_verify_callback(settings.client_cert == "require"))
     # A resumed session skips verification: no cache, no tickets.
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+
+
+# -- questions `tlsfront check` asks of the TLS library ------------------------------
+
+
+def issued_by_trusted_root(leaf: x509.Certificate) -> bool:
+    """Whether this host's trust store (OpenSSL's default paths, `SSL_CERT_FILE`)
+    completes `leaf`'s chain with a root alone: nothing in between is missing."""
+    ssl_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ssl_context.set_default_verify_paths()
+    store = ssl_context.get_cert_store()
+    if store is None:
+        return False
+    context = crypto.X509StoreContext(store, crypto.X509.from_cryptography(leaf))
+    try:
+        chain = context.get_verified_chain()
+    except crypto.X509StoreContextError:
+        return False
+    return len(chain) == 2
+
+
+def non_forward_secret(ciphers: str) -> list[str]:
+    """The suites a TLS <= 1.2 cipher string enables without forward secrecy
+    (RSA key exchange) or without authentication (anonymous DH). PSK and SRP
+    suites are left out: without their callbacks they are never chosen."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    try:
+        ctx.set_cipher_list(ciphers.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        return []  # refused when the context is built, with its own message
+    names = SSL.Connection(ctx, None).get_cipher_list()
+    weak = []
+    for name in names:
+        if name.startswith(("TLS_", "SRP-")) or "PSK" in name:  # TLS 1.3 or never chosen
+            continue
+        if name.startswith(("ADH-", "AECDH-")) or not name.startswith(("ECDHE-", "DHE-")):
+            weak.append(name)
+    return weak
