@@ -18,8 +18,10 @@ smallest. `tlsfront_metrics_workers` says how many workers answered: one
 that is being started again after a death is left out of that scrape
 (with its counters, which died with it, as they do with a single process).
 
-Only a process of the same user may read a worker's socket (the peer's
-credentials are checked on both ends).
+Only a process of the same user may read a worker's socket, and worker 0
+reads only from one of its own user (the peer's credentials are checked
+on both ends); a worker whose name is taken serves on, and its figures
+are missing from the sum.
 """
 
 from __future__ import annotations
@@ -86,13 +88,20 @@ async def serve_worker_figures(
 ) -> None:
     """Answer each connection to this worker's private socket with its figures."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(worker_address(tag, index))
-    sock.listen(16)
-    task_status.started()
-    async with trio.open_nursery() as nursery:
-        while True:
-            conn, _ = await sock.accept()
-            nursery.start_soon(_answer, conn, exposed)
+    try:
+        await sock.bind(worker_address(tag, index))
+    except OSError as exc:  # the name is taken: serve on, only without the sum's share
+        log.error("worker %d: cannot serve its figures to worker 0: %s", index, exc)
+        sock.close()
+        task_status.started()
+        return
+    with sock:
+        sock.listen(16)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await sock.accept()
+                nursery.start_soon(_answer, conn, exposed)
 
 
 async def _answer(conn: trio.socket.SocketType, exposed: Collector) -> None:
