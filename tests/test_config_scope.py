@@ -60,6 +60,10 @@ SAMPLES: dict[str, tuple[str, dict[str, str]]] = {
     "relay_source_address": ('"127.0.0.3"', {"backend_connect": '"127.0.0.1:25"'}),
     "backend_rules": ('"tcp.smtp"', {"backend_connect": '"127.0.0.1:25"'}),
     "env": ("{ X = '1' }", {}),
+    "env_inherit": ('["QMAILQUEUE"]', {}),
+    "user": ('"nobody"', {}),
+    "group": ('"nogroup"', {"user": '"nobody"'}),
+    "allow_root_backend": ("true", {}),
     "rules": ('"tcp.smtp"', {}),
     "received_header": ("false", {}),
     "remote_host_lookup": ("false", {}),
@@ -160,8 +164,9 @@ def test_qmail_control_is_taken_by_both_modes(tmp_path: Path) -> None:
 
 # -- every accepted key is read by the code that serves its mode -------------------
 
-# modules that serve profiles of every mode (listeners, limits, sockets)
-EVERY_MODE = {"inbound/server.py", "ops/systemd.py", "ops/workers.py"}
+# modules that serve profiles of every mode (listeners, limits, sockets, the
+# account workers serve as)
+EVERY_MODE = {"inbound/server.py", "ops/systemd.py", "ops/workers.py", "ops/privileges.py"}
 # keys consumed while loading: they fill other keys (tested above)
 LOAD_TIME = {"qmail_control"}
 

@@ -89,7 +89,9 @@ def for_the_test(text: str, capture: Path) -> str:
 def test_check_accepts_the_output(tmp_path: Path, imported: str) -> None:
     capture = tmp_path / "capture"
     config = tmp_path / "tlsfront.toml"
-    config.write_text(for_the_test(imported, capture))
+    # the account qmail-smtpd runs as: qmaild where qmail is installed
+    text = for_the_test(imported, capture).replace("[defaults]\n", '[defaults]\nuser = "nobody"\n')
+    config.write_text(text)
     result = tlsfront("check", "-c", str(config))
     assert result.returncode == 0, result.stdout
     assert result.stdout.endswith("OK: 0 error(s), 0 warning(s)\n")

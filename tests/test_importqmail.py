@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -273,3 +274,17 @@ def test_backend_is_in_the_qmail_home(tmp_path: Path, ca: trustme.CA) -> None:
     control = make_control(tmp_path / "home" / "control", ca)
     _, data = render(control)
     assert data["defaults"]["backend"] == [str(tmp_path / "home" / "bin" / "qmail-smtpd")]
+
+
+def test_the_account_of_qmails_own_run_script(tmp_path: Path, ca: trustme.CA) -> None:
+    """Without a run script, qmaild:nofiles when this host has them; else it says so."""
+    control = make_control(tmp_path / "control", ca, ("me",))
+    text, data = render(control, backend=["/bin/cat"])
+    try:
+        pwd.getpwnam("qmaild")
+    except KeyError:
+        assert "user" not in data["defaults"]
+        assert "# No qmaild account here: set user (and group)" in text
+    else:
+        assert data["defaults"]["user"] == "qmaild"
+        assert "No qmaild account here" not in text

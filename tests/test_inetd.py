@@ -1,13 +1,17 @@
 """`tlsfront inetd -p PROFILE`: one connection on stdin/stdout, as a real process.
 
 Over a socket pair (inetd, systemd `Accept=yes`) and under a real `tcpserver`,
-as a daemontools or runit run script starts it. What tlsfront's own
-environment holds (a RELAYCLIENT from the parent or from tcpserver's rules)
-never reaches the backend; the profile's `rules` do.
+as a daemontools or runit run script starts it. tlsfront is one link of a
+UCSPI chain there: what its own environment holds (the run script's exports,
+what tcpserver's rules set for the client, RELAYCLIENT included) reaches the
+backend, as through rblsmtpd; the variables tlsfront owns (the client's
+address and name, the SSL_* ones) are its own whatever it inherited; the
+profile's `rules` apply on top.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import smtplib
 import socket
@@ -15,14 +19,17 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 import trustme
-from support.front import capture_backend, toml_str
+from support.front import BACKENDS, capture_backend, toml_str
 from support.ucspi import Lines, sessions, tcpserver
 
 from tlsfront.config.files import load_config
 from tlsfront.inbound.server import Server
+
+QUEUE = BACKENDS / "queue.py"
 
 PROFILE = """
 [profile.smtp]
@@ -33,7 +40,7 @@ rules = {rules}
 """
 
 
-def write_setup(tmp_path: Path, tls_dir: Path, rules: str) -> tuple[Path, Path]:
+def write_setup(tmp_path: Path, tls_dir: Path, rules: str, *extra: str) -> tuple[Path, Path]:
     """A config with a capture backend and these tcprules; (config, capture dir)."""
     capture = tmp_path / "capture"
     capture.mkdir()
@@ -43,11 +50,24 @@ def write_setup(tmp_path: Path, tls_dir: Path, rules: str) -> tuple[Path, Path]:
     config.write_text(
         PROFILE.format(
             cert=toml_str(tls_dir / "servercert.pem"),
-            backend=capture_backend(capture),
+            backend=capture_backend(capture, *extra),
             rules=toml_str(rules_path),
         )
     )
     return config, capture
+
+
+def queue_program(tmp_path: Path) -> Path:
+    """A QMAILQUEUE program recording what it is given into tmp_path/queued."""
+    (tmp_path / "queued").mkdir()
+    script = tmp_path / "queue"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} {QUEUE} {tmp_path / 'queued'}\n")
+    script.chmod(0o755)
+    return script
+
+
+def queued_messages(directory: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(directory.glob("queued-*.json"))]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -90,9 +110,12 @@ PARENT_ENV = {
     "TCPLOCALIP": "192.0.2.1",
     "TCPLOCALPORT": "25",
     "TCPREMOTEHOST": "Client.Example.NET.",
-    # what must not reach the backend (THREATS rows 8 and 10)
-    "RELAYCLIENT": "",
+    # a run script's export: passed on
     "FROM_PARENT": "yes",
+    # owned by tlsfront: what the parent says is replaced or dropped
+    "SSL_CLIENT_S_DN": "CN=forged",
+    "SSL_PROTOCOL": "forged",
+    "LISTEN_FDS": "7",
 }
 
 
@@ -116,7 +139,7 @@ async def test_socketpair_under_tcpserver_variables(
         lines = Lines(tls)
         assert b"STARTTLS" not in await lines.command(b"EHLO client.example.net")
         assert (await lines.command(b"MAIL FROM:<a@example.net>")).startswith(b"250 ")
-        # a stray RELAYCLIENT in tlsfront's own environment relays nothing
+        # no RELAYCLIENT from the parent, nor from the rule for this address
         assert (await lines.command(b"RCPT TO:<c@example.com>")).startswith(b"553 ")
         assert (await lines.command(b"RCPT TO:<b@example.org>")).startswith(b"250 ")
         assert (await lines.command(b"DATA")).startswith(b"354 ")
@@ -132,7 +155,10 @@ async def test_socketpair_under_tcpserver_variables(
     assert env["TCPREMOTEHOST"] == "client.example.net"
     assert env["FROM_RULES"] == "yes"  # the profile's rules, for the address tcpserver named
     assert "RELAYCLIENT" not in env
-    assert "FROM_PARENT" not in env
+    assert env["FROM_PARENT"] == "yes"
+    assert "SSL_CLIENT_S_DN" not in env
+    assert env["SSL_PROTOCOL"].startswith("TLSv1.")
+    assert "LISTEN_FDS" not in env
     (body,) = after_tls["messages"]
     assert body.startswith(b"Received: from client.example.net ([192.0.2.7])\r\n")
 
@@ -161,7 +187,7 @@ async def test_accepted_socket_gives_the_client_address(tmp_path: Path, tls_dir:
         client = socket.create_connection(listener.getsockname())
         accepted, _ = listener.accept()
         local_port, client_port = listener.getsockname()[1], client.getsockname()[1]
-    process = spawn(config, accepted, {"RELAYCLIENT": ""})
+    process = spawn(config, accepted, {"FROM_UNIT": "yes"})
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(client))
     with trio.fail_after(30):
         lines = Lines(stream)
@@ -177,6 +203,7 @@ async def test_accepted_socket_gives_the_client_address(tmp_path: Path, tls_dir:
     assert (env["TCPREMOTEIP"], env["TCPREMOTEPORT"]) == ("127.0.0.1", str(client_port))
     assert (env["TCPLOCALIP"], env["TCPLOCALPORT"]) == ("127.0.0.1", str(local_port))
     assert env["FROM_RULES"] == "local"
+    assert env["FROM_UNIT"] == "yes"  # the unit's Environment=, as a run script's export
     assert "RELAYCLIENT" not in env
     assert "TCPREMOTEHOST" not in env
 
@@ -215,21 +242,26 @@ async def test_under_tcpserver(
 ) -> None:
     """`tcpserver ... tlsfront inetd -p smtp`: the run-script drop-in.
 
-    tcpserver's own rules (-x) give tlsfront RELAYCLIENT and a variable, and
-    its parent gives it RELAYCLIENT too: the backend gets neither, only the
-    variables of tlsfront's `rules`, and the client address tcpserver saw.
+    The run script exports QMAILQUEUE (a capture program standing in for
+    simscan) and DATABYTES; tcpserver's own rules (-x) give 127.0.0.1
+    RELAYCLIENT and a variable. The backend gets all of it, as qmail-smtpd
+    got it from tcpserver: the message is relayed, and queued through the
+    run script's QMAILQUEUE.
     """
-    config, capture = write_setup(tmp_path, tls_dir, '127.0.0.1:allow,FROM_RULES="yes"\n')
+    config, capture = write_setup(
+        tmp_path, tls_dir, '127.0.0.1:allow,FROM_RULES="yes"\n', "--qmailqueue"
+    )
+    queue = queue_program(tmp_path)
     outer = tmp_path / "tcp.outer"
     outer.write_text('127.0.0.1:allow,RELAYCLIENT="",FROM_TCPSERVER="yes"\n:deny\n')
     log = tmp_path / "tcpserver.log"
-    async with tcpserver(inetd_argv(config), log, rules=outer, env={"RELAYCLIENT": ""}) as port:
+    exports = {"QMAILQUEUE": str(queue), "DATABYTES": "20000000", "CHKUSER_START": "ALWAYS"}
+    async with tcpserver(inetd_argv(config), log, rules=outer, env=exports) as port:
         with trio.fail_after(60):
             refused, client_port = await trio.to_thread.run_sync(
                 lambda: smtp_session(port, client_context, ["b@example.org", "c@example.com"])
             )
-    assert list(refused) == ["c@example.com"]
-    assert refused["c@example.com"][0] == 553
+    assert refused == {}  # tcp.smtp's RELAYCLIENT for 127.0.0.1 lets it relay
     assert "tcpserver: ok " in log.read_text()
     plain, after_tls = sessions(capture)
     for session in (plain, after_tls):
@@ -237,11 +269,36 @@ async def test_under_tcpserver(
         assert (env["TCPREMOTEIP"], env["TCPREMOTEPORT"]) == ("127.0.0.1", str(client_port))
         assert (env["TCPLOCALIP"], env["TCPLOCALPORT"]) == ("127.0.0.1", str(port))
         assert env["FROM_RULES"] == "yes"
-        assert "FROM_TCPSERVER" not in env
-        assert "RELAYCLIENT" not in env
+        assert env["FROM_TCPSERVER"] == "yes"
+        assert env["RELAYCLIENT"] == ""
+        assert (env["DATABYTES"], env["CHKUSER_START"]) == ("20000000", "ALWAYS")
     assert after_tls["env"]["SSL_PROTOCOL"].startswith("TLSv1.")
     (envelope,) = after_tls["envelopes"]
-    assert envelope["to"] == ["b@example.org"]
+    assert envelope["to"] == ["b@example.org", "c@example.com"]
+    assert after_tls["queued"] == [0]
+    (queued,) = queued_messages(tmp_path / "queued")
+    assert queued["from"] == "a@example.net"
+    assert queued["to"] == ["b@example.org", "c@example.com"]
+    assert "Hello." in queued["message"]
+
+
+async def test_under_tcpserver_without_a_relay_rule(
+    tmp_path: Path, tls_dir: Path, client_context: ssl.SSLContext
+) -> None:
+    """The control: without tcp.smtp's RELAYCLIENT the same client may not relay."""
+    config, capture = write_setup(tmp_path, tls_dir, ":allow\n")
+    outer = tmp_path / "tcp.outer"
+    outer.write_text('127.0.0.1:allow,FROM_TCPSERVER="yes"\n:deny\n')
+    async with tcpserver(inetd_argv(config), tmp_path / "tcpserver.log", rules=outer) as port:
+        with trio.fail_after(60):
+            refused, _ = await trio.to_thread.run_sync(
+                lambda: smtp_session(port, client_context, ["b@example.org", "c@example.com"])
+            )
+    assert list(refused) == ["c@example.com"]
+    assert refused["c@example.com"][0] == 553
+    _, after_tls = sessions(capture)
+    assert after_tls["env"]["FROM_TCPSERVER"] == "yes"
+    assert "RELAYCLIENT" not in after_tls["env"]
 
 
 async def test_under_tcpserver_rules_deny(tmp_path: Path, tls_dir: Path) -> None:

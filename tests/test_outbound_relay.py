@@ -23,7 +23,8 @@ from support.outbound_fakes import (
 )
 
 from tlsfront.config.files import config_from_dict
-from tlsfront.outbound import serve_outbound, stats
+from tlsfront.outbound import stats
+from tlsfront.outbound.listener import serve_outbound
 
 MX = "mx.example.test"
 RCPT = b"bob@example.test"

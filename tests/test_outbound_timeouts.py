@@ -14,7 +14,7 @@ from support.outbound_fakes import (
     relay_message,
 )
 
-from tlsfront.outbound import serve_outbound
+from tlsfront.outbound.listener import serve_outbound
 
 RCPT = b"bob@example.test"
 ROUTES = {"example.test": "192.0.2.1:25"}  # never dialled: the connector is in memory

@@ -31,6 +31,7 @@ CONFIG = """
 [defaults]
 hostname = "{hostname}"
 workers = 1  # one process: these tests watch its own notifications
+allow_root_backend = true  # as root (CI), the capture backend stays root
 state_dir = {state}
 
 [profile.smtp]

@@ -296,7 +296,9 @@ def test_check_variables_that_cannot_travel(tmp_path: Path) -> None:
 
 
 def test_check_exec_backend_has_no_tcp_warnings(tmp_path: Path) -> None:
-    report = check(tmp_path, 'backend = ["/bin/cat"]\n', '127.:allow,RELAYCLIENT=""\n')
+    report = check(
+        tmp_path, 'backend = ["/bin/cat"]\nuser = "nobody"\n', '127.:allow,RELAYCLIENT=""\n'
+    )
     assert (report.errors, report.warnings) == ([], [])
 
 

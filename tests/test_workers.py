@@ -20,6 +20,7 @@ CONFIG = """
 hostname = "front.example.org"
 workers = 2
 shutdown_grace = 5
+allow_root_backend = true  # as root (CI), the capture backend stays root
 
 [profile.smtp]
 listen = ["127.0.0.1:0"]
@@ -110,6 +111,7 @@ hostname = "front.example.org"
 workers = 2
 shutdown_grace = 5
 metrics_listen = "127.0.0.1:0"
+allow_root_backend = true  # as root (CI), the capture backend stays root
 
 [profile.smtp]
 listen = ["127.0.0.1:0"]

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
-from functools import partial
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import trio
 
@@ -21,11 +21,17 @@ from tlsfront.config.files import load_chosen
 from tlsfront.config.schema import Config
 from tlsfront.ops import logs
 from tlsfront.ops.systemd import SystemdError
-from tlsfront.ops.workers import WorkerPlace
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from prometheus_client.registry import Collector
+
+    from tlsfront.config.account import Account
     from tlsfront.inbound.server import Server
+    from tlsfront.ops.metrics_endpoint import Gatherer
     from tlsfront.ops.systemd import Notifier, PassedSocket
+    from tlsfront.ops.workers import WorkerMain, WorkerPlace
 
 log = logging.getLogger("tlsfront")
 
@@ -33,8 +39,12 @@ log = logging.getLogger("tlsfront")
 STATUS_EVERY = 5.0
 
 
+# `run --log-stdout`: logs go to standard output (multilog, svlogd), reloads included
+_log_stream: IO[str] | None = None
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    logs.setup(level, fmt)
+    logs.setup(level, fmt, _log_stream)
 
 
 def load(path: str | None) -> Config:
@@ -57,6 +67,7 @@ def _startup_errors(exc: BaseException) -> list[BaseException] | None:
     """The errors inside `exc` (an exception group from a nursery, maybe) when
     all of them are start-up errors that deserve a line, not a traceback."""
     from tlsfront.inbound.server import StartupError
+    from tlsfront.ops.privileges import PrivilegeError
 
     if isinstance(exc, BaseExceptionGroup):
         found: list[BaseException] = []
@@ -66,7 +77,7 @@ def _startup_errors(exc: BaseException) -> list[BaseException] | None:
                 return None
             found += errors
         return found
-    if isinstance(exc, ConfigError | StartupError | SystemdError):
+    if isinstance(exc, ConfigError | StartupError | SystemdError | PrivilegeError):
         return [exc]
     return None
 
@@ -75,6 +86,7 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     """SIGHUP: the configuration and every file it names, read again."""
     from tlsfront.inbound.server import StartupError
     from tlsfront.ops import counters
+    from tlsfront.ops.privileges import PrivilegeError
     from tlsfront.ops.systemd import session_status
 
     notifier.reloading()
@@ -82,8 +94,9 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     status = ""
     try:
         config = load(config_arg)
+        _check_privileges(config)
         server.reload(config)
-    except (ConfigError, StartupError) as exc:
+    except (ConfigError, StartupError, PrivilegeError) as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
         counters.RELOADS.labels("failed").inc()
         status = "reload failed, old configuration serving; "
@@ -124,17 +137,23 @@ async def _serve(
     passed: list[PassedSocket],
     sockets: Mapping[str, Sequence[socket.socket]] | None = None,
     place: WorkerPlace | None = None,
+    account: Account | None = None,
+    replacement: bool = False,
 ) -> None:
-    """One server process: all of it, or one of `workers` (then on `sockets`)."""
+    """One server process: all of it, or one of `workers` (then on `sockets`, at `place`).
+
+    `account`: the worker gives up root for it once its keys are read.
+    `replacement`: a worker started by a reload, whose metrics port its
+    predecessor may still hold for a while.
+    """
     from tlsfront.inbound.server import Server
-    from tlsfront.ops.metrics_endpoint import exposed, serve_metrics
+    from tlsfront.ops.metrics_endpoint import serve_metrics
     from tlsfront.ops.systemd import (
         Notifier,
         listeners_by_profile,
         session_status,
         watchdog_interval,
     )
-    from tlsfront.ops.workermetrics import gather, serve_worker_figures
 
     notifier = Notifier.from_environ()
     watchdog = watchdog_interval()
@@ -145,7 +164,13 @@ async def _serve(
             name: [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
             for name, socks in sockets.items()
         }
-    server = Server(config, place.limits if place is not None else None)
+    server = Server(config, place.limits if place else None)  # every key read
+    if account is not None:
+        from tlsfront.ops.privileges import drop_to
+
+        drop_to(account)
+        for profile_server in server.profiles.values():
+            profile_server.runtime.restamp()
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -155,14 +180,22 @@ async def _serve(
 
             await nursery.start(run_server)
             listen = config.settings.metrics_listen
-            if listen and place is None:
-                await nursery.start(serve_metrics, listen, server)
-            elif listen and place is not None:
+            summed: Gatherer | None = None
+            if listen and place is not None:
                 # every worker tells its figures; worker 0 serves their sum
+                from tlsfront.ops.metrics_endpoint import exposed
+                from tlsfront.ops.workermetrics import gather, serve_worker_figures
+
+                limits = place.limits
                 own = exposed(server)
-                await nursery.start(serve_worker_figures, place.tag, place.index, own)
-                if place.index == 0:
-                    summed = partial(gather, place.tag, place.count, place.index)
+                await nursery.start(serve_worker_figures, place.tag, limits.worker, own)
+                summed = functools.partial(
+                    _gather_current, gather, place.tag, limits.current, limits.worker
+                )
+            if listen and (place is None or place.index == 0):
+                if replacement:
+                    nursery.start_soon(_metrics_when_free, listen, server, summed)
+                else:
                     await nursery.start(serve_metrics, listen, server, summed)
             notifier.ready(session_status(server.session_counts()))
             if notifier.enabled:
@@ -185,19 +218,66 @@ async def _serve(
     notifier.close()
 
 
+async def _gather_current(
+    gather: Callable[[int, list[int], int, Collector], Awaitable[Collector]],
+    tag: int,
+    current: Callable[[], list[int]],
+    mine: int,
+    own: Collector,
+) -> Collector:
+    """The sum over the current workers, whose columns are read at each scrape."""
+    return await gather(tag, current(), mine, own)
+
+
+async def _metrics_when_free(address: str, server: Server, summed: Gatherer | None) -> None:
+    """The metrics endpoint of a worker started by a reload: its port is taken
+    until the worker it replaces has finished, so it is tried once a second."""
+    from tlsfront.inbound.server import StartupError
+    from tlsfront.ops.metrics_endpoint import serve_metrics
+
+    while True:
+        try:
+            await serve_metrics(address, server, summed)
+        except StartupError:
+            await trio.sleep(1.0)
+
+
+def _check_privileges(config: Config) -> Account | None:
+    """Refuse root backends as root; the account workers drop to, if any."""
+    from tlsfront.ops.privileges import check_accounts, root_backend_problem, serving_account
+
+    if os.geteuid() != 0:
+        check_accounts(config.profiles.values())
+        return None
+    problem = root_backend_problem(config)
+    if problem is not None:
+        raise ConfigError(problem, path=config.path)
+    account = serving_account(config.profiles.values())
+    if account is None:
+        log.warning(
+            "serving as root: the profiles name no single account (user, group) "
+            "for the workers to become"
+        )
+    return account
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tlsfront.inbound.server import check_something_listens
     from tlsfront.ops.systemd import passed_sockets
 
+    global _log_stream
+    if args.log_stdout:
+        _log_stream = sys.stdout
     try:
         passed = passed_sockets()
         config = load(args.config)
         settings = config.settings
         setup_logging(settings.log_level, settings.log_format)
         check_something_listens(config)
+        account = _check_privileges(config)
         count = settings.workers or os.cpu_count() or 1
-        if count > 1:
-            return _run_workers(config, args.config, passed, count)
+        if count > 1 or account is not None:
+            return _run_workers(config, args.config, passed, count, account)
         trio.run(_serve, config, args.config, passed)
     except BaseException as exc:
         errors = _startup_errors(exc)
@@ -210,25 +290,66 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_workers(
-    config: Config, config_arg: str | None, passed: list[PassedSocket], count: int
+    config: Config,
+    config_arg: str | None,
+    passed: list[PassedSocket],
+    count: int,
+    account: Account | None = None,
 ) -> int:
-    """`workers` processes on shared sockets (tlsfront.ops.workers)."""
+    """`workers` processes on shared sockets (tlsfront.ops.workers).
+
+    With `account` (started as root) the workers give it up after start-up
+    and a reload replaces them (tlsfront.ops.privileges).
+    """
     from tlsfront.inbound.server import build_runtimes
-    from tlsfront.ops.workers import Supervisor, open_sockets, shared_limits
+    from tlsfront.ops.workers import Reloader, Supervisor, WorkerPlace, open_sockets, shared_limits
 
     build_runtimes(config)  # a broken configuration is refused before any fork
     sockets = open_sockets(config, passed)
-    limits = shared_limits(config, count)
+    limits = shared_limits(config, count)  # the Supervisor sets each worker's column
     tag = os.getpid()
 
-    def worker_main(index: int, sockets: Mapping[str, Sequence[socket.socket]]) -> int:
-        limits.worker = index
-        place = WorkerPlace(index, count, tag, limits)
-        trio.run(_serve, config, config_arg, [], sockets, place)
-        return 0
+    def main_for(config: Config, account: Account | None, replacement: bool) -> WorkerMain:
+        def worker_main(index: int, sockets: Mapping[str, Sequence[socket.socket]]) -> int:
+            place = WorkerPlace(index, tag, limits)
+            trio.run(_serve, config, config_arg, [], sockets, place, account, replacement)
+            return 0
 
-    log.info("starting %d workers", count)
-    return Supervisor(count, sockets, worker_main, limits).run()
+        return worker_main
+
+    reloader: Reloader | None = None
+    if account is not None:
+        reloader = functools.partial(_replacement, config, config_arg, main_for)
+        log.info("starting %d workers as %s", count, account.name)
+    else:
+        log.info("starting %d workers", count)
+    return Supervisor(count, sockets, main_for(config, account, False), reloader, limits).run()
+
+
+def _replacement(
+    running: Config,
+    config_arg: str | None,
+    main_for: Callable[[Config, Account | None, bool], WorkerMain],
+) -> WorkerMain | None:
+    """SIGHUP in the root parent: the configuration and every key read again."""
+    from tlsfront.inbound.server import StartupError, build_runtimes
+
+    try:
+        config = load(config_arg)
+        for name, profile in config.profiles.items():
+            old = running.profiles.get(name)
+            if old is None or (old.listen, old.systemd) != (profile.listen, profile.systemd):
+                raise StartupError(f"profile {name}: added, or listen changed: restart to apply")
+        if set(running.profiles) != set(config.profiles):
+            raise StartupError("profiles removed: restart to apply")
+        account = _check_privileges(config)
+        build_runtimes(config)
+    except Exception as exc:
+        log.error("reload failed, keeping the running workers: %s", exc)
+        return None
+    setup_logging(config.settings.log_level, config.settings.log_format)
+    log.info("reloaded the configuration%s", f" from {config.path}" if config.path else "")
+    return main_for(config, account, True)
 
 
 def cmd_inetd(args: argparse.Namespace) -> int:
@@ -253,7 +374,19 @@ def cmd_inetd(args: argparse.Namespace) -> int:
             ", ".join(config.profiles),
         )
         return 1
-    return trio.run(serve_inetd, config.profiles[args.profile], dict(os.environ))
+    from tlsfront.ops.privileges import PrivilegeError, check_accounts, profile_account
+
+    profile = config.profiles[args.profile]
+    account = None
+    try:
+        if os.geteuid() == 0:
+            account = profile_account(profile)
+        else:
+            check_accounts([profile])
+    except PrivilegeError as exc:
+        log.error("%s", exc)
+        return 1
+    return trio.run(serve_inetd, profile, dict(os.environ), account)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -341,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="serve every profile in the foreground")
     config_option(p)
+    p.add_argument(
+        "--log-stdout",
+        action="store_true",
+        help="log to standard output instead of standard error (for multilog, svlogd)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inetd", help="serve one connection on stdin/stdout")

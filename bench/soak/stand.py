@@ -106,6 +106,7 @@ class Stand:
             'hostname = "soak.example.org"',
             f"workers = {WORKERS}",
             "shutdown_grace = 5",
+            "allow_root_backend = true",  # run as root, the stand-in backend stays root
             f'metrics_listen = "127.0.0.1:{self.metrics_port}"',
             "backend = [" + ", ".join(_toml(a) for a in argv) + "]",
             "timeout_handshake = 20",

@@ -32,8 +32,8 @@ import trio
 import trio.testing
 
 from tlsfront.config.schema import Profile
-from tlsfront.outbound import Runtime, serve_outbound
-from tlsfront.outbound.context import Connector
+from tlsfront.outbound.context import Connector, Runtime
+from tlsfront.outbound.listener import serve_outbound
 from tlsfront.outbound.mtasts import StsCache
 
 # -- the fake remote server ----------------------------------------------------

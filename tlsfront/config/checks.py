@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tlsfront.config.account import AccountError, check_group, check_user
 from tlsfront.config.errors import Bad
 from tlsfront.net.address import is_ip, split_host_port
 
@@ -104,6 +105,44 @@ def _env(env: Mapping[str, str]) -> Mapping[str, str]:
     return env
 
 
+# Set by tlsfront for every session: never taken from its own environment.
+OWNED_PREFIXES = ("SSL_",)
+OWNED_NAMES = frozenset(
+    {
+        *("PROTO", "TCPLOCALIP", "TCPLOCALPORT", "TCPLOCALHOST"),
+        *("TCPREMOTEIP", "TCPREMOTEPORT", "TCPREMOTEHOST"),
+    }
+)
+
+
+def is_owned(name: str) -> bool:
+    """Whether tlsfront itself sets the backend variable `name`, whatever it inherited."""
+    return name in OWNED_NAMES or name.startswith(OWNED_PREFIXES)
+
+
+def _inherit_name(name: str) -> str:
+    if not _ENV_NAME.fullmatch(name):
+        raise Bad(f"{name!r} is not an environment variable name")
+    if name == "RELAYCLIENT":
+        raise Bad(
+            "RELAYCLIENT is never taken from tlsfront's own environment: "
+            "a RELAYCLIENT rule in `rules` or a client certificate grants it"
+        )
+    if is_owned(name):
+        raise Bad(f"{name!r} is set by tlsfront for each session")
+    return name
+
+
+def _account(check: Callable[[str], str]) -> Callable[[str], str]:
+    def run(value: str) -> str:
+        try:
+            return check(value)
+        except AccountError as exc:
+            raise Bad(str(exc)) from None
+
+    return run
+
+
 def _domains(table: Mapping[str, Any]) -> Mapping[str, Any]:
     for name in table:
         if name and not _DOMAIN.fullmatch(name):
@@ -167,6 +206,9 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "source_address": _bind_ip,
     "relay_source_address": _bind_ip,
     "env": _env,
+    "env_inherit": _each(_inherit_name),
+    "user": _account(check_user),
+    "group": _account(check_group),
     "max_connections": _at_least(1),
     "max_per_ip": _at_least(1),
     "max_command_line": _at_least(512, " (RFC 5321 4.5.3.1.4)"),

@@ -9,13 +9,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tlsfront.config.account import AccountError, resolve_account
 from tlsfront.config.schema import Mode, Profile
 
 Rule = tuple[str, Callable[[Profile], bool], str]
 
 # No rule wants `listen` or `systemd`: a profile with neither is served
 # only through `tlsfront inetd -p NAME`, and `tlsfront run` skips it.
+
+
+def _unknown_numeric_user(p: Profile) -> bool:
+    if p.user is None or p.group is not None:
+        return False
+    try:
+        resolve_account(p.user, None)
+    except AccountError:
+        return True
+    return False
+
+
+# user/group: the account of backends (inbound), and of workers (both)
+ACCOUNT_RULES: tuple[Rule, ...] = (
+    ("group", lambda p: p.group is not None and p.user is None, "needs user as well"),
+    ("user", _unknown_numeric_user, "{p.user!r} is not in the user database: give group as well"),
+)
 INBOUND_RULES: tuple[Rule, ...] = (
+    *ACCOUNT_RULES,
     (
         "backend",
         lambda p: not p.backend and p.backend_connect is None,
@@ -93,6 +112,6 @@ INBOUND_RULES: tuple[Rule, ...] = (
         "needs proxy_trusted: otherwise any client could claim any address",
     ),
 )
-OUTBOUND_RULES: tuple[Rule, ...] = ()
+OUTBOUND_RULES: tuple[Rule, ...] = ACCOUNT_RULES
 
 RULES: dict[Mode, tuple[Rule, ...]] = {"inbound": INBOUND_RULES, "outbound": OUTBOUND_RULES}

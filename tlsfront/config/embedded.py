@@ -14,6 +14,7 @@ from typing import Any
 
 from tlsfront.config.files import config_from_dict
 from tlsfront.config.machine import (
+    default_account,
     default_backend,
     default_hostname,
     default_state_dir,
@@ -48,7 +49,7 @@ def embedded_config(
     tls_files = {"cert": str(cert), "key": str(key)}
     backend = default_backend(state, hostname)
     data: dict[str, Any] = {
-        "defaults": {"hostname": hostname, "state_dir": str(state)},
+        "defaults": {"hostname": hostname, "state_dir": str(state), **default_account(backend)},
         "profile": {
             "smtp": {"listen": [SMTP_LISTEN], "tls": "starttls", "backend": backend, **tls_files},
             "smtps": {"listen": [SMTPS_LISTEN], "tls": "implicit", "backend": backend, **tls_files},

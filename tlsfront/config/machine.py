@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import socket
 import sys
@@ -54,3 +56,23 @@ def default_backend(state_dir: Path, hostname: str) -> list[str]:
 def default_tls_files(state_dir: Path) -> tuple[Path, Path]:
     """Certificate and key of the embedded default, made on first run."""
     return state_dir / "tls" / "cert.pem", state_dir / "tls" / "key.pem"
+
+
+def default_account(backend: list[str]) -> dict[str, object]:
+    """The account keys of the embedded default's profiles.
+
+    qmail-smtpd runs as qmaild (group nofiles when it exists), as qmail's
+    own run script has it. The bundled sink writes into the state directory
+    of the account tlsfront runs as, so it keeps that account, root included.
+    """
+    if backend != [str(QMAIL_SMTPD)]:
+        return {"allow_root_backend": True}
+    try:
+        pwd.getpwnam("qmaild")
+    except KeyError:
+        return {}  # `run` as root says what to do
+    try:
+        grp.getgrnam("nofiles")
+    except KeyError:
+        return {"user": "qmaild"}
+    return {"user": "qmaild", "group": "nofiles"}

@@ -107,6 +107,10 @@ class Profile:
     relay_source_address: str | None = inbound(None)  # same, for sessions allowed to relay
     backend_rules: Path | None = inbound(None)  # the TCP backend's own tcprules, for `check`
     env: Mapping[str, str] = inbound(factory=_empty_map)  # extra backend environment
+    env_inherit: tuple[str, ...] = inbound(())  # names taken from tlsfront's own environment
+    user: str | None = both(None)  # account of backends and workers (name or number), tcpserver -u
+    group: str | None = both(None)  # its only group (default: the user's login group), -g
+    allow_root_backend: bool = inbound(False)  # tlsfront started as root may run backends as root
     rules: Path | None = inbound(None)  # tcprules source file (/etc/tcp.smtp)
     received_header: bool = inbound(True)  # add tlsfront's Received header to each message
     remote_host_lookup: bool = inbound(True)  # TCPREMOTEHOST from PTR (false: tcpserver -H)

@@ -2,9 +2,21 @@
 
 Both look the same to the session: a byte stream with `send_all`,
 `receive_some`, `send_eof` and `aclose`. The exec backend gets the UCSPI
-environment `tcpserver` would give qmail-smtpd, built here from scratch so
-that nothing of tlsfront's own environment (a stray RELAYCLIENT above all)
-reaches it.
+environment `tcpserver` would give qmail-smtpd. Under `tlsfront run` it is
+built from scratch, so nothing of tlsfront's own environment (a stray
+RELAYCLIENT above all) reaches it except the names of `env_inherit`. Under
+`tlsfront inetd`, tlsfront is one link of a UCSPI chain, as rblsmtpd is: the
+environment it was started with (the run script's exports, the variables
+tcpserver's rules set for this client) is the base, and tlsfront replaces
+only the variables it owns (`is_owned`). RELAYCLIENT is never removed there:
+tcpserver's rules saw the real client.
+
+The program runs as the profile's `user`/`group` with no supplementary
+groups. When tlsfront already runs as exactly that account (its workers
+drop to it after start-up, tlsfront.ops.privileges) nothing changes at the
+start and CPython keeps starting it with vfork; otherwise Popen switches
+the account in the child before the exec (setgroups, setgid, setuid, as
+setuidgid does), which makes CPython fork instead of vfork.
 """
 
 from __future__ import annotations
@@ -13,10 +25,12 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
+from tlsfront.config.account import Account, resolve_account
+from tlsfront.config.checks import is_owned
 from tlsfront.config.schema import Profile
 from tlsfront.inbound.stderr import StderrLog
 from tlsfront.net.address import Address, is_ip, split_host_port
@@ -31,6 +45,25 @@ class BackendError(Exception):
     """The backend could not be started or reached."""
 
 
+# systemd's socket-passing variables describe tlsfront's own descriptors.
+_NOT_PASSED = frozenset({"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"})
+
+
+def inherited_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """What of `tlsfront inetd`'s own environment reaches its backends: all
+    but the variables tlsfront owns and systemd's descriptor passing."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if not is_owned(k) and k not in _NOT_PASSED and "=" not in k
+    }
+
+
+def chosen_environment(names: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """`env_inherit`: the named variables of tlsfront's own environment that are set."""
+    return {name: environ[name] for name in names if name in environ}
+
+
 def ucspi_environment(
     *,
     client: Address,
@@ -40,15 +73,20 @@ def ucspi_environment(
     rules_env: Mapping[str, str],
     tls_env: Mapping[str, str],
     relay: bool,
+    inherited: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment of one backend session, lowest precedence first.
 
-    The profile's `env` and the tcprules variables come first; the UCSPI
-    variables follow so that neither can misstate the client's address; the
-    TLS variables and the relay decision come last. RELAYCLIENT is set only
-    by a rule or by a certificate that authorizes relaying.
+    What tlsfront inherited (`inherited_environment` under inetd,
+    `env_inherit` under run), the profile's `env` and the tcprules variables
+    come first; the UCSPI variables follow so that none of them can misstate
+    the client's address; the TLS variables and the relay decision come
+    last. Under run RELAYCLIENT is set only by a rule or by a certificate
+    that authorizes relaying.
     """
     env = {"PATH": DEFAULT_PATH}
+    if inherited:
+        env.update(inherited)
     env.update(profile_env)
     env.update(rules_env)
     env.update(
@@ -69,10 +107,11 @@ class ExecBackend:
     """A backend program connected by pipes, like tcpserver runs qmail-smtpd.
 
     Started by a plain `subprocess.Popen` in the event loop's own thread:
-    CPython forks with vfork, so the loop pauses only until the exec (well
-    under a millisecond), where `trio.lowlevel.open_process` pays a thread
-    hand-off per program. The pipes are `PipeStream`s, and the exit is
-    awaited through a pidfd, as trio does.
+    CPython forks with vfork (unless it must switch the account), so the
+    loop pauses only until the exec (well under a millisecond), where
+    `trio.lowlevel.open_process` pays a thread hand-off per program. The
+    pipes are `PipeStream`s, and the exit is awaited through a pidfd, as
+    trio does.
     """
 
     def __init__(
@@ -92,10 +131,15 @@ class ExecBackend:
         self.receive_some: Callable[[int], Awaitable[bytes]] = stdout.receive_some
 
     @classmethod
-    async def start(cls, argv: Sequence[str], env: Mapping[str, str]) -> ExecBackend:
+    async def start(
+        cls, argv: Sequence[str], env: Mapping[str, str], account: Account | None = None
+    ) -> ExecBackend:
         child_in, to_child = os.pipe()  # both ends close-on-exec; Popen dups the child's
         from_child, child_out = os.pipe()
         errors, child_err = os.pipe()
+        switch: dict[str, Any] = {}
+        if account is not None and os.geteuid() == 0 and not runs_as(account):
+            switch = {"user": account.uid, "group": account.gid, "extra_groups": []}
         try:
             process = subprocess.Popen(  # noqa: ASYNC220 (vfork: see the class doc)
                 list(argv),
@@ -104,6 +148,7 @@ class ExecBackend:
                 stderr=child_err,
                 env=dict(env),
                 close_fds=True,
+                **switch,
             )
         except OSError as exc:
             for fd in (to_child, from_child, errors):
@@ -205,6 +250,25 @@ class Backend(Protocol):
 BackendStarter = Callable[[Profile, Mapping[str, str], bool], Awaitable[Backend]]
 
 
+def runs_as(account: Account) -> bool:
+    """Whether this process has exactly `account`'s credentials and group set."""
+    if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) != (
+        account.uid,
+        account.uid,
+        account.gid,
+        account.gid,
+    ):
+        return False
+    return set(os.getgroups()) <= {account.gid}
+
+
+def backend_account(profile: Profile) -> Account | None:
+    """The account the profile's backends run as; None: tlsfront's own."""
+    if profile.user is None:
+        return None
+    return resolve_account(profile.user, profile.group)  # checked when loaded
+
+
 async def start_backend(profile: Profile, env: Mapping[str, str], relay: bool) -> Backend:
     """Exec the profile's program, or connect to its TCP backend.
 
@@ -215,7 +279,7 @@ async def start_backend(profile: Profile, env: Mapping[str, str], relay: bool) -
     by its certificate, or by a RELAYCLIENT line of the profile's own `rules`.
     """
     if profile.backend:
-        return await ExecBackend.start(profile.backend, env)
+        return await ExecBackend.start(profile.backend, env, backend_account(profile))
     assert profile.backend_connect is not None
     relay = relay or "RELAYCLIENT" in env
     target = (profile.relay_backend_connect if relay else None) or profile.backend_connect

@@ -7,10 +7,16 @@ tcpserver sets say who the client is, and TCPREMOTEHOST, when tcpserver
 looked it up, is the client's name and the one `=host` rules match, as it
 was for tcpserver's own rules (tcpserver -p confirms it). Under `tcpserver
 -H`, or without tcpserver, tlsfront looks the name up itself as the
-profile's `remote_host_lookup` says. No other variable of tlsfront's own
-environment reaches the backend: RELAYCLIENT or any variable that
-tcpserver's own -x rules set stays with tlsfront; tcprules variables for the
-backend come from the profile's `rules` file, read by tlsfront itself.
+profile's `remote_host_lookup` says.
+
+tlsfront is then one link of a UCSPI chain, like rblsmtpd or fixsmtpio: the
+environment it was started with reaches the backend (the run script's
+QMAILQUEUE, DATABYTES, CHKUSER_*, ..., and what tcpserver's -x rules set for
+this client, RELAYCLIENT included: tcpserver saw the real client). tlsfront
+replaces only the variables it owns (tlsfront.config.checks.is_owned: PROTO,
+TCPLOCALIP/PORT/HOST, TCPREMOTEIP/PORT/HOST, SSL_*), sets RELAYCLIENT when a
+certificate grants it, and leaves out systemd's LISTEN_* variables. The
+profile's `env` and its own `rules` still apply, above the inherited ones.
 """
 
 from __future__ import annotations
@@ -23,12 +29,15 @@ from collections.abc import Mapping
 
 import trio
 
+from tlsfront.config.account import Account
 from tlsfront.config.schema import Profile
+from tlsfront.inbound.backend import inherited_environment
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.remotehost import safe_host
 from tlsfront.inbound.server import ProfileServer
 from tlsfront.net.address import Address, unmap
 from tlsfront.net.netstream import NetStream
+from tlsfront.ops.privileges import drop_to
 
 log = logging.getLogger("tlsfront")
 
@@ -58,8 +67,11 @@ def _stdio_stream() -> tuple[trio.abc.Stream, Address | None, Address | None]:
     return stream, None, None
 
 
-async def serve_inetd(profile: Profile, environ: Mapping[str, str]) -> int:
-    runtime = ProfileRuntime.build(profile, eager=False)
+async def serve_inetd(
+    profile: Profile, environ: Mapping[str, str], account: Account | None = None
+) -> int:
+    """Serve the connection on stdin/stdout; `account`: become it once the keys are read."""
+    runtime = ProfileRuntime.build(profile, eager=False, inherited=inherited_environment(environ))
     stream, client, local = _stdio_stream()
     if runtime.rules is not None:
         # A process per connection has no earlier rules to fall back on: a
@@ -72,6 +84,14 @@ async def serve_inetd(profile: Profile, environ: Mapping[str, str]) -> int:
             with trio.move_on_after(5):
                 await stream.aclose()
             return 1
+    if account is not None and not account.is_root:
+        # started as root (tcpserver without -u, inetd): the keys are read
+        # now, then root is given up as tcpserver -u -g would have
+        if runtime.tls is not None:
+            runtime.tls.load()
+        runtime.relay.load()
+        drop_to(account)
+        runtime.restamp()
     # tcpserver's variables, when present, are what tcpserver saw.
     client = _from_env(environ, "REMOTE") or client or Address("0.0.0.0", 0)
     local = _from_env(environ, "LOCAL") or local or Address("0.0.0.0", 0)

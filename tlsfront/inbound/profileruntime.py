@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import datetime
 import logging
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlsfront.config.schema import Profile
+from tlsfront.inbound.backend import chosen_environment
 from tlsfront.inbound.relaypolicy import RelayPolicy
 from tlsfront.ops.watch import FileWatch, watch_file
 from tlsfront.qmail.tcprules import Rules
@@ -63,10 +66,17 @@ class ProfileRuntime:
     tls: FileWatch[ServerTLS] | None
     relay: RelayPolicy
     rules: FileWatch[Rules] | None  # tcprules
+    # the base of every backend environment: env_inherit's variables (run),
+    # or all that tlsfront inherited but what it owns (inetd)
+    inherited: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, profile: Profile, *, eager: bool = True) -> ProfileRuntime:
+    def build(
+        cls, profile: Profile, *, eager: bool = True, inherited: Mapping[str, str] | None = None
+    ) -> ProfileRuntime:
         """Eager: load every file now and raise on the first error."""
+        if inherited is None:
+            inherited = chosen_environment(profile.env_inherit, os.environ)
         tls = None
         if profile.mode == "inbound" and profile.tls != "none":
             tls = FileWatch(
@@ -75,10 +85,17 @@ class ProfileRuntime:
                 lambda: server_tls(profile),
             )
         rules = watch_file(f"profile {profile.name}: rules", profile.rules, Rules.load)
-        runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules)
+        runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules, dict(inherited))
         if eager:
             runtime.load_all()
         return runtime
+
+    def restamp(self) -> None:
+        """After giving up root: see FileWatch.restamp."""
+        for watch in (self.tls, self.rules):
+            if watch is not None:
+                watch.restamp()
+        self.relay.restamp()
 
     def load_all(self) -> None:
         if self.profile.mode == "outbound":

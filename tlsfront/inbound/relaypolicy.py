@@ -282,6 +282,12 @@ class RelayPolicy:
             read_fingerprints(self._prints_file)
             self._prints.load()
 
+    def restamp(self) -> None:
+        """After giving up root: see FileWatch.restamp."""
+        for watch in (self._clients, self._prints):
+            if watch is not None:
+                watch.restamp()
+
     def _listed_fingerprints(self) -> frozenset[str]:
         from_file = self._prints.get() if self._prints is not None else None
         return self._inline | (from_file or frozenset())

@@ -171,7 +171,9 @@ class Session:
         self.local = local
         self.rules_env = rules_env or {}
         self.record = SessionRecord(self.profile.name, client, trio.current_time())
-        self.record.relay = RelayGrant.before_tls(self.profile.env, self.rules_env)
+        self.record.relay = RelayGrant.before_tls(
+            self.runtime.inherited, self.profile.env, self.rules_env
+        )
         self._stream: trio.abc.Stream = stream
         self._client_closed = False
         self._tls_info: TLSInfo | None = None
@@ -386,6 +388,7 @@ class Session:
             rules_env=rules_env,
             tls_env=tls_env,
             relay=relay,
+            inherited=self.runtime.inherited,
         )
         try:
             with trio.CancelScope(deadline=trio.current_time() + p.timeout_backend):

@@ -10,12 +10,17 @@ worker started again after a death too), and a file to lock.
 
 The map holds one row of counters per profile (connections in progress)
 and a hash table of client addresses, each slot a (profile, address) key
-and its connections in progress. Every counter is kept per worker: a
-connection is admitted when, under the lock, the sums over the workers
-are below the limits, and then counted in the admitting worker's column.
-A worker that dies takes its connections with it (the kernel closes
-them), and the parent zeroes its column (`forget_worker`) before it starts
-the replacement, so a crash never leaves phantom connections behind.
+and its connections in progress. Every counter is kept per worker process,
+in a column of its own: a connection is admitted when, under the lock,
+the sums over the columns are below the limits, and then counted in the
+admitting process's column. The parent gives each worker it starts a
+column no living worker has (there are more columns than workers, for the
+old workers still finishing their sessions after a reload by
+replacement), records which column serves which worker index
+(`set_current`, read by the metrics endpoint), and zeroes a column when
+its process has ended (`forget_worker`): a worker that dies takes its
+connections with it (the kernel closes them), so a crash never leaves
+phantom connections behind.
 
 The table is open addressing with linear probing; a slot whose counters
 all fall to zero is removed by shifting the slots after it back (no
@@ -64,13 +69,18 @@ class SharedLimits:
     """Connections in progress per profile and per (profile, client address),
     counted per worker in memory shared by all of them."""
 
-    def __init__(self, profiles: Sequence[str], workers: int, capacity: int) -> None:
+    def __init__(
+        self, profiles: Sequence[str], workers: int, capacity: int, columns: int | None = None
+    ) -> None:
+        """`workers`: worker indexes; `columns`: worker processes alive at once at most."""
         self.profiles = {name: index for index, name in enumerate(profiles)}
         self.workers = workers
+        self.columns = columns or workers
         self.worker = 0  # which column this process counts in; set in each worker
-        self._counts = struct.Struct(f"<{workers}I")
+        self._counts = struct.Struct(f"<{self.columns}I")
+        self._current = struct.Struct(f"<{workers}I")
         self._slot_size = _KEY.size + self._counts.size
-        self._rows = len(profiles) * self._counts.size
+        self._rows = self._current.size + len(profiles) * self._counts.size
         self._slots = _slots_for(capacity)
         self._mask = self._slots - 1
         self._map = mmap.mmap(-1, self._rows + self._slots * self._slot_size)
@@ -90,7 +100,7 @@ class SharedLimits:
     # -- the counters --------------------------------------------------------
 
     def _row(self, profile: int) -> int:
-        return profile * self._counts.size
+        return self._current.size + profile * self._counts.size
 
     def _total(self, offset: int) -> int:
         return sum(self._counts.unpack_from(self._map, offset))
@@ -204,8 +214,17 @@ class SharedLimits:
         slot = self._find(hashed, key, insert=False)
         return 0 if slot is None else self._total(slot + _KEY.size)
 
+    def set_current(self, index: int, column: int) -> None:
+        """Worker `index` now counts in `column` (the parent, as it starts one)."""
+        struct.pack_into("<I", self._map, 4 * index, column)
+
+    def current(self) -> list[int]:
+        """The column of each worker index's current process."""
+        return list(self._current.unpack_from(self._map, 0))
+
     def forget_worker(self, worker: int) -> None:
-        """Zero a dead worker's counters (its connections died with it)."""
+        """Zero the counters of column `worker`, whose process has ended
+        (the connections of one that died died with it)."""
         self._lock()
         try:
             for profile in self.profiles.values():

@@ -1,0 +1,5 @@
+"""Operations.
+
+Logs, metrics, systemd, workers and privileges, file watches, and `tlsfront
+check`.
+"""

@@ -18,6 +18,7 @@ from tlsfront.config.errors import ConfigError
 from tlsfront.config.files import load_chosen
 from tlsfront.config.schema import Config, Profile
 from tlsfront.net.address import split_host_port
+from tlsfront.ops.privileges import profile_account
 from tlsfront.tls.certs import (
     CertError,
     load_ca_bundle,
@@ -147,6 +148,24 @@ def _check_backend(profile: Profile, report: Report) -> None:
         report.note(f"profile {profile.name}: backend {found}")
     if "RELAYCLIENT" in profile.env:
         report.warn(f"profile {profile.name}: env sets RELAYCLIENT: every client may relay")
+    _check_account(profile, report)
+
+
+def _check_account(profile: Profile, report: Report) -> None:
+    """The account backends run as: root is what tcpserver -u/-g existed to avoid."""
+    account = profile_account(profile)
+    if account is not None and not account.is_root:
+        report.note(f"profile {profile.name}: backends run as {account.name}")
+        return
+    who = "root" if account is not None else "tlsfront's own account (root when started as root)"
+    if profile.allow_root_backend:
+        report.note(f"profile {profile.name}: backends run as {who} (allow_root_backend = true)")
+    else:
+        report.warn(
+            f"profile {profile.name}: backends would run as {who}; `tlsfront run` as "
+            'root refuses that: set user = "qmaild" and group = "nofiles" (tcpserver '
+            "-u/-g), or allow_root_backend = true"
+        )
 
 
 def _load_rules(path: Path, profile: Profile, report: Report) -> Rules | None:

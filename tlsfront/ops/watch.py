@@ -52,6 +52,16 @@ class FileWatch(Generic[T]):
         self._value, self._stamp, self._checked, self.error = value, stamp, time.monotonic(), None
         return value
 
+    def restamp(self) -> None:
+        """Take the files' metadata as it looks now, without building again.
+
+        For a worker that has just given up root: a file it can no longer
+        even look at must not count as changed (and fail to load). Such a
+        file is read again when a reload starts fresh workers.
+        """
+        if self._value is not None:
+            self._stamp = _stamp(self._paths)
+
     def get(self) -> T | None:
         now = time.monotonic()
         if self._value is not None and now - self._checked < RECHECK_SECONDS:

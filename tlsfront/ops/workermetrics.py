@@ -5,10 +5,14 @@ Theory of operation
 With `workers = N`, each worker counts its own sessions and knows its own
 live state. Each worker serves its figures, in the text format, on a
 private Unix socket in the abstract namespace, named after the parent's
-process id and the worker's index (nothing on disk to clean up, gone with
-the process). Worker 0 alone serves `metrics_listen`: at each scrape it
-reads every worker's figures (its own directly), and answers with their
-sum, so a dashboard sees one server whichever worker served a client.
+process id and the worker's column of the shared counters, which no other
+living worker has (nothing on disk to clean up, gone with the process).
+Worker 0 alone serves `metrics_listen`: at each scrape it reads the
+figures of every current worker (their columns are in the shared memory;
+its own figures directly), and answers with their sum, so a dashboard
+sees one server whichever worker served a client. Old workers finishing
+their sessions after a reload by replacement are left out, as a worker
+that died is.
 
 Counters and gauges add up across the workers (sessions, messages,
 sessions in progress, memory), except what describes a thing all workers
@@ -53,9 +57,9 @@ _LARGEST = frozenset(
 _SMALLEST = frozenset({"process_start_time_seconds"})
 
 
-def worker_address(tag: int, index: int) -> bytes:
-    """The abstract Unix socket of worker `index` of the server whose parent is `tag`."""
-    return f"\0tlsfront-{tag}-metrics-{index}".encode()
+def worker_address(tag: int, column: int) -> bytes:
+    """The abstract Unix socket of the worker in `column` of the server whose parent is `tag`."""
+    return f"\0tlsfront-{tag}-metrics-{column}".encode()
 
 
 def _same_user(sock: socket.socket) -> bool:
@@ -172,21 +176,21 @@ class Merged(Collector):
         yield workers
 
 
-async def gather(tag: int, count: int, index: int, own: Collector) -> Collector:
-    """Every worker's figures, summed: this worker's own, the others' by socket."""
-    texts: list[bytes | None] = [None] * count
+async def gather(tag: int, columns: list[int], mine: int, own: Collector) -> Collector:
+    """The figures of the workers in `columns`, summed: this one's (`mine`)
+    directly, the others' by socket."""
+    texts: dict[int, bytes | None] = {mine: exposition(own)}
 
-    async def read(i: int) -> None:
-        texts[i] = await _read(tag, i)
+    async def read(column: int) -> None:
+        texts[column] = await _read(tag, column)
 
     async with trio.open_nursery() as nursery:
-        for i in range(count):
-            if i != index:
-                nursery.start_soon(read, i)
-    texts[index] = exposition(own)
-    answered = [text for text in texts if text is not None]
-    if len(answered) < count:
-        log.debug("metrics: %d of %d workers answered", len(answered), count)
+        for column in columns:
+            if column != mine:
+                nursery.start_soon(read, column)
+    answered = [text for text in texts.values() if text is not None]
+    if len(answered) < len(set(columns) | {mine}):
+        log.debug("metrics: %d of %d workers answered", len(answered), len(columns))
     return Merged(answered)
 
 

@@ -5,8 +5,3 @@ message it finds the destination's servers and delivers over TLS where it
 can or must (the qmail-tls patch's control files, a `tls_policy` table,
 MTA-STS, DANE), passing the remote server's replies back exactly.
 """
-
-from tlsfront.outbound.context import Runtime
-from tlsfront.outbound.listener import serve_outbound
-
-__all__ = ["Runtime", "serve_outbound"]

@@ -9,7 +9,9 @@ environment). Every choice carries a comment saying why.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -158,6 +160,28 @@ def _defaults(
     _ciphers(out, qc, environ)
     if service is not None:
         _service_defaults(out, service)
+    if service is None or (service.user is None and service.group is None):
+        _qmail_account(out)
+
+
+def _qmail_account(out: _Out) -> None:
+    """qmaild:nofiles, the account of qmail's own smtpd run script, when this host has it."""
+    try:
+        pwd.getpwnam("qmaild")
+    except KeyError:
+        out.comment(
+            "No qmaild account here: set user (and group) to the account qmail-smtpd",
+            "ran as (tcpserver -u/-g); started as root, `tlsfront run` refuses to run",
+            "backends as root.",
+        )
+        return
+    out.comment("The account qmail-smtpd runs as, as tcpserver -u/-g ran it in qmail's run script.")
+    out.key("user", "qmaild")
+    try:
+        grp.getgrnam("nofiles")
+    except KeyError:
+        return
+    out.key("group", "nofiles")
 
 
 def _key(name: str) -> str:

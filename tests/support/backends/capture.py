@@ -14,6 +14,10 @@ to ``DIR/Maildir``) and keeps ``DIR/session-<pid>-<n>.json`` up to date:
   appended)
 - ``exit``: the exit code, null while the session runs
 - ``pid``, ``argv``, ``started`` (time.time_ns() at start)
+- ``ids``: ``{"uid": ..., "gid": ..., "groups": [...]}``, the account it ran as
+- ``queued``: with ``--qmailqueue``, the exit codes of ``$QMAILQUEUE`` when it
+  is set: each complete message is also handed to that program as qmail-smtpd hands it to
+  qmail-queue (the message on descriptor 0, the envelope on descriptor 1)
 
 The file is rewritten (atomically) before each write of replies, at the end
 of each body, and at exit (SIGTERM included): a client that has read a reply
@@ -26,6 +30,7 @@ import base64
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +65,7 @@ class Recorder:
         self.partial: bytes | None = None
         self.envelopes: list[dict[str, Any]] = []
         self.exit: int | None = None
+        self.queued: list[int] = []
         self.started = time.time_ns()
         self.save()
 
@@ -69,6 +75,8 @@ class Recorder:
             "started": self.started,
             "argv": sys.argv,
             "env": dict(os.environ),
+            "ids": {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()},
+            "queued": self.queued,
             "stdin": _b64(self.stdin),
             "stdout": _b64(self.stdout),
             "messages": [_b64(m) for m in self.messages],
@@ -82,9 +90,16 @@ class Recorder:
 
 
 class CaptureSession(sink.SinkSession):
-    def __init__(self, recorder: Recorder, config: sink.Config, store: sink.MessageStore) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        config: sink.Config,
+        store: sink.MessageStore,
+        qmailqueue: bool = False,
+    ) -> None:
         super().__init__(config, store)
         self.recorder = recorder
+        self.qmailqueue = qmailqueue
 
     def read_input(self) -> bytes:
         data = super().read_input()
@@ -107,6 +122,9 @@ class CaptureSession(sink.SinkSession):
         rec.body.clear()
         if complete:
             rec.messages.append(body)
+            queue = os.environ.get("QMAILQUEUE")
+            if queue and self.qmailqueue:
+                rec.queued.append(_queue(queue, body, envelope))
         else:
             rec.partial = body
         rec.envelopes.append(
@@ -119,6 +137,21 @@ class CaptureSession(sink.SinkSession):
         rec.save()
 
 
+def _queue(program: str, body: bytes, envelope: sink.Envelope) -> int:
+    """qmail-queue's interface: the message on 0, `F<from>\0T<to>\0...\0` on 1."""
+    envelope_bytes = b"F" + envelope.sender + b"\0"
+    envelope_bytes += b"".join(b"T" + r + b"\0" for r in envelope.recipients) + b"\0"
+    read_env, write_env = os.pipe()
+    process = subprocess.Popen([program], stdin=subprocess.PIPE, stdout=read_env)
+    os.close(read_env)
+    assert process.stdin is not None
+    with os.fdopen(write_env, "wb") as out:
+        out.write(envelope_bytes)
+    process.stdin.write(body)
+    process.stdin.close()
+    return process.wait()
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
     sys.exit(128 + signum)
 
@@ -126,6 +159,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = sink.build_parser(prog="capture.py", maildir_required=False)
     parser.add_argument("--dir", type=Path, required=True, help="where session files go")
+    parser.add_argument("--qmailqueue", action="store_true", help="queue through $QMAILQUEUE too")
     args = parser.parse_args(argv)
     recorder = Recorder(args.dir)
     signal.signal(signal.SIGTERM, _terminate)
@@ -136,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         except sink.ControlError as exc:
             return sink.control_failure("capture.py", exc)
         maildir = args.maildir if args.maildir is not None else args.dir / "Maildir"
-        code = CaptureSession(recorder, config, sink.Maildir(maildir)).run()
+        code = CaptureSession(recorder, config, sink.Maildir(maildir), args.qmailqueue).run()
         return code
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
