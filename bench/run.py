@@ -17,8 +17,8 @@ Phases, each optional:
 2. the concurrency sweep: full sessions at each concurrency, per mode;
 3. resumed sessions, at one concurrency;
 4. bulk: large messages, several per session;
-5. the exec backend: tlsfront starting a program per session (twice with
-   STARTTLS) against tcpserver starting the same program, in plaintext.
+5. the exec backend: tlsfront starting a program per session (at MAIL, on
+   demand) against tcpserver starting the same program, in plaintext.
 
 The load generator reports its own CPU use; a client above ~90 % of its
 core means that figure measured the client, and the report flags it.

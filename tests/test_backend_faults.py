@@ -7,7 +7,10 @@ the faulty process is gone afterwards (reaped, not left running), and
 tlsfront's tasks and memory are back where they were before the session.
 
 The backend is started through `sh -c 'echo $$ >> PIDFILE; exec ...'`, so
-the test learns each backend's pid without the backend's help.
+the test learns each backend's pid without the backend's help (the probe's
+too, which comes first where the backend starts on demand). With the backend
+on demand a fault at the backend's greeting shows at the client's MAIL, the
+command that started it; with `backend_start = "connect"`, at once.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ tls = "starttls"
 cert = {{cert}}
 backend = {backend}
 timeout_backend = {timeout}
+backend_start = "{start}"
 """
 
 ENVELOPE = (
@@ -63,7 +67,17 @@ def _short_exit_grace(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tlsfront.inbound.backend, "EXIT_GRACE", 1.0)
 
 
-def faulty_profile(tmp_path: Path, mode: str, *, delay: float = 3.0, timeout: float = 1.0) -> str:
+BACKEND_STARTS = ["on-demand", "connect"]
+
+
+def faulty_profile(
+    tmp_path: Path,
+    mode: str,
+    *,
+    delay: float = 3.0,
+    timeout: float = 1.0,
+    start: str = "on-demand",
+) -> str:
     argv = [
         "/bin/sh",
         "-c",
@@ -77,7 +91,7 @@ def faulty_profile(tmp_path: Path, mode: str, *, delay: float = 3.0, timeout: fl
         str(delay),
     ]
     backend = "[" + ", ".join(toml_str(a) for a in argv) + "]"
-    return PROFILE.format(backend=backend, timeout=timeout)
+    return PROFILE.format(backend=backend, timeout=timeout, start=start)
 
 
 def pids(tmp_path: Path) -> list[int]:
@@ -101,13 +115,26 @@ async def up_to_data(client: Client) -> None:
     assert await client.command(b"DATA") == b"354 go ahead\r\n"
 
 
-async def fault_session(port: int, mode: str) -> list[bytes]:
+TLSFRONT_GREETING = b"220 front.example.org ESMTP\r\n"  # the probe of these modes fails
+
+
+async def fault_session(port: int, mode: str, start: str = "on-demand") -> list[bytes]:
     """One client session against `mode`; returns every reply after the fault point."""
     client = await Client.connect(port)
     try:
         if mode in ("hang-after-data", "die-after-dot", "half-reply"):
             await up_to_data(client)
             await client.send(BODY)
+        elif start == "on-demand":
+            # tlsfront answers the greeting and EHLO; MAIL starts the backend
+            replies = [await client.reply()]
+            replies.append(await client.command(b"EHLO client.example"))
+            assert replies == [TLSFRONT_GREETING, b"250-front.example.org\r\n250 STARTTLS\r\n"]
+            await client.send(b"MAIL FROM:<a@example.net>\r\n")
+            if mode == "greeting-554":
+                replies = [await client.reply(), await client.command(b"QUIT")]
+                assert await client.rest() == b""
+                return replies
         elif mode == "greeting-554":
             replies = [await client.reply()]
             replies.append(await client.command(b"EHLO client.example"))
@@ -131,7 +158,9 @@ def split_replies(data: bytes) -> list[bytes]:
     return [line + b"\r\n" for line in data.split(b"\r\n") if line]
 
 
-# mode -> (the client's replies from the fault on, the log's reason)
+# mode -> (the client's replies from the fault on, the log's reason); on demand
+# the flood and the endless line break the reply to a command (MAIL), at
+# connect they come when no reply is owed
 NOT_AVAILABLE = b"421 4.3.0 front.example.org Service not available"
 LOST = b"451 4.3.0 Error: backend failed, message not accepted\r\n"
 EXPECTED: dict[str, tuple[list[bytes], str]] = {
@@ -151,16 +180,28 @@ EXPECTED: dict[str, tuple[list[bytes], str]] = {
         "reason='backend did not answer in time'",
     ),
     "flood-output": (
-        [NOT_AVAILABLE + b"\r\n"],
+        [NOT_AVAILABLE + b", closing channel\r\n"],
         "reason='Backend failure: reply has too many lines'",
     ),
     "endless-line": (
-        [NOT_AVAILABLE + b"\r\n"],
+        [NOT_AVAILABLE + b", closing channel\r\n"],
         "reason='Backend failure: reply line too long'",
     ),
 }
+AT_CONNECT = {
+    **EXPECTED,
+    **{
+        mode: ([NOT_AVAILABLE + b"\r\n"], EXPECTED[mode][1])
+        for mode in ("flood-output", "endless-line")
+    },
+}
 
 
+def expected(mode: str, start: str) -> tuple[list[bytes], str]:
+    return (AT_CONNECT if start == "connect" else EXPECTED)[mode]
+
+
+@pytest.mark.parametrize("start", BACKEND_STARTS)
 @pytest.mark.parametrize("mode", sorted(EXPECTED))
 async def test_fault_gives_a_4xx_and_leaves_nothing_behind(
     start_front: Any,
@@ -168,16 +209,19 @@ async def test_fault_gives_a_4xx_and_leaves_nothing_behind(
     log: SessionLog,
     caplog: pytest.LogCaptureFixture,
     mode: str,
+    start: str,
 ) -> None:
-    front: Front = await start_front(faulty_profile(tmp_path, mode))
+    front: Front = await start_front(faulty_profile(tmp_path, mode, start=start))
     port = front.port("smtp")
+    probes = len(pids(tmp_path)) if start == "on-demand" else 0
+    assert probes == (start == "on-demand")
     await trio.testing.wait_all_tasks_blocked()
     baseline = task_count()
     with trio.fail_after(30):
-        replies = await fault_session(port, mode)
+        replies = await fault_session(port, mode, start)
         await log.wait_ends(1)
         await trio.testing.wait_all_tasks_blocked()
-    expected_replies, reason = EXPECTED[mode]
+    expected_replies, reason = expected(mode, start)
     assert replies == expected_replies
     assert all(400 <= code(r) < 500 for r in replies)
     (end,) = log.ends
@@ -186,28 +230,34 @@ async def test_fault_gives_a_4xx_and_leaves_nothing_behind(
     assert any(
         reason in r.getMessage() for r in caplog.records if r.name == "tlsfront.inbound.session"
     )
-    (pid,) = pids(tmp_path)
-    assert gone(pid)
+    assert len(pids(tmp_path)) == probes + 1
+    assert all(gone(pid) for pid in pids(tmp_path))
     assert task_count() == baseline
     assert front.server.profiles["smtp"].limits.active == 0
 
 
+@pytest.mark.parametrize("start", BACKEND_STARTS)
 async def test_backend_refusal_at_connect_reaches_the_client(
-    start_front: Any, tmp_path: Path, log: SessionLog
+    start_front: Any, tmp_path: Path, log: SessionLog, start: str
 ) -> None:
     """rblsmtpd / a tcprules deny in the backend chain: its 554 and 553s, never a 250."""
-    front: Front = await start_front(faulty_profile(tmp_path, "greeting-554"))
+    front: Front = await start_front(faulty_profile(tmp_path, "greeting-554", start=start))
     with trio.fail_after(30):
-        replies = await fault_session(front.port("smtp"), "greeting-554")
+        replies = await fault_session(front.port("smtp"), "greeting-554", start)
         await log.wait_ends(1)
-    assert replies == [
-        b"554 blocked\r\n",
-        b"553 sorry, blocked (#5.7.1)\r\n",
-        b"553 sorry, blocked (#5.7.1)\r\n",
-        b"221 blocked.invalid\r\n",
-    ]
-    (pid,) = pids(tmp_path)
-    assert gone(pid)
+    if start == "connect":
+        assert replies == [
+            b"554 blocked\r\n",
+            b"553 sorry, blocked (#5.7.1)\r\n",
+            b"553 sorry, blocked (#5.7.1)\r\n",
+            b"221 blocked.invalid\r\n",
+        ]
+    else:  # its greeting answers the MAIL that started it; QUIT is tlsfront's
+        assert replies == [
+            b"554 blocked\r\n",
+            b"221 2.0.0 front.example.org closing connection\r\n",
+        ]
+    assert all(gone(pid) for pid in pids(tmp_path))
     assert "reason='quit'" in log.ends[0]
 
 
@@ -221,7 +271,7 @@ async def test_slow_backend_within_the_timeout_is_waited_for(
         await up_to_data(client)
         await client.send(BODY)
         reply = await client.reply()
-        (pid,) = pids(tmp_path)
+        pid = pids(tmp_path)[-1]  # after the probe's
         assert reply.startswith(b"250 ok ")
         assert reply.endswith(b" qp %d\r\n" % pid)
         assert code(await client.command(b"QUIT")) == 221
@@ -300,7 +350,7 @@ async def test_faults_do_not_leak_memory(
     sessions = ROUNDS * len(LEAK_MODES)
     # A session holds a dialogue, 64 KiB read buffers, a process and two streams.
     assert (after - before) / sessions < 4096, after - before
-    assert len(pids(tmp_path)) == 6 * len(LEAK_MODES)
+    assert len(pids(tmp_path)) == 6 * len(LEAK_MODES) + len(LEAK_MODES)  # and one probe each
     assert all(gone(pid) for pid in pids(tmp_path))
 
 
@@ -317,7 +367,7 @@ async def test_client_is_let_go_before_a_hung_backend_is_reaped(
         assert await client.reply() == LOST
         with trio.fail_after(4):  # well inside EXIT_GRACE: the backend still hangs
             assert await client.rest() == b""
-        (pid,) = pids(tmp_path)
+        pid = pids(tmp_path)[-1]  # after the probe's
         assert not gone(pid)
     finally:
         await client.aclose()

@@ -76,11 +76,14 @@ async def test_the_session_id_names_the_backend_lines(
         stream = await trio.open_tcp_stream("127.0.0.1", front.port("smtp"))
         lines = Lines(stream)
         assert (await lines.reply()).startswith(b"220 ")
+        # MAIL starts the backend (on demand)
+        assert (await lines.command(b"MAIL FROM:<a@example.net>")).startswith(b"250 ")
         assert (await lines.command(b"QUIT")).startswith(b"221 ")
         await stream.aclose()
         await log.wait_ends(1)
     (end,) = log.ends
     session_id = end.split(" id=", 1)[1].split()[0]
-    (record,) = backend_lines(caplog)
+    probe, record = backend_lines(caplog)  # the probe at start said it too
+    assert probe.getMessage().endswith(" session probe: unable to read controls (#4.3.0)")
     assert record.levelno == logging.WARNING
     assert record.getMessage().endswith(f" session {session_id}: unable to read controls (#4.3.0)")

@@ -134,3 +134,19 @@ def test_instruction_report() -> None:
     assert "| starttls | 9.00 M | 3.00 M | 3.00 |" in text
     text = markdown([("tlsfront", "implicit", 8.0e6, 40)])
     assert "| implicit | 8.00 M | - | - |" in text
+
+
+def test_inetd_bench_smoke(tmp_path: Path) -> None:
+    """`python -m bench.inetd` measures every path, the daemon's included."""
+    from support.front import need_tool
+
+    need_tool("tcpserver")
+    out = tmp_path / "inetd.json"
+    argv = [sys.executable, "-m", "bench.inetd", "--sessions", "5", "--inetd-sessions", "1"]
+    subprocess.run([*argv, "--json", str(out)], cwd=ROOT, check=True, timeout=100)
+    result = json.loads(out.read_text())
+    rows = {row["name"]: row for row in result["rows"]}
+    assert set(rows) == {"qmail", "starter", "starter+STARTTLS", "inetd", "inetd+STARTTLS"}
+    assert all(row["total_ms"] > 0 for row in rows.values())
+    assert rows["starter"]["daemon_ms"] > 0  # the daemon served them
+    assert rows["qmail"]["daemon_ms"] == rows["inetd"]["daemon_ms"] == 0

@@ -144,6 +144,7 @@ async def test_sessions_handshakes_relay_and_bytes(
         await bad.send(b"EHLO this is not TLS\r\n" * 20)
         await bad.rest()
         await bad.aclose()
+        await m.front.server.wait_idle()  # a client is let go before its backend is reaped
         samples = await scrape(m.metrics)
     p = "counted"
     assert value(samples, "tlsfront_sessions_total", profile=p, outcome="ok") == 3

@@ -56,8 +56,8 @@ async def test_qmail_remote_through_both_halves(
         )
         await stream.aclose()
     assert result.dot.startswith(b"250 ok ")  # the inbound backend's own reply, passed back
-    plain, tls = inbound.sessions()
-    assert plain["stdin"].startswith(b"EHLO ")
+    (tls,) = inbound.sessions()  # one backend, started at MAIL, inside TLS
+    assert tls["stdin"].startswith(b"EHLO ")  # the relay's own EHLO, passed on
     assert tls["env"]["SSL_PROTOCOL"].startswith("TLSv1.")
     (body,) = tls["messages"]
     assert b"(tlsfront) with ESMTPS" in body

@@ -465,6 +465,8 @@ async def test_local_header_keeps_the_connection_addresses(
         await stream.send_all(v2(command=0, family=0x00, addresses=b""))
         smtp = SMTP(stream)
         assert (await smtp.reply()).startswith(b"220")
+        # MAIL starts the backend (the backend on demand): what does it see?
+        assert (await smtp.command(b"MAIL FROM:<a@example.net>\r\n")).startswith(b"250")
         assert (await smtp.command(b"QUIT\r\n")).startswith(b"221")
         await stream.aclose()
     (session,) = front.sessions()

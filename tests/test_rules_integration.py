@@ -82,7 +82,7 @@ async def test_deny_closes_before_any_smtp(start_front: Any, tmp_path: Path, tls
 async def test_relayclient_for_local_clients(
     start_front: Any, tmp_path: Path, client_context: ssl.SSLContext
 ) -> None:
-    """The classic `127.:allow,RELAYCLIENT=""`: local clients relay, in both phases."""
+    """The classic `127.:allow,RELAYCLIENT=""`: local clients relay, before TLS and after."""
     front = await start_with_rules(start_front, tmp_path, '127.:allow,RELAYCLIENT=""\n:allow\n')
     with session_log() as log, trio.fail_after(20):
         assert (await relay_attempt(front.port("smtp"))).startswith(b"250 ")
@@ -102,7 +102,7 @@ async def test_relayclient_for_local_clients(
         assert (await lines.command(b"QUIT")).startswith(b"221 ")
         await tls.aclose()
     sessions = front.sessions()
-    assert len(sessions) == 3
+    assert len(sessions) == 2  # one a session: started at MAIL
     for session in sessions:
         assert session["env"]["RELAYCLIENT"] == ""
     assert "SSL_PROTOCOL" in sessions[-1]["env"]

@@ -30,6 +30,17 @@ backend = {backend}
 """
 )
 
+# Where a property holds for both ways of starting the backend, the test
+# runs with each; `backend_start = "connect"` keeps a backend per phase.
+BACKEND_STARTS = ["on-demand", "connect"]
+
+
+def starting(profile: str, start: str) -> str:
+    return profile.replace(
+        "backend = {backend}", f'backend = {{backend}}\nbackend_start = "{start}"'
+    )
+
+
 MESSAGE = b"From: a@example.net\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
 
 
@@ -50,18 +61,25 @@ def send_starttls(port: int, context: ssl.SSLContext) -> dict[str, Any]:
     return seen
 
 
+@pytest.mark.parametrize("start", BACKEND_STARTS)
 async def test_starttls_session(
-    start_front: Any, client_context: ssl.SSLContext, clean_environ: None
+    start_front: Any, client_context: ssl.SSLContext, clean_environ: None, start: str
 ) -> None:
-    front: Front = await start_front(STARTTLS_PROFILE)
+    front: Front = await start_front(starting(STARTTLS_PROFILE, start))
     seen = await in_thread(lambda: send_starttls(front.port("smtp"), client_context))
     assert "starttls" in seen["before"]
     assert "starttls" not in seen["after"]
     assert seen["refused"] == {}
-    plain, tls = front.sessions()
-    # The plaintext backend session saw EHLO and nothing from after TLS.
-    assert plain["stdin"] == b"ehlo client.example.net\r\n"
-    assert "SSL_PROTOCOL" not in plain["env"]
+    if start == "connect":
+        plain, tls = front.sessions()
+        # The plaintext backend session saw EHLO and nothing from after TLS.
+        assert plain["stdin"] == b"ehlo client.example.net\r\n"
+        assert "SSL_PROTOCOL" not in plain["env"]
+        assert "RELAYCLIENT" not in plain["env"]
+    else:
+        (tls,) = front.sessions()  # one backend, started at MAIL, inside TLS
+        # tlsfront answered the same EHLO reply the backend gives
+        assert seen["after"] == {"pipelining": "", "8bitmime": ""}
     # The fresh backend after TLS: UCSPI environment, TLS variables, no relay.
     env = tls["env"]
     assert env["PROTO"] == "TCP"
@@ -71,7 +89,6 @@ async def test_starttls_session(
     assert env["TCPLOCALHOST"] == "front.example.org"
     assert env["SSL_PROTOCOL"].startswith("TLSv1.")
     assert env["SSL_CIPHER"]
-    assert "RELAYCLIENT" not in plain["env"]
     assert "RELAYCLIENT" not in env
     assert tls["stdin"].startswith(b"ehlo client.example.net\r\nmail FROM:<a@example.net>")
     (body,) = tls["messages"]
@@ -166,9 +183,10 @@ async def test_plaintext_to_the_implicit_port_is_closed(start_front: Any) -> Non
     assert front.sessions() == []
 
 
-async def test_garbage_after_starttls_feeds_no_backend(start_front: Any) -> None:
+@pytest.mark.parametrize("start", BACKEND_STARTS)
+async def test_garbage_after_starttls_feeds_no_backend(start_front: Any, start: str) -> None:
     """THREATS row 6."""
-    front: Front = await start_front(STARTTLS_PROFILE)
+    front: Front = await start_front(starting(STARTTLS_PROFILE, start))
     with trio.fail_after(20):
         stream = await trio.open_tcp_stream("127.0.0.1", front.port("smtp"))
         assert (await stream.receive_some()).startswith(b"220 ")
@@ -178,27 +196,44 @@ async def test_garbage_after_starttls_feeds_no_backend(start_front: Any) -> None
         while await stream.receive_some():
             pass
         await stream.aclose()
-    (plain,) = front.sessions()
-    assert plain["stdin"] == b""
+    if start == "connect":
+        (plain,) = front.sessions()
+        assert plain["stdin"] == b""
+    else:
+        assert front.sessions() == []
 
 
-async def test_backend_that_cannot_start(start_front: Any) -> None:
+@pytest.mark.parametrize("start", BACKEND_STARTS)
+async def test_backend_that_cannot_start(start_front: Any, start: str) -> None:
     front: Front = await start_front(
-        STARTTLS_PROFILE.replace("backend = {backend}", 'backend = ["/nonexistent/qmail-smtpd"]')
+        starting(STARTTLS_PROFILE, start).replace(
+            "backend = {backend}", 'backend = ["/nonexistent/qmail-smtpd"]'
+        )
     )
     with trio.fail_after(20):
         stream = await trio.open_tcp_stream("127.0.0.1", front.port("smtp"))
         reply = await stream.receive_some()
-        assert reply.startswith(b"421 4.3.0 front.example.org")
+        if start == "on-demand":  # the greeting is tlsfront's; MAIL needs the backend
+            assert reply == b"220 front.example.org ESMTP\r\n"
+            await stream.send_all(b"EHLO c\r\nMAIL FROM:<a@b>\r\n")
+            reply = b""
+            while chunk := await stream.receive_some():
+                reply += chunk
+            assert reply.endswith(
+                b"\r\n421 4.3.0 front.example.org Service temporarily unavailable\r\n"
+            )
+        else:
+            assert reply.startswith(b"421 4.3.0 front.example.org")
         await stream.aclose()
 
 
+@pytest.mark.parametrize("start", BACKEND_STARTS)
 @pytest.mark.parametrize("injected", [b"RSET\r\n", b"MAIL FROM:<a@b>\r\n", b"EHLO x\r\n"])
 async def test_injection_behind_starttls_never_reaches_a_backend(
-    start_front: Any, client_context: ssl.SSLContext, injected: bytes
+    start_front: Any, client_context: ssl.SSLContext, injected: bytes, start: str
 ) -> None:
     """THREATS row 1, black-box: one write, then a real handshake."""
-    front: Front = await start_front(STARTTLS_PROFILE)
+    front: Front = await start_front(starting(STARTTLS_PROFILE, start))
     with trio.fail_after(20):
         tcp = await trio.open_tcp_stream("127.0.0.1", front.port("smtp"))
         assert (await tcp.receive_some()).startswith(b"220 ")
@@ -212,9 +247,12 @@ async def test_injection_behind_starttls_never_reaches_a_backend(
         await tls.send_all(b"QUIT\r\n")
         assert (await tls.receive_some()).startswith(b"221 ")
         await tls.aclose()
-    plain, fresh = front.sessions()
-    assert plain["stdin"] == b""
-    assert fresh["stdin"] == b"NOOP\r\nQUIT\r\n"
+    if start == "connect":
+        plain, fresh = front.sessions()
+        assert plain["stdin"] == b""
+        assert fresh["stdin"] == b"NOOP\r\nQUIT\r\n"
+    else:  # NOOP and QUIT are tlsfront's own: no backend at all
+        assert front.sessions() == []
 
 
 def _ipv6_loopback() -> bool:
@@ -240,7 +278,7 @@ async def test_ipv6_listener_gives_the_backend_the_v6_address(
             smtp.sendmail("a@example.net", ["b@example.org"], MESSAGE)
 
     await in_thread(session)
-    _, tls = front.sessions()
+    (tls,) = front.sessions()
     assert tls["env"]["TCPREMOTEIP"] == "::1"
     assert tls["env"]["TCPLOCALIP"] == "::1"
     (body,) = tls["messages"]

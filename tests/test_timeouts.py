@@ -114,6 +114,11 @@ async def run_session(
     return client, backend
 
 
+# tlsfront's greeting: the backend starts on demand, at the first command
+# that needs it (no probe ran for this runtime: the host name, no extensions)
+GREETING = b"220 front.example.org ESMTP\r\n"
+
+
 async def trickle(stream: trio.abc.Stream, data: bytes) -> None:
     """One byte a second until tlsfront closes the connection."""
     with pytest.raises(trio.BrokenResourceError):  # noqa: PT012 (the loop is the point)
@@ -135,7 +140,7 @@ async def test_idle_client_after_greeting(
     client, _ = await run_session(nursery, profile(tls_dir))
     start = trio.current_time()
     data = await read_until_closed(client)
-    assert data == (b"220 backend ESMTP\r\n421 4.4.2 front.example.org Error: timeout exceeded\r\n")
+    assert data == GREETING + b"421 4.4.2 front.example.org Error: timeout exceeded\r\n"
     assert 300 <= trio.current_time() - start < 301
 
 
@@ -144,7 +149,7 @@ async def test_one_byte_a_second_in_a_command(
 ) -> None:
     """A trickled command line does not reset the command timer."""
     client, backend = await run_session(nursery, profile(tls_dir))
-    assert await client.receive_some() == b"220 backend ESMTP\r\n"
+    assert await client.receive_some() == GREETING
     start = trio.current_time()
     await trickle(client, b"NOOP " * 200)
     closed_at = trio.current_time() - start
@@ -173,7 +178,7 @@ async def test_starttls_without_a_client_hello(
 ) -> None:
     """THREATS rows 6 and 17: the handshake has its own, shorter, timeout."""
     client, backend = await run_session(nursery, profile(tls_dir, "starttls"))
-    assert await client.receive_some() == b"220 backend ESMTP\r\n"
+    assert await client.receive_some() == GREETING
     await client.send_all(b"STARTTLS\r\n")
     assert await client.receive_some() == b"220 2.0.0 Ready to start TLS\r\n"
     start = trio.current_time()

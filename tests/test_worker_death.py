@@ -111,7 +111,8 @@ async def test_killed_worker_closes_its_clients_and_is_replaced(
         await client.command(b"DATA", b"354")
         await client.stream.send_all(b"Subject: cut\r\n\r\nhalf-sent-marker\r\n")
         # the backend saved its record before it wrote 354; it is the only one
-        victim = backend_parent(capture, b"")
+        # with a MAIL (the others are the workers' probes, long gone)
+        victim = backend_parent(capture, b"MAIL FROM:<a@example.net>")
         os.kill(victim, signal.SIGKILL)
         # the client reads EOF or a reset at once, never waits for a timeout
         with trio.fail_after(5):

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
     from tlsfront.config.account import Account
+    from tlsfront.inbound.handoff import HandoffSocket
     from tlsfront.inbound.server import Server
     from tlsfront.ops.metrics_endpoint import Gatherer
     from tlsfront.ops.systemd import Notifier, PassedSocket
@@ -66,6 +67,7 @@ def load(path: str | None) -> Config:
 def _startup_errors(exc: BaseException) -> list[BaseException] | None:
     """The errors inside `exc` (an exception group from a nursery, maybe) when
     all of them are start-up errors that deserve a line, not a traceback."""
+    from tlsfront.inbound.handoff import HandoffError
     from tlsfront.inbound.server import StartupError
     from tlsfront.ops.privileges import PrivilegeError
 
@@ -77,12 +79,12 @@ def _startup_errors(exc: BaseException) -> list[BaseException] | None:
                 return None
             found += errors
         return found
-    if isinstance(exc, ConfigError | StartupError | SystemdError | PrivilegeError):
+    if isinstance(exc, ConfigError | StartupError | SystemdError | PrivilegeError | HandoffError):
         return [exc]
     return None
 
 
-def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
+async def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     """SIGHUP: the configuration and every file it names, read again."""
     from tlsfront.inbound.server import StartupError
     from tlsfront.ops import counters
@@ -95,7 +97,7 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     try:
         config = load(config_arg)
         _check_privileges(config)
-        server.reload(config)
+        await server.reload(config)
     except (ConfigError, StartupError, PrivilegeError) as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
         counters.RELOADS.labels("failed").inc()
@@ -107,7 +109,7 @@ def _reload(server: Server, config_arg: str | None, notifier: Notifier) -> None:
     else:
         new = config.settings
         setup_logging(new.log_level, new.log_format)
-        for key in ("metrics_listen", "workers"):
+        for key in ("metrics_listen", "workers", "handoff_socket", "handoff_user"):
             if getattr(old, key) != getattr(new, key):
                 log.warning("reload: %s changed: restart to apply", key)
         log.info("reloaded the configuration%s", f" from {config.path}" if config.path else "")
@@ -139,12 +141,14 @@ async def _serve(
     place: WorkerPlace | None = None,
     account: Account | None = None,
     replacement: bool = False,
+    handoff: HandoffSocket | None = None,
 ) -> None:
     """One server process: all of it, or one of `workers` (then on `sockets`, at `place`).
 
     `account`: the worker gives up root for it once its keys are read.
     `replacement`: a worker started by a reload, whose metrics port its
     predecessor may still hold for a while.
+    `handoff`: the bound handoff socket, when `handoff_socket` is set.
     """
     from tlsfront.inbound.server import Server
     from tlsfront.ops.metrics_endpoint import serve_metrics
@@ -171,11 +175,18 @@ async def _serve(
         drop_to(account)
         for profile_server in server.profiles.values():
             profile_server.runtime.restamp()
+    acceptors = []
+    if handoff is not None:
+        from functools import partial
+
+        from tlsfront.inbound.handoff import serve_handoff
+
+        acceptors.append(partial(serve_handoff, server, handoff))
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
             async def run_server(task_status: trio.TaskStatus[Server]) -> None:
-                await server.run(listeners, task_status=task_status)
+                await server.run(listeners, acceptors=acceptors, task_status=task_status)
                 nursery.cancel_scope.cancel()  # stopped: metrics and signals too
 
             await nursery.start(run_server)
@@ -203,7 +214,7 @@ async def _serve(
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
-                    _reload(server, config_arg, notifier)
+                    await _reload(server, config_arg, notifier)
                 elif server.stopping:
                     log.warning("%s again: stopping now", name)
                     nursery.cancel_scope.cancel()
@@ -262,9 +273,11 @@ def _check_privileges(config: Config) -> Account | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from tlsfront.inbound.handoff import HandoffSocket
     from tlsfront.inbound.server import check_something_listens
     from tlsfront.ops.systemd import passed_sockets
 
+    handoff: HandoffSocket | None = None
     global _log_stream
     if args.log_stdout:
         _log_stream = sys.stdout
@@ -278,7 +291,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         count = settings.workers or os.cpu_count() or 1
         if count > 1 or account is not None:
             return _run_workers(config, args.config, passed, count, account)
-        trio.run(_serve, config, args.config, passed)
+        handoff = HandoffSocket.bind(settings)
+        trio.run(_serve, config, args.config, passed, None, None, None, False, handoff)
     except BaseException as exc:
         errors = _startup_errors(exc)
         if errors is None:
@@ -286,6 +300,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for error in errors:
             log.error("%s", error)
         return 1
+    finally:
+        if handoff is not None:
+            handoff.close()
     return 0
 
 
@@ -301,6 +318,7 @@ def _run_workers(
     With `account` (started as root) the workers give it up after start-up
     and a reload replaces them (tlsfront.ops.privileges).
     """
+    from tlsfront.inbound.handoff import HandoffSocket
     from tlsfront.inbound.server import build_runtimes
     from tlsfront.ops.workers import Reloader, Supervisor, WorkerPlace, open_sockets, shared_limits
 
@@ -308,11 +326,13 @@ def _run_workers(
     sockets = open_sockets(config, passed)
     limits = shared_limits(config, count)  # the Supervisor sets each worker's column
     tag = os.getpid()
+    # every worker accepts on it; by default the account they serve as may hand over
+    handoff = HandoffSocket.bind(config.settings, account.uid if account else None)
 
     def main_for(config: Config, account: Account | None, replacement: bool) -> WorkerMain:
         def worker_main(index: int, sockets: Mapping[str, Sequence[socket.socket]]) -> int:
             place = WorkerPlace(index, tag, limits)
-            trio.run(_serve, config, config_arg, [], sockets, place, account, replacement)
+            trio.run(_serve, config, config_arg, [], sockets, place, account, replacement, handoff)
             return 0
 
         return worker_main
@@ -323,7 +343,11 @@ def _run_workers(
         log.info("starting %d workers as %s", count, account.name)
     else:
         log.info("starting %d workers", count)
-    return Supervisor(count, sockets, main_for(config, account, False), reloader, limits).run()
+    try:
+        return Supervisor(count, sockets, main_for(config, account, False), reloader, limits).run()
+    finally:
+        if handoff is not None:
+            handoff.close()
 
 
 def _replacement(

@@ -47,7 +47,17 @@ class Front:
         return self.server.addresses[profile][0].port
 
     def sessions(self) -> list[dict[str, Any]]:
-        """What each backend session recorded, in start order."""
+        """What each client's backend session recorded, in start order.
+
+        The probe that learns the backend's face is left out: an exec'd one
+        by its client, 127.0.0.1 port 0, one reached over TCP (whose tcpserver sets the
+        real port) by what it says, the tests' host name. `started()` counts
+        every backend start.
+        """
+        return [r for r in self.started() if not is_probe(r)]
+
+    def started(self) -> list[dict[str, Any]]:
+        """Every backend session's record, the probes' included, in start order."""
         records = []
         for path in self.capture.glob("session-*.json"):
             records.append(json.loads(path.read_text()))
@@ -62,6 +72,15 @@ class Front:
     def maildir(self) -> list[bytes]:
         new = self.capture / "Maildir" / "new"
         return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
+
+
+PROBE_INPUT = b"EHLO front.example.org\r\nQUIT\r\n"  # the tests' hostname
+
+
+def is_probe(record: dict[str, Any]) -> bool:
+    env = record["env"]
+    local_client = (env.get("TCPREMOTEIP"), env.get("TCPREMOTEPORT")) == ("127.0.0.1", "0")
+    return bool(local_client or record["stdin"] == PROBE_INPUT)
 
 
 def capture_backend(capture: Path, *extra: str) -> str:

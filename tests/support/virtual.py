@@ -2,6 +2,8 @@
 
 trio's MockClock (the `autojump_clock` fixture) jumps to the next deadline
 whenever every task waits, so a 300-second timeout costs nothing. The
+backend starts at connect (`backend_start = "connect"`): a backend for every
+connection from its first byte is the most a client can make tlsfront hold. The
 client side is a trio stream the test drives; the backend is a
 `RecordingBackend` conversation over an in-memory stream. `Traced` measures
 what the session allocates with tracemalloc.
@@ -32,6 +34,7 @@ tls = "{tls}"
 cert = "{cert}"
 backend = ["/bin/false"]
 hostname = "front.example.org"
+backend_start = "connect"
 timeout_handshake = 30
 timeout_command = 300
 timeout_data = 300

@@ -59,6 +59,21 @@ INBOUND_RULES: tuple[Rule, ...] = (
     ),
     ("require_tls", lambda p: p.require_tls and p.tls == "none", "needs TLS, but tls = 'none'"),
     (
+        "require_auth",
+        lambda p: p.require_auth and not (p.auth_checkpassword or p.auth_dovecot),
+        "needs auth_checkpassword or auth_dovecot",
+    ),
+    (
+        "auth_dovecot",
+        lambda p: bool(p.auth_checkpassword and p.auth_dovecot),
+        "one verifier a profile: auth_checkpassword or auth_dovecot",
+    ),
+    (
+        "auth_checkpassword",
+        lambda p: len(p.auth_checkpassword) == 1,
+        "needs the program to run on success too, as qmail's checkpassword does",
+    ),
+    (
         "client_cert",
         lambda p: p.client_cert != "none" and p.tls == "none",
         "{p.client_cert!r} needs TLS, but tls = 'none'",

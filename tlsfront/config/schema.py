@@ -27,6 +27,7 @@ Scope = Literal["inbound", "outbound", "both", "defaults"]
 TlsMode = Literal["starttls", "implicit", "none"]
 TlsVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 ClientCert = Literal["none", "request", "require"]
+BackendStart = Literal["on-demand", "connect"]
 TlsPolicy = Literal["none", "may", "encrypt", "verify"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -70,6 +71,8 @@ class Settings:
     metrics_listen: str | None = None  # "host:port" of the metrics endpoint
     workers: int = 0  # processes sharing the listening sockets; 0 = one per core
     shutdown_grace: float = 30.0  # seconds sessions get to finish on shutdown
+    handoff_socket: Path | None = None  # UNIX socket inetd starters hand connections to
+    handoff_user: str | None = None  # the one account that may hand over; default: the serving one
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class Profile:
     relay_fingerprints_file: Path | None = inbound(None)  # same, one a line (a path given)
     # backend (inbound)
     backend: tuple[str, ...] = inbound(())  # argv run for each session (qmail-smtpd)
+    backend_start: BackendStart = inbound("on-demand")  # at the first command needing it; connect
     backend_connect: str | None = inbound(None)  # "host:port" of a TCP backend instead
     relay_backend_connect: str | None = inbound(None)  # TCP backend for sessions allowed to relay
     source_address: str | None = inbound(None)  # local IP to connect to the TCP backend from
@@ -113,6 +117,12 @@ class Profile:
     allow_root_backend: bool = inbound(False)  # tlsfront started as root may run backends as root
     rules: Path | None = inbound(None)  # tcprules source file (/etc/tcp.smtp)
     received_header: bool = inbound(True)  # add tlsfront's Received header to each message
+    # SMTP AUTH of tlsfront's own (inside TLS only)
+    auth_checkpassword: tuple[str, ...] = inbound(())  # checkpassword argv: program, then prog
+    auth_dovecot: Path | None = inbound(None)  # Dovecot's auth-client socket
+    require_auth: bool = inbound(False)  # MAIL needs a login (or a relaying certificate)
+    auth_max_failures: int = inbound(3)  # failed logins in a session before 421
+    received_auth_user: bool = inbound(False)  # the login name in the Received header
     remote_host_lookup: bool = inbound(True)  # TCPREMOTEHOST from PTR (false: tcpserver -H)
     remote_host_paranoid: bool = inbound(False)  # only a name that points back (tcpserver -p)
     remote_host_timeout: float = inbound(5.0)  # seconds a look-up may delay a session, at most

@@ -128,7 +128,7 @@ class ExecBackend:
         self._eof_sent = False
         # The pipe's own method: a session idle on its backend waits one
         # coroutine frame less.
-        self.receive_some: Callable[[int], Awaitable[bytes]] = stdout.receive_some
+        self.receive_some: Receive = stdout.receive_some
 
     @classmethod
     async def start(
@@ -207,7 +207,7 @@ class TCPBackend:
         self._stream = stream
         self._eof_sent = False
         self.description = target
-        self.receive_some: Callable[[int], Awaitable[bytes]] = stream.receive_some  # as above
+        self.receive_some: Receive = stream.receive_some  # as above
 
     @classmethod
     async def connect(cls, target: str, source_address: str | None = None) -> TCPBackend:
@@ -237,12 +237,18 @@ class TCPBackend:
         return None
 
 
+class Receive(Protocol):
+    """A stream's `receive_some`, the size optional."""
+
+    def __call__(self, max_bytes: int = ..., /) -> Awaitable[bytes]: ...
+
+
 class Backend(Protocol):
     """What a session needs of a backend connection."""
 
     async def send_all(self, data: bytes) -> None: ...
     @property
-    def receive_some(self) -> Callable[[int], Awaitable[bytes]]: ...
+    def receive_some(self) -> Receive: ...
     async def send_eof(self) -> None: ...
     async def aclose(self) -> int | None: ...
 

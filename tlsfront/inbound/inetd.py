@@ -1,6 +1,9 @@
 """`tlsfront inetd`: one connection on stdin/stdout.
 
-For inetd, systemd `Accept=yes` and tcpserver run scripts. When standard
+For inetd, systemd `Accept=yes` and tcpserver run scripts. The backend
+starts at connect here, whatever `backend_start` says: the backend's face
+that the on-demand start answers with is learned by a probe, and a process
+per connection has nowhere to keep it. When standard
 input is a socket its addresses are read from it; under tcpserver (or with
 pipes) the TCPREMOTEIP / TCPREMOTEPORT / TCPLOCALIP / TCPLOCALPORT variables
 tcpserver sets say who the client is, and TCPREMOTEHOST, when tcpserver
@@ -17,6 +20,9 @@ replaces only the variables it owns (tlsfront.config.checks.is_owned: PROTO,
 TCPLOCALIP/PORT/HOST, TCPREMOTEIP/PORT/HOST, SSL_*), sets RELAYCLIENT when a
 certificate grants it, and leaves out systemd's LISTEN_* variables. The
 profile's `env` and its own `rules` still apply, above the inherited ones.
+
+A connection that the inetd starter (tlsfront.starter) hands to a running
+`tlsfront run` with its environment is served by the same `serve_connection`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import socket
 import stat
 from collections.abc import Mapping
+from dataclasses import replace
 
 import trio
 
@@ -50,9 +57,13 @@ def _from_env(environ: Mapping[str, str], prefix: str) -> Address | None:
     return Address(unmap(ip), int(port))
 
 
-def _stdio_stream() -> tuple[trio.abc.Stream, Address | None, Address | None]:
-    if stat.S_ISSOCK(os.fstat(0).st_mode):
-        sock = socket.socket(fileno=os.dup(0))
+def fd_stream(fd_in: int, fd_out: int) -> tuple[trio.abc.Stream, Address | None, Address | None]:
+    """The connection on these two descriptors (the same socket twice, or two
+    pipe ends), with the socket's addresses; the stream owns both descriptors."""
+    if stat.S_ISSOCK(os.fstat(fd_in).st_mode):
+        if fd_out != fd_in:
+            os.close(fd_out)
+        sock = socket.socket(fileno=fd_in)
         client: Address | None = None
         local: Address | None = None
         try:
@@ -61,17 +72,23 @@ def _stdio_stream() -> tuple[trio.abc.Stream, Address | None, Address | None]:
         except OSError:  # the client is already gone
             pass
         return NetStream(sock), client, local
-    stream = trio.StapledStream(
-        trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0))
-    )
+    stream = trio.StapledStream(trio.lowlevel.FdStream(fd_out), trio.lowlevel.FdStream(fd_in))
     return stream, None, None
+
+
+def _stdio_stream() -> tuple[trio.abc.Stream, Address | None, Address | None]:
+    return fd_stream(os.dup(0), os.dup(1))
 
 
 async def serve_inetd(
     profile: Profile, environ: Mapping[str, str], account: Account | None = None
 ) -> int:
-    """Serve the connection on stdin/stdout; `account`: become it once the keys are read."""
+    """`tlsfront inetd`: the connection on stdin/stdout, in this process;
+    `account`: become it once the keys are read."""
     runtime = ProfileRuntime.build(profile, eager=False, inherited=inherited_environment(environ))
+    # One process per connection: no probe could be kept for the next one,
+    # and one per connection would cost what the backend on demand saves.
+    runtime.face = None
     stream, client, local = _stdio_stream()
     if runtime.rules is not None:
         # A process per connection has no earlier rules to fall back on: a
@@ -92,9 +109,29 @@ async def serve_inetd(
         runtime.relay.load()
         drop_to(account)
         runtime.restamp()
+    await serve_connection(ProfileServer(runtime), stream, client, local, environ)
+    return 0
+
+
+async def serve_connection(
+    server: ProfileServer,
+    stream: trio.abc.Stream,
+    client: Address | None,
+    local: Address | None,
+    environ: Mapping[str, str],
+) -> None:
+    """One connection started the inetd way, with the environment it came with.
+
+    `tlsfront inetd` calls it for its standard input and output, and the
+    handoff socket (tlsfront.inbound.handoff) for a connection an inetd
+    starter handed over with its environment, so that both serve the
+    session the same way: the backend's environment starts from `environ`
+    (`inherited_environment`), the client is who tcpserver's variables say.
+    `client` and `local`: the socket's own addresses, when it is a socket.
+    """
+    runtime = replace(server.runtime, inherited=inherited_environment(environ))
     # tcpserver's variables, when present, are what tcpserver saw.
     client = _from_env(environ, "REMOTE") or client or Address("0.0.0.0", 0)
     local = _from_env(environ, "LOCAL") or local or Address("0.0.0.0", 0)
     host = safe_host(environ.get("TCPREMOTEHOST", ""))
-    await ProfileServer(runtime).serve_stream(stream, client, local, host)
-    return 0
+    await server.serve_stream(stream, client, local, host, runtime)

@@ -16,8 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tlsfront.auth.checkpassword import CheckpasswordVerifier
+from tlsfront.auth.verifier import Verifier
 from tlsfront.config.schema import Profile
 from tlsfront.inbound.backend import chosen_environment
+from tlsfront.inbound.probe import LearnedFace
 from tlsfront.inbound.relaypolicy import RelayPolicy
 from tlsfront.ops.watch import FileWatch, watch_file
 from tlsfront.qmail.tcprules import Rules
@@ -60,12 +63,28 @@ def tls_files(profile: Profile) -> list[Path]:
     return files
 
 
+def checkpassword(profile: Profile) -> Verifier | None:
+    """The profile's checkpassword verifier; as its `user` when tlsfront runs as root."""
+    argv = profile.auth_checkpassword
+    if not argv:
+        return None
+    if profile.user is not None and os.geteuid() == 0:
+        return CheckpasswordVerifier.as_user(argv, profile.user)
+    return CheckpasswordVerifier(argv)
+
+
 @dataclass
 class ProfileRuntime:
     profile: Profile
     tls: FileWatch[ServerTLS] | None
     relay: RelayPolicy
     rules: FileWatch[Rules] | None  # tcprules
+    # The backend's greeting and EHLO, for the backend on demand; None where
+    # nothing can be learned ahead (a process per connection): backend at connect.
+    face: LearnedFace | None
+    # tlsfront's own AUTH with a checkpassword program (a Dovecot socket is
+    # the server's: it needs a connection that outlives sessions)
+    auth: Verifier | None
     # the base of every backend environment: env_inherit's variables (run),
     # or all that tlsfront inherited but what it owns (inetd)
     inherited: Mapping[str, str] = field(default_factory=dict)
@@ -85,7 +104,11 @@ class ProfileRuntime:
                 lambda: server_tls(profile),
             )
         rules = watch_file(f"profile {profile.name}: rules", profile.rules, Rules.load)
-        runtime = cls(profile, tls, RelayPolicy.from_profile(profile), rules, dict(inherited))
+        face = LearnedFace(profile)
+        auth = checkpassword(profile)
+        runtime = cls(
+            profile, tls, RelayPolicy.from_profile(profile), rules, face, auth, dict(inherited)
+        )
         if eager:
             runtime.load_all()
         return runtime

@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import trio
 
+from tlsfront.auth.dovecot import DovecotVerifier
+from tlsfront.auth.throttle import FailureLimiter
+from tlsfront.auth.verifier import Verifier
 from tlsfront.config.schema import Config, Profile
+from tlsfront.inbound.probe import probe
 from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionLabel
@@ -45,6 +51,10 @@ from tlsfront.smtp import replies
 log = logging.getLogger("tlsfront")
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
+# Another source of sessions for `Server.run` (the handoff socket): started
+# with the nursery its sessions run in, it calls task_status.started() once
+# it accepts, and accepts until cancelled.
+Acceptor = Callable[..., Awaitable[None]]
 
 
 class StartupError(Exception):
@@ -71,6 +81,7 @@ class Limits:
     active: int = 0
     per_ip: Counter[str] = field(default_factory=Counter)
     tls_rate: TLSRateLimiter = field(default_factory=TLSRateLimiter)  # tls_rate_limit
+    auth_failures: FailureLimiter = field(default_factory=FailureLimiter)  # per address
     shared: SharedLimits | None = None
 
     def admit(self, profile: Profile, ip: str) -> str | None:
@@ -98,16 +109,41 @@ class Limits:
             del self.per_ip[ip]
 
 
+class Verifiers:
+    """The AUTH verifiers of a server: checkpassword per runtime, Dovecot shared.
+
+    A Dovecot socket is one connection shared by the sessions of a process,
+    kept in the server's own nursery (`nursery`, set while it runs).
+    """
+
+    def __init__(self) -> None:
+        self.nursery: trio.Nursery | None = None
+        self._dovecot: dict[Path, DovecotVerifier] = {}
+
+    def for_runtime(self, runtime: ProfileRuntime) -> Verifier | None:
+        if runtime.auth is not None:
+            return runtime.auth
+        path = runtime.profile.auth_dovecot
+        if path is None or self.nursery is None:
+            return None
+        verifier = self._dovecot.get(path)
+        if verifier is None:
+            verifier = self._dovecot[path] = DovecotVerifier(self.nursery, str(path))
+        return verifier
+
+
 class ProfileServer:
     def __init__(
         self,
         runtime: ProfileRuntime,
         shutdown: ShutdownNotice | None = None,
+        verifiers: Verifiers | None = None,
         shared: SharedLimits | None = None,
     ) -> None:
         self.runtime = runtime
         self.limits = Limits(shared=shared)
         self.shutdown = shutdown  # set when the server stops (see the module doc)
+        self.verifiers = verifiers or Verifiers()
 
     @property
     def name(self) -> str:
@@ -125,10 +161,17 @@ class ProfileServer:
         await self.serve_stream(stream, client, local)
 
     async def serve_stream(
-        self, stream: trio.abc.Stream, client: Address, local: Address, host: str | None = None
+        self,
+        stream: trio.abc.Stream,
+        client: Address,
+        local: Address,
+        host: str | None = None,
+        runtime: ProfileRuntime | None = None,
     ) -> None:
-        """One client. `host`: its name when already known (tcpserver's TCPREMOTEHOST)."""
-        runtime = self.runtime  # this session keeps it, whatever reloads come
+        """One client. `host`: its name when already known (tcpserver's TCPREMOTEHOST).
+        `runtime`: the session's own (a handed-over connection's environment),
+        else the profile's current one."""
+        runtime = runtime or self.runtime  # this session keeps it, whatever reloads come
         profile = runtime.profile
         refusal = self.limits.admit(profile, client.ip)
         if refusal is not None:
@@ -190,6 +233,8 @@ class ProfileServer:
             tls_rate=self.limits.tls_rate,
             shutdown=self.shutdown,
             remote_host=host,
+            verifier=self.verifiers.for_runtime(runtime),
+            auth_failures=self.limits.auth_failures,
         ).run()
 
 
@@ -219,8 +264,9 @@ def inetd_only(config: Config) -> list[str]:
 
 
 def check_something_listens(config: Config) -> None:
-    """`tlsfront run` needs one profile it can listen for; raise StartupError if none."""
-    if len(inetd_only(config)) == len(config.profiles):
+    """`tlsfront run` needs one profile it can listen for, or the handoff
+    socket (inetd starters hand it the connections); raise StartupError if none."""
+    if config.settings.handoff_socket is None and len(inetd_only(config)) == len(config.profiles):
         raise StartupError(
             "no profile has listen or systemd: nothing for tlsfront run to serve"
             " (such profiles are for tlsfront inetd -p NAME)"
@@ -251,6 +297,21 @@ def build_runtimes(config: Config) -> dict[str, ProfileRuntime]:
     return runtimes
 
 
+async def probe_backends(runtimes: Iterable[ProfileRuntime]) -> None:
+    """Learn the face of every backend started on demand (see `inbound.probe`)."""
+    async with trio.open_nursery() as nursery:
+        for runtime in runtimes:
+            p = runtime.profile
+            if p.mode != "inbound" or p.backend_start != "on-demand" or runtime.face is None:
+                continue
+            rules_env: dict[str, str] = {}
+            rules = runtime.rules.get() if runtime.rules is not None else None
+            rule = rules.match("127.0.0.1") if rules is not None else None
+            if rule is not None:
+                rules_env = dict(rule.env)
+            nursery.start_soon(probe, p, runtime.face, rules_env, runtime.inherited)
+
+
 class Server:
     """Every profile of a configuration, listening."""
 
@@ -259,8 +320,9 @@ class Server:
         self.config = config
         # Set at the end of the grace: sessions close at their next idle point.
         self.shutdown = ShutdownNotice()
+        self.verifiers = Verifiers()  # AUTH verifiers shared by the sessions
         self.profiles = {
-            name: ProfileServer(runtime, self.shutdown, shared)
+            name: ProfileServer(runtime, self.shutdown, self.verifiers, shared)
             for name, runtime in build_runtimes(config).items()
         }
         self.addresses: dict[str, list[Address]] = {}
@@ -274,8 +336,11 @@ class Server:
         """Sessions in progress, per profile."""
         return {name: server.limits.active for name, server in self.profiles.items()}
 
-    def reload(self, config: Config) -> None:
+    async def reload(self, config: Config) -> None:
         """Take a new configuration for new sessions; raise and change nothing on error.
+
+        The backends started on demand are probed again (`inbound.probe`)
+        before the new configuration serves its first session.
 
         Every file is read again (new runtimes, loaded eagerly), also the
         ones that did not change. Profiles, `listen` and `systemd` are
@@ -292,6 +357,11 @@ class Server:
                 raise StartupError(f"profile {name}: listen or systemd changed: restart to apply")
         runtimes = build_runtimes(config)
         for name, runtime in runtimes.items():
+            known = self.profiles[name].runtime.face
+            if runtime.face is not None and known is not None:
+                runtime.face.take_over(known)  # should the probe fail
+        await probe_backends(runtimes.values())
+        for name, runtime in runtimes.items():
             self.profiles[name].runtime = runtime
         self.config = config
 
@@ -300,18 +370,25 @@ class Server:
         self.stopping = True
         self._stop.set()
 
-    async def _handle(self, server: ProfileServer, stream: trio.SocketStream) -> None:
+    @contextmanager
+    def connection(self) -> Iterator[None]:
+        """Count a connection in progress for as long as the block runs."""
         self.active += 1
         try:
-            await server.handle(stream)
-        except Exception:
-            # One session's bug must not take every other session down.
-            log.exception("profile %s: internal error in a session", server.name)
-            counters.connection_refused(server.name, SessionLabel.ERROR)
+            yield
         finally:
             self.active -= 1
             self._ended.set()
             self._ended = trio.Event()
+
+    async def _handle(self, server: ProfileServer, stream: trio.SocketStream) -> None:
+        with self.connection():
+            try:
+                await server.handle(stream)
+            except Exception:
+                # One session's bug must not take every other session down.
+                log.exception("profile %s: internal error in a session", server.name)
+                counters.connection_refused(server.name, SessionLabel.ERROR)
 
     async def wait_idle(self) -> None:
         """Until no connection is in progress."""
@@ -322,11 +399,14 @@ class Server:
         self,
         listeners: Mapping[str, Sequence[trio.SocketListener]] | None = None,
         *,
+        acceptors: Sequence[Acceptor] = (),
         task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until `stop()` has run its course, or until cancelled.
 
         `listeners` (e.g. from systemd) replace a profile's `listen`.
+        `acceptors`: more sources of sessions, e.g. the handoff socket's
+        (tlsfront.inbound.handoff), stopped with the listeners.
         """
         opened: dict[str, list[trio.SocketListener]] = {}
         try:
@@ -347,7 +427,9 @@ class Server:
                 for listener in ls:
                     await trio.aclose_forcefully(listener)
             raise
-        async with trio.open_nursery() as sessions:
+        await probe_backends(server.runtime for server in self.profiles.values())
+        async with trio.open_nursery() as services, trio.open_nursery() as sessions:
+            self.verifiers.nursery = services  # a Dovecot connection, while sessions run
             async with trio.open_nursery() as accepting:
                 for name, server in self.profiles.items():
                     if not opened[name]:
@@ -359,10 +441,13 @@ class Server:
                         handler_nursery=sessions,
                     )
                     await accepting.start(serve)
+                for acceptor in acceptors:
+                    await accepting.start(acceptor, sessions)
                 task_status.started(self)
                 await self._stop.wait()
                 accepting.cancel_scope.cancel()  # closes the listeners
             await self._drain(sessions)
+            services.cancel_scope.cancel()
 
     async def _drain(self, sessions: trio.Nursery) -> None:
         grace = self.config.settings.shutdown_grace

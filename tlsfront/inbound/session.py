@@ -2,10 +2,19 @@
 
 Theory of operation
 -------------------
-A session runs in phases. A phase is one backend and one `Dialogue`: the
-plaintext part of a STARTTLS session is one phase, the part after the
-handshake is another, with a fresh backend (RFC 3207 §4.2); an implicit-TLS
-session does its handshake first and has one phase.
+A session runs in phases. A phase is one `Dialogue` and at most one
+backend: the plaintext part of a STARTTLS session is one phase, the part
+after the handshake is another, with a fresh backend if any (RFC 3207
+§4.2); an implicit-TLS session does its handshake first and has one phase.
+
+With `backend_start = "on-demand"` (the default) a phase starts without a
+backend: the dialogue answers with the backend's face, learned beforehand
+(`ProfileRuntime.face`), until a command needs the backend. The client
+reader, which fed that command, then starts it (`_Phase.start_backend`)
+with the environment of that moment (TLS, certificate, rules) and starts
+its reader task. A session that ends before MAIL starts no backend at all,
+and a STARTTLS session with mail one. With `backend_start = "connect"`
+each phase starts its backend first, as tcpserver would.
 
 Within a phase three tasks share the dialogue (its methods are synchronous,
 so no two ever interleave inside it):
@@ -44,10 +53,17 @@ import logging
 import math
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 
 import trio
 
+from tlsfront.auth import replies as auth_replies
+from tlsfront.auth.gate import AuthGate
+from tlsfront.auth.sasl import Credentials
+from tlsfront.auth.throttle import FailureLimiter, SessionThrottle, clean_user
+from tlsfront.auth.verifier import Verifier
 from tlsfront.inbound.backend import (
+    DEFAULT_PATH,
     Backend,
     BackendError,
     BackendStarter,
@@ -65,6 +81,7 @@ from tlsfront.net.netstream import NetStream
 from tlsfront.ops import counters, logs
 from tlsfront.smtp import Dialogue, Outcome, Phase, TraceInfo, build_received
 from tlsfront.smtp.dialogue import Carry
+from tlsfront.smtp.face import BackendFace
 from tlsfront.smtp.replies import backend_unavailable
 from tlsfront.tls.context import ServerTLS
 from tlsfront.tls.stream import HandshakeFailure, TLSHandshakeError, TLSInfo
@@ -164,6 +181,8 @@ class Session:
         tls_rate: TLSRateLimiter | None = None,
         shutdown: ShutdownNotice | None = None,
         remote_host: PendingHost | None = None,
+        verifier: Verifier | None = None,
+        auth_failures: FailureLimiter | None = None,
     ) -> None:
         self.runtime = runtime
         self.profile = runtime.profile
@@ -183,6 +202,10 @@ class Session:
         self._tls_rate = tls_rate
         self.shutdown = shutdown  # set: close at the next idle point (421 4.3.2)
         self.remote_host = remote_host  # the client's name, looked up beside the session
+        self.verifier = verifier  # tlsfront's own AUTH, when the profile has one
+        self._auth_failures = auth_failures or FailureLimiter()
+        self._gate: AuthGate | None = None
+        self.auth_user: str | None = None  # who logged in (the backend's environment)
 
     # ------------------------------------------------------------- the whole
 
@@ -223,40 +246,59 @@ class Session:
                 if self.record.ending is None:
                     self.record.end(Outcome.TLS_UNAVAILABLE, "TLS unavailable")
                 return
-        swallow_greeting = False
+        learned = self.runtime.face
+        on_demand = learned is not None and self.profile.backend_start == "on-demand"
+        face = learned.current if learned is not None and on_demand else None
+        after_tls = False
         carry: Carry | None = None  # after a message dropped mid-body (Phase.RESET)
         while True:
-            backend = await self._start_backend()
-            if backend is None:
-                return
-            dialogue = self._dialogue(swallow_greeting, carry)
+            backend = None
+            if face is None:
+                backend = await self._start_backend()
+                if backend is None:
+                    return
+            dialogue = self._dialogue(after_tls, face, carry)
+            phase = _Phase(self, dialogue, backend)
             try:
-                await self._run_phase(dialogue, backend)
+                await self._run_phase(phase)
             finally:
                 if dialogue.phase not in _GOES_ON:
                     # The client has had its last reply: it does not wait for
                     # a hung backend to be reaped (up to EXIT_GRACE).
                     await self._close_client()
-                self.record.backend_exit = await backend.aclose()
-                self.record.messages += dialogue.stats.messages
-                self.record.refused += dialogue.stats.refused
-                self.record.bytes += dialogue.stats.body_bytes
-                self.record.events += dialogue.stats.events
-                if dialogue.stats.ending is not None:
-                    self.record.ending = dialogue.stats.ending
-                if dialogue.backend_error is not None:
-                    self.record.backend_failure = dialogue.backend_error.outcome
+                if phase.backend is not None:
+                    self.record.backend_exit = await phase.backend.aclose()
+                self._phase_ended(dialogue, face)
             carry = dialogue.carry() if dialogue.phase is Phase.RESET else None
             if carry is not None:
-                continue  # a fresh backend, the same client
+                continue  # a fresh backend (on demand: when needed), the same client
             if dialogue.phase is not Phase.HANDSHAKE:
                 return
             assert self._next_tls is not None
             if not await self._handshake(self._next_tls):
                 return
-            swallow_greeting = True
+            after_tls = True
 
-    def _dialogue(self, swallow_greeting: bool, carry: Carry | None = None) -> Dialogue:
+    def _phase_ended(self, dialogue: Dialogue, face: BackendFace | None) -> None:
+        record = self.record
+        record.messages += dialogue.stats.messages
+        record.refused += dialogue.stats.refused
+        record.bytes += dialogue.stats.body_bytes
+        record.events += dialogue.stats.events
+        start_failed = record.backend_failure is Outcome.BACKEND_START  # its words say why
+        if dialogue.stats.ending is not None and not start_failed:
+            record.ending = dialogue.stats.ending
+        if dialogue.backend_error is not None:
+            record.backend_failure = dialogue.backend_error.outcome
+        learned = self.runtime.face
+        if learned and face and not face.probed and dialogue.backend_ehlo is not None:
+            # No probe got through: a backend that answered a client's EHLO
+            # has shown its extensions after all.
+            learned.learn_from_session(dialogue.backend_ehlo)
+
+    def _dialogue(
+        self, after_tls: bool, face: BackendFace | None, carry: Carry | None = None
+    ) -> Dialogue:
         p = self.profile
         return Dialogue(
             hostname=p.hostname,
@@ -267,8 +309,13 @@ class Session:
             max_text_line=p.max_text_line,
             max_message_size=p.max_message_size,
             received=self._received if p.received_header else None,
-            swallow_greeting=swallow_greeting,
+            swallow_greeting=after_tls or carry is not None,
+            face=face,
+            greet=not after_tls and carry is None,
             carry=carry,
+            auth=self.verifier is not None,
+            require_auth=p.require_auth,
+            authorized=bool(self._decision and self._decision.relay),
         )
 
     def _received(self, helo: str | None, esmtp: bool) -> bytes:
@@ -282,8 +329,60 @@ class Session:
             tls_alg_bits=info.alg_bits if info else 0,
             client_cert=decision.trace if decision else None,
             relay_cert=decision.address if decision and decision.relay else None,
+            authenticated=self.auth_user is not None,
+            auth_user=self.auth_user if self.profile.received_auth_user else None,
         )
         return build_received(trace, helo, esmtp, datetime.now().astimezone())
+
+    # ----------------------------------------------------------------- AUTH
+
+    def auth_gate(self) -> AuthGate:
+        if self._gate is None:
+            assert self.verifier is not None
+            p = self.profile
+            throttle = SessionThrottle(
+                self._auth_failures, self.client.ip, max_failures=p.auth_max_failures
+            )
+            env = {
+                "PATH": DEFAULT_PATH,
+                "PROTO": "TCP",
+                "TCPREMOTEIP": self.client.ip,
+                "TCPREMOTEPORT": str(self.client.port),
+                "TCPLOCALIP": self.local.ip,
+                "TCPLOCALPORT": str(self.local.port),
+                "TCPLOCALHOST": p.hostname,
+            }
+            if self._tls_info is not None:  # always, since AUTH is only inside TLS
+                env.update(tls_environment(self._tls_info))
+            self._gate = AuthGate(
+                self.verifier,
+                throttle,
+                env,
+                on_result=partial(counters.auth_result, p.name),
+            )
+        return self._gate
+
+    async def conclude_auth(self, d: Dialogue) -> None:
+        """Check the credentials of the dialogue's AUTH; answer it."""
+        step = d.auth_due
+        assert step is not None
+        gate = self.auth_gate()
+        if not gate.may_try():
+            if isinstance(step, Credentials):
+                step.wipe()
+            d.auth_concluded(auth_replies.TOO_MANY_FAILURES, None, True)
+            return
+        decision = await gate.conclude(step)
+        if decision.user is not None:
+            self.auth_user = decision.user
+            self.record.events.append(f"logged in as {clean_user(decision.user)}")
+            log.info(
+                "profile %s: [%s] logged in as %s",
+                self.profile.name,
+                self.client.ip,
+                clean_user(decision.user),
+            )
+        d.auth_concluded(decision.reply, decision.user, decision.close)
 
     # ------------------------------------------------------------------ TLS
 
@@ -369,6 +468,16 @@ class Session:
     # -------------------------------------------------------------- backend
 
     async def _start_backend(self) -> Backend | None:
+        """The backend at the start of a phase; on failure 421 to the client."""
+        backend = await self.launch_backend()
+        if backend is None:
+            reply = backend_unavailable(self.profile.hostname).raw
+            with trio.move_on_after(10), contextlib.suppress(*STREAM_ERRORS):
+                await self._stream.send_all(reply)
+        return backend
+
+    async def launch_backend(self) -> Backend | None:
+        """Start the backend with what is known now; None (logged) if it fails."""
         p = self.profile
         decision = self._decision
         relay = bool(decision and decision.relay)
@@ -376,6 +485,10 @@ class Session:
         if decision is not None:
             tls_env.update(decision.env)
         rules_env = self.rules_env
+        if self.auth_user is not None:
+            # as the qmail AUTH patches: RELAYCLIENT, and the user for the Received line
+            relay = True
+            tls_env["TCPREMOTEINFO"] = tls_env["SMTPAUTHUSER"] = self.auth_user
         if self.remote_host is not None:  # bounded by remote_host_timeout
             name = (await self.remote_host.get()).remote_host(p.remote_host_paranoid)
             if name is not None:  # after the rule's variables: they cannot misstate it
@@ -397,25 +510,20 @@ class Session:
         except (BackendError, trio.TooSlowError) as exc:
             self.record.end(Outcome.BACKEND_START, f"backend failure: {exc}")
             log.error("profile %s: %s", p.name, exc)
-            reply = backend_unavailable(p.hostname).raw
-            with trio.move_on_after(10), contextlib.suppress(*STREAM_ERRORS):
-                await self._stream.send_all(reply)
             return None
 
     # --------------------------------------------------------------- a phase
 
-    async def _run_phase(self, d: Dialogue, backend: Backend) -> None:
-        phase = _Phase(self, d, backend)
+    async def _run_phase(self, phase: _Phase) -> None:
         shutdown = self.shutdown
         if shutdown is not None:
             shutdown.subscribe(phase.server_stopping)
         try:
             async with trio.open_nursery() as nursery:
+                phase.nursery = nursery
                 nursery.start_soon(phase.client_reader)
-                nursery.start_soon(phase.backend_reader)
-                if isinstance(backend, ExecBackend):  # its stderr, logged as lines
-                    backend.stderr.session = self.record.id
-                    nursery.start_soon(backend.stderr.run)
+                if phase.backend is not None:
+                    phase.backend_started()
                 await phase.supervise()
                 nursery.cancel_scope.cancel()
         finally:
@@ -430,11 +538,12 @@ _GOES_ON = frozenset({Phase.HANDSHAKE, Phase.RESET})  # the client stays; a new 
 class _Phase:
     """The tasks of one phase (see the module doc)."""
 
-    def __init__(self, session: Session, d: Dialogue, backend: Backend) -> None:
+    def __init__(self, session: Session, d: Dialogue, backend: Backend | None) -> None:
         self.s = session
         self.d = d
         self.client = session._stream
-        self.backend = backend
+        self.backend = backend  # None until the dialogue wants one (on demand)
+        self.nursery: trio.Nursery | None = None  # the phase's tasks, once running
         self.changed = _Signal()
         self.now = trio.lowlevel.current_clock().current_time  # fewer frames than trio's
         shutdown = session.shutdown
@@ -516,16 +625,49 @@ class _Phase:
             d.receive_client(data)
             self.update()
             await self.flush()
+            if d.auth_due is not None:
+                await self.s.conclude_auth(d)
+                self.update()
+                await self.flush()
+            if d.backend_wanted:
+                await self.start_backend()
             if not data:
                 return
 
+    async def start_backend(self) -> None:
+        """The backend on demand, for the command the dialogue holds."""
+        d = self.d
+        backend = await self.s.launch_backend()
+        if backend is None:
+            d.backend_unavailable()
+        else:
+            self.backend = backend
+            self.last_backend_read = self.now()
+            self.backend_started()
+            d.backend_started()
+        self.update()
+        await self.flush()
+
+    def backend_started(self) -> None:
+        """Its reader, and its stderr logged as lines."""
+        backend = self.backend
+        nursery = self.nursery
+        assert backend is not None
+        assert nursery is not None
+        nursery.start_soon(self.backend_reader)
+        if isinstance(backend, ExecBackend):
+            backend.stderr.session = self.s.record.id
+            nursery.start_soon(backend.stderr.run)
+
     async def backend_reader(self) -> None:
         d = self.d
+        backend = self.backend
+        assert backend is not None
         while True:
             while d.client_output_size > HIGH_WATER:
                 await self.changed.wait_until(self._client_not_full)
             try:
-                data = await self.backend.receive_some(READ_SIZE)
+                data = await backend.receive_some(READ_SIZE)
             except STREAM_ERRORS:
                 data = b""
             self.last_backend_read = self.now()
@@ -554,6 +696,10 @@ class _Phase:
         d = self.d
         if not d.backend_output_size and (self.backend_eof_sent or not d.backend_should_close):
             return  # nothing to do: no flag to raise, nobody to wake
+        backend = self.backend
+        if backend is None:
+            d.take_backend_output()  # nothing was ever written for it
+            return
         self.backend_sending = True
         try:
             while True:
@@ -561,10 +707,10 @@ class _Phase:
                 if self.backend_broken:
                     return  # nowhere to send it; the dialogue has answered 4xx
                 if data:
-                    await self.backend.send_all(data)
+                    await backend.send_all(data)
                 elif d.backend_should_close and not self.backend_eof_sent:
                     self.backend_eof_sent = True
-                    await self.backend.send_eof()
+                    await backend.send_eof()
                 else:
                     return
         except STREAM_ERRORS:
@@ -633,6 +779,10 @@ class _Phase:
         """Run the timers and end the phase; everything else is `update`'s."""
         d = self.d
         self.update()
+        if d.client_output_size:  # tlsfront's own greeting (the backend on demand)
+            await self._supervisor_flush()
+        if d.backend_wanted:  # wanted by commands carried over from the last phase
+            await self.start_backend()
         while not self._finished():
             now = self.now()
             if self.client_sending and self.client_send_deadline <= now:

@@ -298,6 +298,32 @@ def check_tcp_backend(
         )
 
 
+def _check_handoff(config: Config, report: Report) -> None:
+    """The handoff socket's path and account (tlsfront.inbound.handoff)."""
+    from tlsfront.inbound.handoff import HandoffError, handoff_uid
+
+    path = config.settings.handoff_socket
+    if path is None:
+        return
+    if len(os.fsencode(path)) > 107:
+        report.error(f"handoff_socket {path}: longer than a UNIX socket path may be (107 bytes)")
+    default = None
+    if os.geteuid() == 0:  # the workers become the profiles' account, if they name one
+        from tlsfront.ops.privileges import PrivilegeError, serving_account
+
+        try:
+            account = serving_account(config.profiles.values())
+        except PrivilegeError:
+            account = None  # said by the account checks
+        default = account.uid if account is not None else None
+    try:
+        uid = handoff_uid(config.settings.handoff_user, default)
+    except HandoffError as exc:
+        report.error(str(exc))
+        return
+    report.note(f"handoff socket {path} for uid {uid}")
+
+
 def check_route_credentials(profile: Profile, report: Report) -> None:
     """The credentials files: private, well formed; which routes log in."""
     from tlsfront.outbound.credentials import CredentialsError, describe_logins
@@ -314,6 +340,7 @@ def check_route_credentials(profile: Profile, report: Report) -> None:
 def check_config(config: Config, now: datetime.datetime | None = None) -> Report:
     report = Report()
     now = now or datetime.datetime.now(datetime.UTC)
+    _check_handoff(config, report)
     for profile in config.profiles.values():
         if not profile.listen and profile.systemd is None:
             report.note(

@@ -54,6 +54,13 @@ RELAY = Counter(
     ["profile", "decision", "cert"],
     registry=REGISTRY,
 )
+AUTH_RESULTS = Counter(
+    "tlsfront_auth_results",
+    "Logins checked by tlsfront's own AUTH, by mechanism, verifier and result "
+    "(good, bad, tempfail)",
+    ["profile", "mechanism", "verifier", "result"],
+    registry=REGISTRY,
+)
 RELAY_SESSIONS = Counter(
     "tlsfront_relay_sessions",
     "Sessions that could relay (the backend had RELAYCLIENT), by why: a client "
@@ -86,6 +93,10 @@ RELOADS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+
+
+def auth_result(profile: str, mechanism: str, verifier: str, result: str) -> None:
+    AUTH_RESULTS.labels(profile, mechanism, verifier, result).inc()
 
 
 def declare_profiles(names: Iterable[str]) -> None:

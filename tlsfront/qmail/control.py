@@ -1,8 +1,9 @@
 """Reading a qmail (and qmail-tls patch) control directory.
 
 Only what tlsfront needs is read: the TLS files of the qmail-tls patch, `me`
-for the host name, and `databytes`. Files are found by name; a missing
-optional file is simply absent, an unreadable one is an error naming it.
+for the host name, `smtpgreeting` for the greeting, and `databytes`. Files
+are found by name; a missing optional file is simply absent, an unreadable
+one is an error naming it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class QmailControl:
 
     directory: Path
     me: str | None = None
+    smtpgreeting: str | None = None  # qmail-smtpd's greeting text (default: me)
     servercert: Path | None = None
     clientca: Path | None = None
     clientcrl: Path | None = None
@@ -110,6 +112,7 @@ def read_control(directory: Path, environ: Mapping[str, str] | None = None) -> Q
     return QmailControl(
         directory=d,
         me=_first_line(d / "me"),
+        smtpgreeting=_first_line(d / "smtpgreeting"),
         servercert=_existing(d / "servercert.pem"),
         clientca=_existing(d / "clientca.pem"),
         clientcrl=_existing(d / "clientcrl.pem"),

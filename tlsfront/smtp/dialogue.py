@@ -34,7 +34,25 @@ Three commands change how client bytes are read:
   then sets `phase` to `STARTTLS_READY`. The shell answers `220` through
   `starttls_accept()` (or `454` through `starttls_refuse()` when TLS cannot
   be had), and does the handshake. After TLS the shell builds a new
-  `Dialogue` with a fresh backend: nothing from before TLS survives.
+  `Dialogue` (and, if any, a fresh backend): nothing from before TLS
+  survives.
+
+The backend on demand
+---------------------
+Given the backend's face (`BackendFace`: its greeting and EHLO reply), the
+dialogue starts without a backend (`backend` is `BackendState.ABSENT`). It
+answers the greeting, EHLO, HELO, NOOP, RSET and QUIT itself, with the
+backend's own words. The first command it does not own (MAIL, VRFY, HELP,
+anything else) is held, and `backend` becomes `WANTED`: the shell starts
+the backend, with everything known by then in its environment, and calls
+`backend_started` (or `backend_unavailable`). Nothing behind the held
+command is read meanwhile. The backend's greeting is then checked, not
+passed on; the client's own HELO or EHLO line is sent and its reply checked
+the same way; only then does the held command go to the backend (`READY`),
+and the dialogue relays from there on as above. A greeting or HELO reply
+that is not 2xx is a refusal (`REFUSED`): the held command, and every later
+one that needs the backend, gets that very reply, and a 421 closes the
+session; no command ever reaches a refusing backend.
 
 A message over `max_message_size` is refused, and the session goes on, as
 with qmail-smtpd's databytes (RFC 5321 §4.5.3.1.10): the backend's input is
@@ -59,12 +77,25 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+# Modules, not names: tlsfront.auth's own modules import this package's
+# reply type, so either side may be imported first.
+from tlsfront.auth import replies as auth_replies
+from tlsfront.auth import sasl
 from tlsfront.smtp import replies
 from tlsfront.smtp.body import BodyScanner
 from tlsfront.smtp.command import Command, parse_command, take_line
 from tlsfront.smtp.errors import ProtocolError, RemoteProtocolError
+from tlsfront.smtp.face import BackendFace
 from tlsfront.smtp.outcome import Ending, Outcome
-from tlsfront.smtp.phases import TRANSITIONS, Event, Phase, Side
+from tlsfront.smtp.phases import (
+    BACKEND_TRANSITIONS,
+    TRANSITIONS,
+    BackendEvent,
+    BackendState,
+    Event,
+    Phase,
+    Side,
+)
 from tlsfront.smtp.reply import Reply, rewrite_ehlo
 from tlsfront.smtp.replyreader import ReplyReader
 
@@ -77,6 +108,9 @@ class _Kind(enum.Enum):
     DOT = enum.auto()
     QUIT = enum.auto()
     STARTTLS = enum.auto()
+    MAIL = enum.auto()
+    RSET = enum.auto()
+    AUTH = enum.auto()
     OTHER = enum.auto()
 
 
@@ -86,6 +120,7 @@ class _Pending:
     command: Command | None = None
     reply: Reply | None = None
     swallow: bool = False  # the fresh backend's greeting after TLS
+    check: bool = False  # on demand: a greeting or HELO reply checked, never passed on
     close_after: bool = False  # a fatal local error: close once it is sent
     reset_after: bool = False  # the 552 of a dropped message: a fresh backend next
 
@@ -96,6 +131,7 @@ class Carry:
 
     hello: Command | None  # the client's last accepted HELO/EHLO, for the new backend
     client_bytes: bytes  # read from the client and not yet taken
+    auth_user: str | None = None  # who logged in (tlsfront's own AUTH)
 
 
 # Keywords tlsfront never passes on from the backend's EHLO reply: STARTTLS
@@ -110,6 +146,16 @@ REFUSED_VERBS = frozenset({"BDAT", "XCLIENT", "XFORWARD"})
 DATA_WAIT_BUFFER = 65536
 # What a client may do before TLS on a port that requires it (RFC 3207 §4).
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
+_FORWARDED_KINDS = {
+    "EHLO": _Kind.EHLO,
+    "HELO": _Kind.HELO,
+    "DATA": _Kind.DATA,
+    "QUIT": _Kind.QUIT,
+    "MAIL": _Kind.MAIL,
+    "RSET": _Kind.RSET,
+}
+# What tlsfront answers itself while no backend runs (STARTTLS is always its own).
+OWNED_VERBS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT"})
 
 
 @dataclass
@@ -140,9 +186,21 @@ class Dialogue:
         max_pipeline: int = 100,
         received: Callable[[str | None, bool], bytes] | None = None,
         swallow_greeting: bool = False,
+        face: BackendFace | None = None,
+        greet: bool = True,
         carry: Carry | None = None,
+        auth: bool = False,
+        require_auth: bool = False,
+        authorized: bool = False,
     ) -> None:
-        """`carry`: a session that goes on after a dropped message (see the module doc)."""
+        """`face`: the backend on demand, answering as it would; else one runs now.
+
+        `greet` (on demand only): send the greeting; not after STARTTLS.
+        `carry`: a session that goes on after a dropped message (see the module doc).
+        `auth`: tlsfront answers AUTH itself (a verifier is configured);
+        `require_auth`: MAIL needs a login first, unless `authorized` (a
+        client certificate that grants relaying).
+        """
         self.hostname = hostname
         self.tls_offered = tls_offered
         self.tls_active = tls_active
@@ -170,16 +228,42 @@ class Dialogue:
         self._dropped: Reply | None = None  # the 552 owed for a message refused mid-body
         self._hello: Command | None = None  # the client's last accepted HELO/EHLO
         self.backend_should_close = False
-        self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting or carry is not None))
+        self._face = face
+        self._held: _Pending | None = None  # the command that wants the backend
+        self._refusal: Reply | None = None
+        self.backend_ehlo: Reply | None = None  # its reply to the client's EHLO, on demand
+        hello = carry.hello if carry is not None else None
+        self._auth = auth
+        self._require_auth = require_auth
+        self._authorized = authorized
+        self.auth_user = carry.auth_user if carry is not None else None
+        self._sasl: sasl.ServerAuth | None = None  # an AUTH exchange in progress
+        self._auth_entry: _Pending | None = None
+        self.auth_due: sasl.Credentials | sasl.Refused | None = None  # the shell must conclude it
+        self._in_transaction = False
+        if face is None:
+            self.backend = BackendState.READY
+            self._forward(_Pending(_Kind.GREETING, swallow=swallow_greeting or carry is not None))
+            if hello is not None:
+                kind = _Kind.EHLO if hello.verb == "EHLO" else _Kind.HELO
+                self._forward(_Pending(kind, hello, swallow=True))
+        else:
+            self.backend = BackendState.ABSENT
+            if greet:
+                self._answer(_Pending(_Kind.GREETING), face.greeting)
+                self._deliver()
+            if hello is not None:  # for the next backend, and the Received header
+                self._hello = hello
+                self.stats.helo = hello.args.decode("utf-8", "replace") or None
+                self._esmtp = hello.verb == "EHLO"
         if carry is not None:
-            if carry.hello is not None:
-                kind = _Kind.EHLO if carry.hello.verb == "EHLO" else _Kind.HELO
-                self._forward(_Pending(kind, carry.hello, swallow=True))
             self._client_buffer += carry.client_bytes
+            if face is not None:  # no backend's greeting comes to set them going
+                self._process_client()
 
     def carry(self) -> Carry:
         """What the next dialogue takes over, in `RESET`."""
-        return Carry(self._hello, bytes(self._client_buffer))
+        return Carry(self._hello, bytes(self._client_buffer), self.auth_user)
 
     # ------------------------------------------------------------------ output
 
@@ -215,8 +299,12 @@ class Dialogue:
         """Whether the shell should read from the client now."""
         if self._client_eof or any(p.close_after for p in self._pending):
             return False
+        if self.backend in (BackendState.WANTED, BackendState.CHECKING):
+            return False  # nothing is read behind the held command
         if self.phase is Phase.BODY:
             return True
+        if self.phase is Phase.AUTH:
+            return self.auth_due is None
         return self.phase is Phase.COMMAND and len(self._pending) < self._max_pipeline
 
     @property
@@ -238,11 +326,16 @@ class Dialogue:
         """'backend' while a reply is owed by it, 'client' while the client must speak."""
         if self.phase in (Phase.CLOSING, Phase.HANDSHAKE, Phase.STARTTLS_READY, Phase.RESET):
             return None
-        if self._awaiting:
+        if self._awaiting or self.backend is BackendState.WANTED:
             return "backend"
         if self._client_eof:
             return None
         return "client"
+
+    @property
+    def backend_wanted(self) -> bool:
+        """The shell must start the backend now and call `backend_started`."""
+        return self.backend is BackendState.WANTED and self.phase is not Phase.CLOSING
 
     @property
     def backend_error(self) -> Ending | None:
@@ -261,7 +354,7 @@ class Dialogue:
                 self.backend_should_close = True
             if self.phase is Phase.BODY:
                 self._close(Outcome.CLIENT_LOST, "client closed the connection during DATA")
-            elif not self._pending:
+            elif not self._pending or self.backend is BackendState.WANTED:
                 self._close(Outcome.CLIENT_CLOSED, "client closed the connection")
             return
         if self.phase in (Phase.STARTTLS_WAIT, Phase.STARTTLS_READY, Phase.HANDSHAKE):
@@ -277,6 +370,8 @@ class Dialogue:
         """Bytes read from the backend; b"" when it closed its output."""
         if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._dropped is not None:
             return  # the old backend is being shut down; nothing it says counts
+        if self.backend is BackendState.REFUSED:
+            return  # it refused the session and is being shut down
         if not data:
             self.backend_failed(Outcome.BACKEND_EXITED, "backend closed the connection")
             return
@@ -311,6 +406,8 @@ class Dialogue:
         """The backend died, hung or spoke nonsense: 4xx to the client, never 250."""
         if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._backend_dead is not None:
             return
+        if self.backend is BackendState.REFUSED:
+            return  # its refusal stands; it is being shut down
         if self._dropped is not None:
             return  # its input was closed on purpose: a fresh one comes (RESET)
         self._backend_dead = Ending(outcome, why)
@@ -342,6 +439,141 @@ class Dialogue:
                 )
         self._awaiting.clear()
         self._deliver()
+
+    # ------------------------------------------------------ backend on demand
+
+    def backend_started(self) -> None:
+        """The shell started the backend that `backend_wanted` asked for."""
+        if self.backend is not BackendState.WANTED:
+            raise replies.no_backend_wanted()
+        self._backend_move(BackendEvent.STARTED)
+        self._awaiting.append(_Pending(_Kind.GREETING, swallow=True, check=True))
+
+    def backend_unavailable(self) -> None:
+        """The backend could not be started: 421 to the held command, and close."""
+        held = self._held
+        if self.backend is not BackendState.WANTED or held is None:
+            raise replies.no_backend_wanted()
+        self._held = None
+        self._backend_move(BackendEvent.UNAVAILABLE)
+        held.reply = replies.backend_unavailable(self.hostname)
+        held.close_after = True
+        self._deliver()
+
+    def _checked(self, entry: _Pending, reply: Reply) -> None:
+        """The backend's greeting or HELO reply, on demand: go on, or refuse."""
+        if not 200 <= reply.code < 300:
+            self._refuse(reply)
+            return
+        hello = self._hello
+        if entry.kind is _Kind.GREETING and hello is not None:
+            kind = _Kind.EHLO if hello.verb == "EHLO" else _Kind.HELO
+            self._forward(_Pending(kind, hello, swallow=True, check=True), queued=False)
+            return
+        if entry.kind is _Kind.EHLO:
+            self.backend_ehlo = reply
+        held = self._held
+        assert held is not None
+        self._held = None
+        self._backend_move(BackendEvent.ACCEPTED)
+        self._forward(held, queued=False)
+        if held.kind is _Kind.DATA:
+            self._move(Event.DATA_SENT)
+
+    def _refuse(self, reply: Reply) -> None:
+        """The backend refused the session: its reply answers the held command."""
+        held = self._held
+        assert held is not None
+        self._held = None
+        self._backend_move(BackendEvent.REFUSED)
+        self._refusal = reply
+        self._awaiting.clear()
+        self.backend_should_close = True
+        first = reply.lines[0].decode("utf-8", "replace") if reply.lines else ""
+        self.stats.events.append(f"backend refused the session: {reply.code} {first}")
+        held.reply = reply
+        self._deliver()
+
+    def _answer_locally(self, entry: _Pending, command: Command) -> None:
+        """A command tlsfront answers itself while no backend runs."""
+        face = self._face
+        assert face is not None
+        verb = command.verb
+        if verb == "EHLO":
+            entry.kind = _Kind.EHLO
+            self._answer(entry, self._rewrite_ehlo(face.ehlo))
+        elif verb == "HELO":
+            entry.kind = _Kind.HELO
+            self._answer(entry, face.helo)
+        elif verb == "QUIT":
+            entry.kind = _Kind.QUIT
+            self._answer(entry, replies.closing(self.hostname))
+        else:  # NOOP, RSET: no transaction exists without a backend
+            entry.kind = _Kind.RSET if verb == "RSET" else _Kind.OTHER
+            self._answer(entry, replies.ok())
+
+    # -------------------------------------------------------- tlsfront's AUTH
+
+    def _start_auth(self, entry: _Pending, command: Command) -> None:
+        entry.kind = _Kind.AUTH
+        if not self.tls_active:
+            self._answer(entry, auth_replies.STARTTLS_FIRST)
+        elif self.auth_user is not None:
+            self._answer(entry, auth_replies.ALREADY)
+        elif self._in_transaction:
+            self._answer(entry, auth_replies.IN_TRANSACTION)
+        else:
+            self._sasl = sasl.ServerAuth(command.args.decode("utf-8", "replace"))
+            self._move(Event.AUTH_READ)
+            self._auth_step(entry, self._sasl.start())
+
+    def _auth_step(self, entry: _Pending, step: sasl.Step) -> None:
+        if isinstance(step, sasl.Challenge):
+            self._answer(entry, step.reply)  # a 334; the next line is the response
+            self._auth_entry = _Pending(_Kind.AUTH)
+            return
+        self._pending.append(entry)  # answered by `auth_concluded`
+        self._auth_entry = entry
+        self.auth_due = step
+
+    def _auth_line(self) -> bool:
+        """One response line of the exchange; False until a whole line is there."""
+        end = self._client_buffer.find(b"\n", 0, sasl.MAX_LINE)
+        if end < 0:
+            if len(self._client_buffer) >= sasl.MAX_LINE:
+                self._client_buffer.clear()
+                self._conclude(auth_replies.LINE_TOO_LONG)
+            return False
+        line = bytes(self._client_buffer[: end + 1])
+        del self._client_buffer[: end + 1]
+        entry, exchange = self._auth_entry, self._sasl
+        assert entry is not None
+        assert exchange is not None
+        self._auth_step(entry, exchange.receive(line.rstrip(b"\r\n")))
+        self._deliver()
+        return True
+
+    def auth_concluded(self, reply: Reply, user: str | None, close: bool) -> None:
+        """The shell's verdict on `auth_due` (`AuthGate.conclude`)."""
+        self.auth_due = None
+        if user is not None:
+            self.auth_user = user
+        self._conclude(reply, close)
+
+    def _conclude(self, reply: Reply, close: bool = False) -> None:
+        entry = self._auth_entry
+        assert entry is not None
+        if entry not in self._pending:
+            self._pending.append(entry)
+        entry.reply = reply
+        self._auth_entry = self._sasl = None
+        self._move(Event.AUTH_DONE)
+        if close and reply.code == 421:  # the limits, before any check
+            entry.close_after = True
+        elif close:  # a failure too many: its 535, then 421 and close
+            self._answer(_Pending(_Kind.OTHER), auth_replies.TOO_MANY_FAILURES, close=True)
+        self._deliver()
+        self._process_client()
 
     # ---------------------------------------------------------------- STARTTLS
 
@@ -387,14 +619,22 @@ class Dialogue:
             raise replies.illegal_move(self.phase.value, event.value)
         self.phase = target
 
+    def _backend_move(self, event: BackendEvent) -> None:
+        """Change `backend` as `BACKEND_TRANSITIONS` says `event` does."""
+        target = BACKEND_TRANSITIONS[self.backend].get(event)
+        if target is None:
+            raise replies.illegal_move(self.backend.value, event.value)
+        self.backend = target
+
     def _close(self, outcome: Outcome, reason: str) -> None:
         self._move(Event.CLOSE)
         self.backend_should_close = True
         if self.stats.ending is None:
             self.stats.ending = Ending(outcome, reason)
 
-    def _forward(self, entry: _Pending) -> None:
-        self._pending.append(entry)
+    def _forward(self, entry: _Pending, *, queued: bool = True) -> None:
+        if queued:
+            self._pending.append(entry)
         self._awaiting.append(entry)
         if entry.command is not None:
             self._send_backend(entry.command.raw)
@@ -411,6 +651,9 @@ class Dialogue:
             self._to_client += reply.raw
             return
         entry = self._awaiting.pop(0)
+        if entry.check:
+            self._checked(entry, reply)
+            return
         if entry.kind is _Kind.EHLO:
             reply = self._rewrite_ehlo(reply)
         entry.reply = reply
@@ -418,9 +661,11 @@ class Dialogue:
 
     def _rewrite_ehlo(self, reply: Reply) -> Reply:
         drop = set(DROPPED_KEYWORDS)
-        if self.require_tls and not self.tls_active:
-            drop.add("AUTH")  # no passwords in clear where TLS is required
+        if self._auth or (self.require_tls and not self.tls_active):
+            drop.add("AUTH")  # tlsfront's own; no passwords in clear where TLS is required
         add = []
+        if self._auth and self.tls_active:
+            add.append("AUTH " + " ".join(sasl.MECHANISMS))
         if self._max_message_size:
             add.append(f"SIZE {self._max_message_size}")
         if self.tls_offered and not self.tls_active:
@@ -453,6 +698,15 @@ class Dialogue:
             self._close(Outcome.BACKEND_CLOSED, f"backend closed the session: 421 {first}")
             return
         kind = entry.kind
+        if kind is _Kind.MAIL:
+            self._in_transaction = 200 <= reply.code < 300
+        elif kind in (_Kind.RSET, _Kind.HELO, _Kind.EHLO, _Kind.DOT):
+            self._in_transaction = False
+        if kind is _Kind.AUTH and reply.code == 235 and self.backend is not BackendState.ABSENT:
+            # A backend from before the login runs: a fresh one, with its environment
+            self._move(Event.AUTHENTICATED)
+            self.backend_should_close = True
+            return
         if kind in (_Kind.HELO, _Kind.EHLO) and reply.code == 250:
             assert entry.command is not None
             self._hello = entry.command
@@ -486,7 +740,13 @@ class Dialogue:
             self._close(Outcome.PROTOCOL_ERROR, "pipelining after a refused DATA")
 
     def _process_client(self) -> None:
-        while self._client_buffer and self.phase in (Phase.COMMAND, Phase.BODY):
+        while self._client_buffer and self.phase in (Phase.COMMAND, Phase.BODY, Phase.AUTH):
+            if self.phase is Phase.AUTH:
+                if self.auth_due is not None or not self._auth_line():
+                    return
+                continue
+            if self.backend in (BackendState.WANTED, BackendState.CHECKING):
+                return  # resumed once the held command is with the backend
             if self._dropped is not None and self.phase is Phase.COMMAND:
                 return  # kept for the next dialogue (`carry`)
             if self.phase is Phase.BODY:
@@ -531,17 +791,26 @@ class Dialogue:
             self._answer(entry, replies.starttls_first())
         elif verb == "STARTTLS":
             self._starttls(entry, command)
+        elif verb == "AUTH" and self._auth:
+            self._start_auth(entry, command)
+        elif verb == "MAIL" and self._require_auth and not (self.auth_user or self._authorized):
+            self._answer(entry, auth_replies.REQUIRED)
         elif verb in REFUSED_VERBS:
             self._answer(entry, replies.not_implemented())
         elif verb == "MAIL" and self._too_big(command):
             self._answer(entry, replies.size_exceeded())
+        elif self.backend is not BackendState.READY and verb in OWNED_VERBS:
+            self._answer_locally(entry, command)
+        elif self.backend is BackendState.REFUSED:
+            assert self._refusal is not None
+            self._answer(entry, self._refusal)
         else:
-            entry.kind = {
-                "EHLO": _Kind.EHLO,
-                "HELO": _Kind.HELO,
-                "DATA": _Kind.DATA,
-                "QUIT": _Kind.QUIT,
-            }.get(verb, _Kind.OTHER)
+            entry.kind = _FORWARDED_KINDS.get(verb, _Kind.OTHER)
+            if self.backend is BackendState.ABSENT:
+                self._pending.append(entry)  # answered once the backend runs
+                self._held = entry
+                self._backend_move(BackendEvent.NEEDED)
+                return
             self._forward(entry)
             if entry.kind is _Kind.DATA:
                 self._move(Event.DATA_SENT)

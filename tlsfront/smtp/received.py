@@ -69,6 +69,8 @@ class TraceInfo:
     client_cert: ClientCertTrace | None = None
     # the qmail patch's "(cert user@example.com)" when a certificate authorized relaying
     relay_cert: str | None = None
+    authenticated: bool = False  # a login by tlsfront's own AUTH: ESMTPSA (RFC 3848)
+    auth_user: str | None = None  # who, where received_auth_user says to show it
 
 
 def build_received(info: TraceInfo, helo: str | None, esmtp: bool, when: datetime) -> bytes:
@@ -85,7 +87,10 @@ def build_received(info: TraceInfo, helo: str | None, esmtp: bool, when: datetim
         tcp_info = f"{tcp_info} (HELO {comment_text(helo_text, 64)})"
     clauses = [f"Received: from {from_part[1]} ({tcp_info})"]
     if info.tls_version:
-        clauses.append(f"by {info.hostname} (tlsfront) with {'ESMTPS' if esmtp else 'SMTPS'}")
+        proto = "ESMTPSA" if info.authenticated else ("ESMTPS" if esmtp else "SMTPS")
+        clauses.append(f"by {info.hostname} (tlsfront) with {proto}")
+        if info.auth_user:
+            clauses.append(f"(authenticated as {comment_text(info.auth_user, 64)})")
         clauses.append(
             f"(using {comment_text(info.tls_version)} with cipher "
             f"{comment_text(info.tls_cipher or 'unknown')} "

@@ -65,6 +65,11 @@ def starttls_not_pending() -> LocalProtocolError:
     return LocalProtocolError(503, "5.5.1", "STARTTLS is not pending")
 
 
+def no_backend_wanted() -> LocalProtocolError:
+    """The shell started a backend that the dialogue did not ask for."""
+    return LocalProtocolError(503, "5.5.1", "no backend was wanted")
+
+
 def illegal_move(phase: str, event: str) -> LocalProtocolError:
     """The dialogue asked for a phase change its table does not have."""
     return LocalProtocolError(503, "5.5.1", f"no move on {event} in phase {phase}")
@@ -81,6 +86,16 @@ def refused_connection(hostname: str, why: str) -> Reply:
 def backend_unavailable(hostname: str) -> Reply:
     """No backend could be started for the session."""
     return _reply(421, "4.3.0", f"{hostname} Service temporarily unavailable")
+
+
+def ok() -> Reply:
+    """NOOP and RSET while no backend runs (no transaction exists without one)."""
+    return _reply(250, "2.0.0", "Ok")
+
+
+def closing(hostname: str) -> Reply:
+    """QUIT while no backend runs."""
+    return _reply(221, "2.0.0", f"{hostname} closing connection")
 
 
 def backend_gone(hostname: str, *, in_reply: bool) -> Reply:
