@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import trio
+from support.accounts import kill_group
 from support.front import capture_backend, toml_str
 
 CONFIG = """
@@ -167,7 +168,9 @@ async def test_limits_and_metrics_hold_for_the_whole_server(
         LIMITED.format(cert=toml_str(tls_dir / "servercert.pem"), backend=capture_backend(capture))
     )
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tlsfront", "run", "-c", str(config)], stderr=subprocess.PIPE
+        [sys.executable, "-m", "tlsfront", "run", "-c", str(config)],
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # on a failure, the workers go with the parent
     )
     workers = Workers(process)
     nursery.start_soon(workers.collect)
@@ -223,5 +226,5 @@ async def test_limits_and_metrics_hold_for_the_whole_server(
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
         if process.returncode is None:
-            process.kill()
+            kill_group(process)
             await process.wait()
