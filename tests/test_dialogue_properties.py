@@ -5,7 +5,7 @@ writes commands, bodies and hostile bytes (fake ends of data, bare CR and LF,
 NUL, over-long lines) without waiting for replies; a backend that answers
 what it received with codes of Hypothesis's choosing, or fails; and the
 shell, which moves both byte streams in chunks of any size (reading the
-client only when the dialogue asks for it, as session.py does), answers
+client only when the dialogue asks for it, as phase.py does), answers
 STARTTLS, starts the TLS phase with a fresh dialogue, and fires timeouts.
 
 After every step the invariants are checked:

@@ -39,8 +39,9 @@ from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionLabel
 from tlsfront.inbound.remotehost import PendingHost, cached_host, needs_host
-from tlsfront.inbound.session import Session, ShutdownNotice
+from tlsfront.inbound.session import Session
 from tlsfront.inbound.sharedlimits import SharedLimits
+from tlsfront.inbound.signals import ShutdownNotice
 from tlsfront.net.address import Address, split_host_port
 from tlsfront.net.netstream import NetStream
 from tlsfront.net.proxyproto import accept_proxied
