@@ -1,6 +1,7 @@
 """Instructions per session under callgrind: a figure the machine's noise does not move.
 
     python -m bench.instructions [--modes starttls,implicit] [--seconds 10] [--out DIR]
+                                 [--size BYTES] [--messages N] [--targets tlsfront,nginx]
 
 CPU time per session is what the targets are judged by, but on a small or
 shared machine it moves by tens of percent from one run to the next.
@@ -56,10 +57,25 @@ def _sessions(spec: Spec) -> dict[str, object]:
     return result
 
 
-def count(target: Target, mode: str, seconds: float, out: Path) -> tuple[float, int]:
-    """(instructions per session, sessions) for one server and client mode."""
+def count(
+    target: Target, mode: str, seconds: float, out: Path, size: int = 10240, messages: int = 1
+) -> tuple[float, int]:
+    """(instructions per session, sessions) for one server and client mode.
+
+    `size` and `messages`: each session's messages (large ones: the body path's
+    instructions per MB, which is the per-session figure over size x messages).
+    """
     pid = target.proc.pid
-    spec = Spec("127.0.0.1", target.ports[mode], mode, duration=2.0, warmup=0.0, timeout=120)
+    spec = Spec(
+        "127.0.0.1",
+        target.ports[mode],
+        mode,
+        size=size,
+        messages=messages,
+        duration=2.0,
+        warmup=0.0,
+        timeout=120,
+    )
     _sessions(spec)  # warm-up: caches, imports, the first handshakes
     _control(pid, "-i", "on")
     spec.duration = seconds
@@ -83,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="starttls,implicit")
     parser.add_argument("--seconds", type=float, default=10.0, help="counted seconds per point")
     parser.add_argument("--out", type=Path, default=HERE / "out")
+    parser.add_argument("--size", type=int, default=10240, help="message bytes")
+    parser.add_argument("--messages", type=int, default=1, help="messages per session")
+    parser.add_argument("--targets", default="tlsfront,nginx")
     args = parser.parse_args(argv)
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
@@ -96,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus = os.sched_getaffinity(0)  # counts do not depend on where it runs
         sink: Sink = start_sink(directory, cpus)
         try:
-            for name in ("tlsfront", "nginx"):
+            for name in [t for t in args.targets.split(",") if t in ("tlsfront", "nginx")]:
                 out = directory / f"{name}.callgrind"
                 wrap = [*CALLGRIND, f"--callgrind-out-file={out}"]
                 if name == "tlsfront":
@@ -118,11 +137,15 @@ def main(argv: list[str] | None = None) -> int:
                     for mode in modes:
                         for old in glob.glob(str(out) + "*"):
                             Path(old).unlink()
-                        per_session, sessions = count(target, mode, args.seconds, out)
+                        per_session, sessions = count(
+                            target, mode, args.seconds, out, args.size, args.messages
+                        )
                         rows.append((name, mode, per_session, sessions))
+                        mb = args.size * args.messages / 1e6
                         print(
                             f"{name:9} {mode:9} {per_session / 1e6:6.2f} M instructions/session "
-                            f"({sessions} sessions)",
+                            f"({sessions} sessions; {per_session / mb / 1e6:.2f} M per MB "
+                            f"of message)",
                             flush=True,
                         )
                 finally:

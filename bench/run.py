@@ -399,12 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure resumed TLS sessions at concurrency C (0: skip)",
     )
     p.add_argument("--bulk-size", type=int, default=1 << 20, help="bulk message size (0: skip)")
-    p.add_argument("--bulk-concurrency", type=int, default=8)
-    p.add_argument("--bulk-messages", type=int, default=5, help="bulk messages per session")
+    p.add_argument("--bulk-concurrency", type=int, default=4)
+    p.add_argument("--bulk-messages", type=int, default=50, help="bulk messages per session")
     p.add_argument(
         "--idle",
         type=int,
-        default=1000,
+        default=2000,
         metavar="N",
         help="idle TLS sessions for the memory figure (0: skip)",
     )

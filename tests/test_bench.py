@@ -93,24 +93,38 @@ def _measure(
 
 
 def test_each_target_is_judged_by_its_own_goal() -> None:
-    """With bulk and idle memory skipped, p99 is still judged 'lower is better'."""
-    from bench.report import target_figures
+    """Every row of the table is printed, measured or not; each is judged
+    against its own peer and in its own direction (p99: lower is better)."""
+    from bench.report import TARGETS, target_figures, target_lines
 
     measures = [
         _measure("tlsfront", 32, 200.0, 4.0, 190.0),
         _measure("tlsfront", 128, 210.0, 4.5, 900.0),
         _measure("nginx", 32, 350.0, 0.9, 95.0),
         _measure("nginx", 128, 900.0, 0.8, 180.0),
+        {**_measure("stunnel", 32, 150.0, 2.0, 260.0), "mode": "implicit"},
+        {**_measure("stunnel", 128, 200.0, 2.2, 700.0), "mode": "implicit"},
     ]
-    figures = {
-        what: (goal, better, ours, theirs)
-        for (what, _, better, goal), ours, theirs in (target_figures(measures, []))
+    figures = {what: values for (what, *_), values in target_figures(measures, [])}
+    assert figures["p99 session latency, 32 concurrent, STARTTLS"] == {
+        "tlsfront": 190.0,
+        "nginx": 95.0,
+        "stunnel": 260.0,
     }
-    assert figures["p99 session latency at 32 concurrent (STARTTLS)"] == (1.0, "lower", 190.0, 95.0)
-    assert figures["full STARTTLS sessions/s at saturation"] == (1.0, "higher", 210.0, 900.0)
-    # CPU per session at each server's point of most sessions/s
-    assert figures["server CPU per STARTTLS session at saturation"][2:] == (4.5, 0.8)
-    assert not any("bulk" in what or "memory" in what for what in figures)
+    assert figures["full STARTTLS sessions/s at saturation"]["stunnel"] == 200.0
+    # CPU per session at each server's point of most sessions/s, in µs
+    assert figures["server CPU per STARTTLS session"] == {
+        "tlsfront": 4500.0,
+        "nginx": 800.0,
+        "stunnel": 2200.0,
+    }
+    table = "\n".join(target_lines(measures, []))
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + len(TARGETS)
+    # sessions/s against stunnel: 210 / 200 = 1.05 >= 1.0, met
+    assert "| 1.05 | yes |" in table
+    # p99 against nginx: 190 / 95 = 2.00 > 1.0, not met; best peer nginx
+    assert "| 2.00 (nginx) | ≤ 1.0 x nginx | 2.00 | **no** |" in table
+    assert "| bulk, large messages | - | - | - | - | ≥ 0.9 x nginx | - | - |" in table
 
 
 def test_instruction_report() -> None:

@@ -25,7 +25,7 @@ import trio.testing
 from support.hostile import RecordingBackend
 from support.virtual import Traced, VirtualSession, vt_profile
 
-from tlsfront.inbound.session import HIGH_WATER
+from tlsfront.inbound.phase import HIGH_WATER
 from tlsfront.smtp.dialogue import DATA_WAIT_BUFFER
 
 CHUNK = 4096

@@ -21,14 +21,18 @@ from tlsfront.config.files import load_chosen
 from tlsfront.config.schema import Config
 from tlsfront.ops import logs
 from tlsfront.ops.systemd import SystemdError
-from tlsfront.ops.workers import metrics_address
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from prometheus_client.registry import Collector
+
     from tlsfront.config.account import Account
     from tlsfront.inbound.handoff import HandoffSocket
     from tlsfront.inbound.server import Server
+    from tlsfront.ops.metrics_endpoint import Gatherer
     from tlsfront.ops.systemd import Notifier, PassedSocket
-    from tlsfront.ops.workers import WorkerMain
+    from tlsfront.ops.workers import WorkerMain, WorkerPlace
 
 log = logging.getLogger("tlsfront")
 
@@ -134,12 +138,12 @@ async def _serve(
     config_arg: str | None,
     passed: list[PassedSocket],
     sockets: Mapping[str, Sequence[socket.socket]] | None = None,
-    worker: int = 0,
+    place: WorkerPlace | None = None,
     account: Account | None = None,
     replacement: bool = False,
     handoff: HandoffSocket | None = None,
 ) -> None:
-    """One server process: all of it, or one of `workers` (then on `sockets`).
+    """One server process: all of it, or one of `workers` (then on `sockets`, at `place`).
 
     `account`: the worker gives up root for it once its keys are read.
     `replacement`: a worker started by a reload, whose metrics port its
@@ -164,7 +168,7 @@ async def _serve(
             name: [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
             for name, socks in sockets.items()
         }
-    server = Server(config)  # every key read
+    server = Server(config, place.limits if place else None)  # every key read
     if account is not None:
         from tlsfront.ops.privileges import drop_to
 
@@ -186,12 +190,24 @@ async def _serve(
                 nursery.cancel_scope.cancel()  # stopped: metrics and signals too
 
             await nursery.start(run_server)
-            if config.settings.metrics_listen:
-                address = metrics_address(config.settings.metrics_listen, worker)
+            listen = config.settings.metrics_listen
+            summed: Gatherer | None = None
+            if listen and place is not None:
+                # every worker tells its figures; worker 0 serves their sum
+                from tlsfront.ops.metrics_endpoint import exposed
+                from tlsfront.ops.workermetrics import gather, serve_worker_figures
+
+                limits = place.limits
+                own = exposed(server)
+                await nursery.start(serve_worker_figures, place.tag, limits.worker, own)
+                summed = functools.partial(
+                    _gather_current, gather, place.tag, limits.current, limits.worker
+                )
+            if listen and (place is None or place.index == 0):
                 if replacement:
-                    nursery.start_soon(_metrics_when_free, address, server)
+                    nursery.start_soon(_metrics_when_free, listen, server, summed)
                 else:
-                    await nursery.start(serve_metrics, address, server)
+                    await nursery.start(serve_metrics, listen, server, summed)
             notifier.ready(session_status(server.session_counts()))
             if notifier.enabled:
                 nursery.start_soon(_heartbeat, server, notifier, watchdog)
@@ -213,7 +229,18 @@ async def _serve(
     notifier.close()
 
 
-async def _metrics_when_free(address: str, server: Server) -> None:
+async def _gather_current(
+    gather: Callable[[int, list[int], int, Collector], Awaitable[Collector]],
+    tag: int,
+    current: Callable[[], list[int]],
+    mine: int,
+    own: Collector,
+) -> Collector:
+    """The sum over the current workers, whose columns are read at each scrape."""
+    return await gather(tag, current(), mine, own)
+
+
+async def _metrics_when_free(address: str, server: Server, summed: Gatherer | None) -> None:
     """The metrics endpoint of a worker started by a reload: its port is taken
     until the worker it replaces has finished, so it is tried once a second."""
     from tlsfront.inbound.server import StartupError
@@ -221,7 +248,7 @@ async def _metrics_when_free(address: str, server: Server) -> None:
 
     while True:
         try:
-            await serve_metrics(address, server)
+            await serve_metrics(address, server, summed)
         except StartupError:
             await trio.sleep(1.0)
 
@@ -265,7 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if count > 1 or account is not None:
             return _run_workers(config, args.config, passed, count, account)
         handoff = HandoffSocket.bind(settings)
-        trio.run(_serve, config, args.config, passed, None, 0, None, False, handoff)
+        trio.run(_serve, config, args.config, passed, None, None, None, False, handoff)
     except BaseException as exc:
         errors = _startup_errors(exc)
         if errors is None:
@@ -293,16 +320,19 @@ def _run_workers(
     """
     from tlsfront.inbound.handoff import HandoffSocket
     from tlsfront.inbound.server import build_runtimes
-    from tlsfront.ops.workers import Reloader, Supervisor, open_sockets
+    from tlsfront.ops.workers import Reloader, Supervisor, WorkerPlace, open_sockets, shared_limits
 
     build_runtimes(config)  # a broken configuration is refused before any fork
     sockets = open_sockets(config, passed)
+    limits = shared_limits(config, count)  # the Supervisor sets each worker's column
+    tag = os.getpid()
     # every worker accepts on it; by default the account they serve as may hand over
     handoff = HandoffSocket.bind(config.settings, account.uid if account else None)
 
     def main_for(config: Config, account: Account | None, replacement: bool) -> WorkerMain:
         def worker_main(index: int, sockets: Mapping[str, Sequence[socket.socket]]) -> int:
-            trio.run(_serve, config, config_arg, [], sockets, index, account, replacement, handoff)
+            place = WorkerPlace(index, tag, limits)
+            trio.run(_serve, config, config_arg, [], sockets, place, account, replacement, handoff)
             return 0
 
         return worker_main
@@ -314,7 +344,7 @@ def _run_workers(
     else:
         log.info("starting %d workers", count)
     try:
-        return Supervisor(count, sockets, main_for(config, account, False), reloader).run()
+        return Supervisor(count, sockets, main_for(config, account, False), reloader, limits).run()
     finally:
         if handoff is not None:
             handoff.close()

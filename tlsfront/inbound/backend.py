@@ -126,6 +126,9 @@ class ExecBackend:
         self._stdout = stdout
         self.stderr = stderr  # logged line by line (tlsfront.inbound.stderr)
         self._eof_sent = False
+        # The pipe's own method: a session idle on its backend waits one
+        # coroutine frame less.
+        self.receive_some: Receive = stdout.receive_some
 
     @classmethod
     async def start(
@@ -164,9 +167,6 @@ class ExecBackend:
 
     async def send_all(self, data: bytes) -> None:
         await self._stdin.send_all(data)
-
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
-        return await self._stdout.receive_some(max_bytes)
 
     async def send_eof(self) -> None:
         if not self._eof_sent:
@@ -207,6 +207,7 @@ class TCPBackend:
         self._stream = stream
         self._eof_sent = False
         self.description = target
+        self.receive_some: Receive = stream.receive_some  # as above
 
     @classmethod
     async def connect(cls, target: str, source_address: str | None = None) -> TCPBackend:
@@ -225,9 +226,6 @@ class TCPBackend:
     async def send_all(self, data: bytes) -> None:
         await self._stream.send_all(data)
 
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
-        return await self._stream.receive_some(max_bytes)
-
     async def send_eof(self) -> None:
         if not self._eof_sent:
             self._eof_sent = True
@@ -239,11 +237,18 @@ class TCPBackend:
         return None
 
 
+class Receive(Protocol):
+    """A stream's `receive_some`, the size optional."""
+
+    def __call__(self, max_bytes: int = ..., /) -> Awaitable[bytes]: ...
+
+
 class Backend(Protocol):
     """What a session needs of a backend connection."""
 
     async def send_all(self, data: bytes) -> None: ...
-    async def receive_some(self, max_bytes: int = 65536) -> bytes: ...
+    @property
+    def receive_some(self) -> Receive: ...
     async def send_eof(self) -> None: ...
     async def aclose(self) -> int | None: ...
 

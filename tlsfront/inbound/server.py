@@ -39,7 +39,9 @@ from tlsfront.inbound.profileruntime import ProfileRuntime
 from tlsfront.inbound.ratelimit import TLSRateLimiter
 from tlsfront.inbound.record import SessionLabel
 from tlsfront.inbound.remotehost import PendingHost, cached_host, needs_host
-from tlsfront.inbound.session import Session, ShutdownNotice
+from tlsfront.inbound.session import Session
+from tlsfront.inbound.sharedlimits import SharedLimits
+from tlsfront.inbound.signals import ShutdownNotice
 from tlsfront.net.address import Address, split_host_port
 from tlsfront.net.netstream import NetStream
 from tlsfront.net.proxyproto import accept_proxied
@@ -70,23 +72,38 @@ def _peer(stream: trio.SocketStream, remote: bool) -> Address:
 
 @dataclass
 class Limits:
-    """Connection counts of one profile; they outlive reloads."""
+    """Connection counts of one profile; they outlive reloads.
+
+    With `shared` (`workers` > 1), `max_connections` and `max_per_ip` are
+    counted for the whole server in memory all workers share; `active` and
+    `per_ip` still count this process's own connections.
+    """
 
     active: int = 0
     per_ip: Counter[str] = field(default_factory=Counter)
     tls_rate: TLSRateLimiter = field(default_factory=TLSRateLimiter)  # tls_rate_limit
     auth_failures: FailureLimiter = field(default_factory=FailureLimiter)  # per address
+    shared: SharedLimits | None = None
 
     def admit(self, profile: Profile, ip: str) -> str | None:
-        if profile.max_connections and self.active >= profile.max_connections:
-            return "too many connections"
-        if profile.max_per_ip and self.per_ip[ip] >= profile.max_per_ip:
-            return f"too many connections from {ip}"
+        if self.shared is not None:
+            refusal = self.shared.admit(
+                profile.name, ip, profile.max_connections, profile.max_per_ip
+            )
+            if refusal is not None:
+                return refusal
+        else:
+            if profile.max_connections and self.active >= profile.max_connections:
+                return "too many connections"
+            if profile.max_per_ip and self.per_ip[ip] >= profile.max_per_ip:
+                return f"too many connections from {ip}"
         self.active += 1
         self.per_ip[ip] += 1
         return None
 
-    def release(self, ip: str) -> None:
+    def release(self, profile: str, ip: str) -> None:
+        if self.shared is not None:
+            self.shared.release(profile, ip)
         self.active -= 1
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
@@ -122,9 +139,10 @@ class ProfileServer:
         runtime: ProfileRuntime,
         shutdown: ShutdownNotice | None = None,
         verifiers: Verifiers | None = None,
+        shared: SharedLimits | None = None,
     ) -> None:
         self.runtime = runtime
-        self.limits = Limits()
+        self.limits = Limits(shared=shared)
         self.shutdown = shutdown  # set when the server stops (see the module doc)
         self.verifiers = verifiers or Verifiers()
 
@@ -183,7 +201,7 @@ class ProfileServer:
                 await self._serve_inbound(runtime, rules, stream, client, local, pending)
                 lookups.cancel_scope.cancel()
         finally:
-            self.limits.release(client.ip)
+            self.limits.release(profile.name, client.ip)
 
     async def _serve_inbound(
         self,
@@ -298,13 +316,14 @@ async def probe_backends(runtimes: Iterable[ProfileRuntime]) -> None:
 class Server:
     """Every profile of a configuration, listening."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, shared: SharedLimits | None = None) -> None:
+        """`shared`: the limits of a server of several workers (tlsfront.ops.workers)."""
         self.config = config
         # Set at the end of the grace: sessions close at their next idle point.
         self.shutdown = ShutdownNotice()
         self.verifiers = Verifiers()  # AUTH verifiers shared by the sessions
         self.profiles = {
-            name: ProfileServer(runtime, self.shutdown, self.verifiers)
+            name: ProfileServer(runtime, self.shutdown, self.verifiers, shared)
             for name, runtime in build_runtimes(config).items()
         }
         self.addresses: dict[str, list[Address]] = {}

@@ -44,6 +44,10 @@ class _TryFirst:
     and how to let it go; any `OSError` but EAGAIN means the peer is gone.
     """
 
+    # Two per idle TLS session (the client's socket and the backend's): no
+    # per-instance dict.
+    __slots__ = ("_closed", "_handle", "_receive_conflict", "_send_conflict")
+
     _handle: Any  # what trio.lowlevel.wait_readable/wait_writable take
 
     def __init__(self) -> None:
@@ -100,12 +104,15 @@ class _TryFirst:
                 try:
                     data = self._read(size)
                 except BlockingIOError:
+                    data = None  # wait below, not in here: an idle session would
+                    # keep the exception, its traceback and frame while it waits
+                except OSError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                if data is None:
                     await trio.lowlevel.wait_readable(self._handle)
                     self._check_open()
                     waited = True
                     continue
-                except OSError as exc:
-                    raise trio.BrokenResourceError(str(exc)) from exc
                 if not waited:
                     await trio.lowlevel.cancel_shielded_checkpoint()  # fairness (module doc)
                 return data
@@ -130,6 +137,8 @@ class _TryFirst:
 
 class NetStream(_TryFirst, trio.abc.HalfCloseableStream):
     """A connected TCP socket as a trio stream (see the module doc)."""
+
+    __slots__ = ("socket",)
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
@@ -187,6 +196,8 @@ class NetStream(_TryFirst, trio.abc.HalfCloseableStream):
 
 class PipeStream(_TryFirst, trio.abc.SendStream, trio.abc.ReceiveStream):
     """One end of a pipe, owned: made non-blocking, closed by `aclose`."""
+
+    __slots__ = ("fd",)
 
     def __init__(self, fd: int) -> None:
         super().__init__()

@@ -20,7 +20,7 @@ the text format, or OpenMetrics when the scraper asks for it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -117,6 +117,11 @@ class _Exposed(Collector):
             yield from self._server.collect()
 
 
+def exposed(server: Server | None) -> Collector:
+    """Everything this process shows: its registry and the server's live state."""
+    return _Exposed(server)
+
+
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 10.0
 
@@ -150,7 +155,12 @@ def render(request: bytes, exposed: Collector) -> bytes:
     return _response("200 OK", content_type, encoder(exposed), head=method == "HEAD")
 
 
-async def _handle(stream: trio.SocketStream, exposed: Collector) -> None:
+Gatherer = Callable[[Collector], Awaitable[Collector]]
+
+
+async def _handle(
+    stream: trio.SocketStream, exposed: Collector, gatherer: Gatherer | None = None
+) -> None:
     request = b""
     with trio.move_on_after(REQUEST_TIMEOUT):
         try:
@@ -160,7 +170,8 @@ async def _handle(stream: trio.SocketStream, exposed: Collector) -> None:
                     break
                 request += chunk
             if b"\r\n\r\n" in request:
-                await stream.send_all(render(request, exposed))
+                shown = exposed if gatherer is None else await gatherer(exposed)
+                await stream.send_all(render(request, shown))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     await trio.aclose_forcefully(stream)
@@ -169,10 +180,15 @@ async def _handle(stream: trio.SocketStream, exposed: Collector) -> None:
 async def serve_metrics(
     address: str,
     server: Server | None = None,
+    gatherer: Gatherer | None = None,
     *,
     task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the metrics on `address` ("host:port") until cancelled."""
+    """Serve the metrics on `address` ("host:port") until cancelled.
+
+    `gatherer`: what a scrape shows, from this process's own figures (with
+    workers, every worker's figures summed: tlsfront.ops.workermetrics).
+    """
     host, port = split_host_port(address)
     try:
         listeners = await trio.open_tcp_listeners(port, host=None if host == "*" else host)
@@ -184,7 +200,7 @@ async def serve_metrics(
     exposed = _Exposed(server)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle(stream, exposed)
+        await _handle(stream, exposed, gatherer)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)

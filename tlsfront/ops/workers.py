@@ -25,8 +25,16 @@ supervises:
 * systemd hears READY / RELOADING / STOPPING / WATCHDOG from the parent only
   (the service's main process, as NotifyAccess=main wants).
 
-Limits (`max_connections`, `max_per_ip`, `tls_rate_limit`) are counted by each
-worker for its own sessions. Worker i serves `metrics_listen` on its port + i.
+The workers behave as one server to the outside:
+
+* `max_connections` and `max_per_ip` hold for the whole server: the parent
+  makes the shared counters (`tlsfront.inbound.sharedlimits`) before it
+  forks, gives each worker it starts a column of them that no living
+  worker has, and zeroes a worker's column once it has been reaped (a
+  worker that died took its connections with it); `tls_rate_limit` is
+  still counted by each worker;
+* one metrics endpoint: worker 0 serves `metrics_listen` with the sum of
+  the current workers' figures (`tlsfront.ops.workermetrics`).
 """
 
 from __future__ import annotations
@@ -38,8 +46,10 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from tlsfront.config.schema import Config
+from tlsfront.inbound.sharedlimits import SharedLimits
 from tlsfront.net.address import split_host_port
 from tlsfront.ops.systemd import Notifier, PassedSocket, match_sockets, watchdog_interval
 
@@ -81,10 +91,24 @@ def open_sockets(config: Config, passed: Sequence[PassedSocket]) -> dict[str, li
     return opened
 
 
-def metrics_address(listen: str, worker: int) -> str:
-    host, port = split_host_port(listen)
-    host = f"[{host}]" if ":" in host else host
-    return f"{host}:{port + worker}"
+@dataclass(frozen=True)
+class WorkerPlace:
+    """What a worker knows of the others."""
+
+    index: int
+    tag: int  # the parent's process id: names the workers' private metrics sockets
+    limits: SharedLimits  # `limits.worker`: this process's column
+
+
+# Columns of the shared counters per worker index: the current worker and
+# old ones still finishing their sessions after reloads by replacement.
+COLUMNS_PER_WORKER = 4
+
+
+def shared_limits(config: Config, workers: int) -> SharedLimits:
+    """The connection counters all workers share, sized for the configured limits."""
+    capacity = sum(p.max_connections or 1000 for p in config.profiles.values())
+    return SharedLimits(list(config.profiles), workers, capacity, workers * COLUMNS_PER_WORKER)
 
 
 class Supervisor:
@@ -94,8 +118,11 @@ class Supervisor:
         sockets: Mapping[str, Sequence[socket.socket]],
         worker_main: WorkerMain,
         reloader: Reloader | None = None,
+        limits: SharedLimits | None = None,
     ) -> None:
         self.count = count
+        self.limits = limits
+        self.columns: dict[int, int] = {}  # pid -> its column of the shared counters
         self.sockets = sockets
         self.worker_main = worker_main
         self.reloader = reloader
@@ -105,11 +132,21 @@ class Supervisor:
         self.quick_deaths = 0
         self.notifier = Notifier.from_environ()
 
+    def _column(self, index: int) -> int:
+        """A column of the shared counters that no living worker counts in."""
+        assert self.limits is not None
+        taken = set(self.columns.values())
+        free = [c for c in range(self.limits.columns) if c not in taken]
+        return free[0] if free else index  # more reloads at once than columns: share one
+
     def spawn(self, index: int) -> None:
+        column = self._column(index) if self.limits is not None else 0
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
+                if self.limits is not None:
+                    self.limits.worker = column
                 for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
                     os.environ.pop(key, None)
                 for signum in SIGNALS:
@@ -121,6 +158,9 @@ class Supervisor:
             finally:
                 os._exit(code)
         self.children[pid] = (index, time.monotonic())
+        if self.limits is not None:
+            self.columns[pid] = column
+            self.limits.set_current(index, column)
         log.info("worker %d started (pid %d)", index, pid)
 
     def signal_all(self, signum: int) -> None:
@@ -153,6 +193,9 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            column = self.columns.pop(pid, None)
+            if self.limits is not None and column is not None:
+                self.limits.forget_worker(column)  # its connections ended with it
             if pid in self.retiring:
                 self.retiring.discard(pid)
                 log.info("replaced worker (pid %d) stopped", pid)
