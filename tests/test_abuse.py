@@ -127,7 +127,7 @@ async def test_body_trickled_slower_than_the_idle_time(
     """Slowloris in DATA: a byte every 250 s resets the idle timer each time;
     the minimum data rate ends it at timeout_data plus its tiny budget."""
     vs = VirtualSession(nursery, vt_profile(tls_dir))
-    await vs.client.send_all(b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n")
+    await vs.client.send_all(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n")
     await vs.read_until(b"354 go ahead\r\n")
     start = trio.current_time()
     async with trio.open_nursery() as inner:
@@ -152,7 +152,7 @@ async def test_many_slow_clients_do_not_delay_a_fast_one(
         nursery.start_soon(trickle, vs.client, b"NOOP" * 100, 10.0)
     fast = VirtualSession(nursery, profile)
     start = trio.current_time()
-    await fast.client.send_all(b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n")
+    await fast.client.send_all(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n")
     await fast.read_until(b"354 go ahead\r\n")
     await fast.client.send_all(b"Subject: fast\r\n\r\nhi\r\n.\r\nQUIT\r\n")
     assert (await fast.rest()).endswith(b"250 ok 1\r\n221 backend.example.org\r\n")

@@ -79,6 +79,7 @@ relay_source_address = "127.0.0.3"
 env = { DATABYTES = "1000", RELAYCLIENT = "" }
 rules = "tcp.smtp"
 received_header = false
+pipelining_strict = false
 max_connections = 10
 max_per_ip = 2
 max_message_size = 1000000
@@ -125,6 +126,7 @@ timeout_connect = 5
     assert p.relay_fingerprints == (":".join(["AB"] * 32),)
     assert p.relay_fingerprints_file == tmp_path / "fps"
     assert dict(p.env) == {"DATABYTES": "1000", "RELAYCLIENT": ""}
+    assert p.pipelining_strict is False
     assert p.timeout_command == 60.0
     assert isinstance(p.timeout_command, float)
     assert p.hostname == "in.example.com"
@@ -213,7 +215,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "tls": ('"startls"', "must be one of 'starttls', 'implicit', 'none', not 'startls'"),
     "require_tls": ('"yes"', "must be true or false, not 'yes'"),
     "cert": ("[1]", "item 1: must be a path"),
-    "key": ("{}", "must be a string or a list, not a table"),
+    "key": ("{}", 'a table by server name needs a "default" entry'),
     "ciphers": ('""', "must not be empty"),
     "ciphersuites": ("1", "must be a string"),
     "min_tls_version": ('"SSLv3"', "must be one of 'TLSv1'"),
@@ -246,6 +248,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "remote_host_lookup": ('"no"', "must be true or false"),
     "remote_host_paranoid": ("0", "must be true or false"),
     "remote_host_timeout": ("0", "more than 0"),
+    "pipelining_strict": ('"no"', "must be true or false, not 'no'"),
     "max_connections": ("true", "must be a whole number, not true"),
     "max_per_ip": ("1.5", "must be a whole number, not 1.5"),
     "max_message_size": ('"10M"', "must be a whole number, not '10M'"),

@@ -12,6 +12,7 @@ from support.configs import ENV, MINIMAL, ROOT, make_control
 
 from tlsfront.config import files as config_module
 from tlsfront.config import machine as defaults_module
+from tlsfront.config.certtable import entries
 from tlsfront.config.embedded import embedded_config, ensure_default_files
 from tlsfront.config.errors import ConfigError
 from tlsfront.config.files import config_from_dict, find_config, load_config, parse_config
@@ -175,8 +176,8 @@ def test_ensure_default_files(tmp_path: Path, no_qmail: None) -> None:
 
     cfg = embedded_config(tmp_path / "state", ENV)
     ensure_default_files(cfg)
-    cert = cfg.profiles["smtp"].cert[0]
-    key = cfg.profiles["smtp"].key[0]
+    (cert,), (key,) = entries(cfg.profiles["smtp"].cert, cfg.profiles["smtp"].key)["default"]
+    assert key is not None
     assert key.stat().st_mode & 0o077 == 0
     first = x509.load_pem_x509_certificate(cert.read_bytes())
     ensure_default_files(cfg)  # there already: kept

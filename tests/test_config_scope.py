@@ -75,6 +75,7 @@ SAMPLES: dict[str, tuple[str, dict[str, str]]] = {
     "remote_host_lookup": ("false", {}),
     "remote_host_paranoid": ("true", {}),
     "remote_host_timeout": ("2.5", {}),
+    "pipelining_strict": ("false", {}),
     "max_connections": ("7", {}),
     "max_per_ip": ("3", {}),
     "max_message_size": ("1000000", {}),

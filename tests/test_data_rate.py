@@ -17,7 +17,7 @@ import trio.testing
 from support.virtual import VirtualSession, vt_profile
 
 LINE = b"z" * 98 + b"\r\n"  # 100 bytes
-ENVELOPE = b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n"
+ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n"
 
 
 async def body_at(vs: VirtualSession, rate: int, seconds: int) -> None:

@@ -19,7 +19,12 @@ After every step the invariants are checked:
   the backend before that 354 was received (row 12);
 * the backend receives well-formed CRLF command lines and bodies with CRLF
   line ends only, no NUL, ended only by CRLF.CRLF (rows 11 and 13): no fake
-  terminator a lenient backend could take.
+  terminator a lenient backend could take;
+* once the client got `554 5.5.0` (SMTP protocol synchronization), the
+  dialogue is closing and not one byte more reaches the backend.
+
+Each run picks whether pipelining is policed (`pipelining_strict`, the
+default) or relaxed, so the defences behind that rule are tested on their own.
 
 Every client command carries a serial number where SMTP allows one, so a
 line seen at the backend can be traced to where the client wrote it.
@@ -35,12 +40,19 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from tlsfront.smtp import Dialogue, Phase
 
 RECEIVED = b"Received: from the-trace-header\r\n"
 READY = b"220 2.0.0 Ready to start TLS\r\n"
+DESYNC = b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
 DROPPED = (b"CHUNKING", b"BINARYMIME", b"XCLIENT", b"XFORWARD", b"STARTTLS")
 
 
@@ -224,6 +236,14 @@ class DialogueMachine(RuleBasedStateMachine):
         super().__init__()
         self.serial = itertools.count()
         self.tls_active = False
+        self.strict = True
+        self._new_dialogue(swallow=False)
+
+    @initialize(strict=st.booleans())
+    def policing(self, strict: bool) -> None:
+        """Pipelining policed or relaxed, for the whole run."""
+        event("strict" if strict else "relaxed")
+        self.strict = strict
         self._new_dialogue(swallow=False)
 
     # ------------------------------------------------------------- plumbing
@@ -237,7 +257,9 @@ class DialogueMachine(RuleBasedStateMachine):
             max_pipeline=8,
             received=lambda helo, esmtp: RECEIVED,
             swallow_greeting=swallow,
+            pipelining_strict=self.strict,
         )
+        self.desynced = False
         self.swallow = swallow
         self.client_stream = bytearray()  # delivered to the dialogue
         self.client_pending = bytearray()  # written, not yet read by the shell
@@ -270,6 +292,7 @@ class DialogueMachine(RuleBasedStateMachine):
     def _check_forwarded(self, out: bytes) -> None:
         """Every forwarded line comes from the client's stream, in order, and
         none from after an accepted STARTTLS."""
+        assert not self.desynced, f"forwarded after 554 5.5.0: {out!r}"
         data = out.replace(RECEIVED, b"")
         for line in data.splitlines(keepends=True):
             at = self.client_stream.find(line, self.forward_cursor)
@@ -280,6 +303,9 @@ class DialogueMachine(RuleBasedStateMachine):
                 assert self.forward_cursor <= self.barrier, f"forwarded after STARTTLS: {line!r}"
 
     def _check_client_reply(self, reply: bytes) -> None:
+        if reply == DESYNC:
+            self.desynced = True
+            assert self.d.closing
         if reply[:1] not in (b"2", b"3"):
             return
         if reply == READY and self.starttls_accepted:

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from tlsfront.cli import main
+from tlsfront.config.certtable import entries
 from tlsfront.config.embedded import embedded_config, ensure_default_files
 from tlsfront.config.schema import Config
 from tlsfront.inbound.server import Server
@@ -49,7 +50,7 @@ async def test_embedded_default_delivers_both_ways(
     ensure_default_files(config)
     assert not check_config(config).errors
     server: Server = await nursery.start(Server(on_port_zero(config)).run)
-    cert = config.profiles["smtp"].cert[0]
+    cert = entries(config.profiles["smtp"].cert, config.profiles["smtp"].key)["default"][0][0]
     for profile, implicit in (("smtp", False), ("smtps", True)):
         port = server.addresses[profile][0].port
         with trio.fail_after(30):

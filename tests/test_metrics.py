@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.front import Front, toml_str
 from support.hostile import Client, code
 
+from tlsfront.config.certtable import entries
 from tlsfront.inbound.record import SessionRecord
 from tlsfront.inbound.relaypolicy import RelayGrant
 from tlsfront.net.address import Address
@@ -96,7 +97,9 @@ async def metered(
     async def start(name: str) -> Metered:
         front: Front = await start_front(PROFILE.format(name=name, clients=toml_str(clients)))
         bound = await nursery.start(serve_metrics, "127.0.0.1:0", front.server)
-        cert = front.config.profiles[name].cert[0]
+        cert = entries(front.config.profiles[name].cert, front.config.profiles[name].key)[
+            "default"
+        ][0][0]
         return Metered(front, bound[0], cert)
 
     return start

@@ -58,6 +58,7 @@ def test_labels_are_those_the_dashboards_know() -> None:
         "backend_failed",
         "backend_closed",
         "protocol_error",
+        "pipelining",
         "refused",
         "denied",
         "shutdown",
@@ -83,6 +84,13 @@ def _client_lost(h: Harness) -> None:
 
 
 def _pipelined_body(h: Harness) -> None:
+    _data(h)
+    h.client(b"DATA\r\nSubject: too early\r\n")
+    h.backend(b"354 go ahead\r\n")
+
+
+def _pipelined_body_trusted(h: Harness) -> None:
+    h.d.auth_user = "alice"  # logged in: pipelining is not policed
     _data(h)
     h.client(b"DATA\r\nSubject: too early\r\n")
     h.backend(b"554 no\r\n")
@@ -174,6 +182,13 @@ DIALOGUE_CASES: list[tuple[str, Callable[[Harness], None], Outcome, str, Session
     (
         "pipelined body",
         _pipelined_body,
+        Outcome.PIPELINING,
+        "improper command pipelining after DATA",
+        SessionLabel.PIPELINING,
+    ),
+    (
+        "pipelined body, trusted client",
+        _pipelined_body_trusted,
         Outcome.PROTOCOL_ERROR,
         "pipelining after a refused DATA",
         SessionLabel.PROTOCOL_ERROR,

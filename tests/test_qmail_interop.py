@@ -33,7 +33,7 @@ pytestmark = pytest.mark.interop
 READY = b"220 2.0.0 Ready to start TLS\r\n"
 GREETING = f"220 {ME} ESMTP\r\n".encode()
 RCPT = f"rcpt@{LOCAL}".encode()
-ENVELOPE = b"HELO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<" + RCPT + b">\r\nDATA\r\n"
+ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<" + RCPT + b">\r\nDATA\r\n"
 REFUSED_BODY = b"550 5.5.2 Error: bare CR, bare LF or NUL in message, message refused\r\n"
 LINE_TOO_LONG = b"500 5.5.2 Error: message line too long\r\n"
 

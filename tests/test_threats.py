@@ -63,6 +63,11 @@ GREETING = b"220 backend.example.org ESMTP\r\n"
 READY = b"220 2.0.0 Ready to start TLS\r\n"
 BYE = b"221 backend.example.org\r\n"
 
+# Most rows pipeline a HELO session's envelope in one write, which the
+# synchronization rule (`unauth-pipelining`) refuses by default. They prove the defences
+# that stand where that rule does not apply (a relaxed profile, a trusted
+# client), so their profiles relax it; test_threats_pipelining.py tests the default.
+
 # The split tests speak to the recording backend in every phase, so that what
 # reaches a backend, and when, shows; with the backend on demand (the
 # default) most of these sessions would reach none (test_ondemand.py).
@@ -75,6 +80,7 @@ backend_connect = "{backend}"
 backend_start = "connect"
 max_connections = 1000
 max_per_ip = 1000
+pipelining_strict = false
 """
 
 EXEC_PROFILE = """
@@ -83,6 +89,7 @@ listen = ["127.0.0.1:0"]
 tls = "starttls"
 cert = {cert}
 backend = {backend}
+pipelining_strict = false
 """
 
 ENVELOPE = b"HELO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"

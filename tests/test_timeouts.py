@@ -162,7 +162,7 @@ async def test_slow_body_is_cut_by_the_minimum_data_rate(
     autojump_clock: trio.testing.MockClock, tls_dir: Path, nursery: trio.Nursery
 ) -> None:
     client, backend = await run_session(nursery, profile(tls_dir))
-    await client.send_all(b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+    await client.send_all(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
     replies = b""
     while not replies.endswith(b"354 go ahead\r\n"):
         replies += await client.receive_some()
@@ -194,7 +194,7 @@ async def test_slow_backend_at_the_dot(
 ) -> None:
     """THREATS row 19: a 250 only from the backend, a 451 when it is too slow."""
     client, _ = await run_session(nursery, profile(tls_dir), dot_delay=delay)
-    await client.send_all(b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+    await client.send_all(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
     replies = b""
     while not replies.endswith(b"354 go ahead\r\n"):
         replies += await client.receive_some()

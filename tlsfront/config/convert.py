@@ -17,6 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from tlsfront.config.errors import Bad
 from tlsfront.config.schema import ONE_OR_MANY, Profile, Settings
+from tlsfront.tls.sni import DEFAULT, table_name
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,37 @@ def _to_mapping(item: Conv) -> Conv:
     return conv
 
 
+def _to_files_or_table(files: Conv) -> Conv:
+    """Files, or a table of files by server name with a "default" entry."""
+
+    def conv(value: Any, ctx: Ctx) -> Any:
+        if not isinstance(value, dict):
+            if not isinstance(value, str | list):
+                kind = "a string, a list or a table by server name"
+                raise Bad(f"must be {kind}, not {describe(value)}")
+            return files(value, ctx)
+        out: dict[str, Any] = {}
+        for key, element in value.items():
+            name = table_name(key)
+            if name is None:
+                raise Bad(
+                    f"{key!r}: not a server name (a host name, a wildcard such as"
+                    f" '*.example.net', or 'default')",
+                    (key,),
+                )
+            if name in out:
+                raise Bad(f"{key!r}: that server name is given twice", (key,))
+            try:
+                out[name] = files(element, ctx)
+            except Bad as exc:
+                raise Bad(f"{key!r}: {exc.message}", (key,)) from None
+        if DEFAULT not in out:
+            raise Bad('a table by server name needs a "default" entry, for clients that send none')
+        return MappingProxyType(out)
+
+    return conv
+
+
 _SIMPLE: dict[Any, Conv] = {
     bool: _to_bool,
     int: _to_int,
@@ -152,7 +184,10 @@ _SIMPLE: dict[Any, Conv] = {
 def _converter(name: str, annotation: Any) -> Conv:
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (Union, UnionType):  # X | None: TOML has no null, so just X
-        (inner,) = (a for a in args if a is not type(None))
+        members = [a for a in args if a is not type(None)]
+        if [get_origin(a) for a in members] == [tuple, Mapping]:  # cert, key
+            return _to_files_or_table(_converter(name, members[0]))
+        (inner,) = members
         conv = _converter(name, inner)
         return _to_nonempty_str if conv is _to_str else conv
     if origin is Literal:

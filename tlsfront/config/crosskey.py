@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tlsfront.config.account import AccountError, resolve_account
+from tlsfront.config.certtable import keys_mismatch
 from tlsfront.config.schema import Mode, Profile
 
 Rule = tuple[str, Callable[[Profile], bool], str]
@@ -50,6 +51,12 @@ INBOUND_RULES: tuple[Rule, ...] = (
         lambda p: p.tls != "none" and not p.cert,
         "tls = {p.tls!r} needs a certificate: set cert (a qmail servercert.pem works"
         " alone) or qmail_control to a directory with servercert.pem",
+    ),
+    (
+        "key",
+        keys_mismatch,
+        "does not match cert: give a table with the names of cert and one key per"
+        " certificate under each, or none when each cert file holds its key",
     ),
     (
         "key",

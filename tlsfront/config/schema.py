@@ -31,6 +31,9 @@ BackendStart = Literal["on-demand", "connect"]
 TlsPolicy = Literal["none", "may", "encrypt", "verify"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+# PEM files, one per key type (RSA, ECDSA); or a table of such lists by
+# server name (SNI), with a "default" entry (tlsfront.config.certtable)
+CertFiles = tuple[Path, ...] | Mapping[str, tuple[Path, ...]]
 
 _APPLIES = "applies"
 
@@ -88,8 +91,8 @@ class Profile:
     # TLS (inbound)
     tls: TlsMode = inbound("starttls")  # STARTTLS, TLS from the first byte (465), or none
     require_tls: bool = inbound(False)  # 530 for MAIL/RCPT/DATA/AUTH before STARTTLS
-    cert: tuple[Path, ...] = inbound(())  # PEM certificate chain(s); servercert.pem works alone
-    key: tuple[Path, ...] = inbound(())  # PEM keys, one per cert; empty: key is in the cert file
+    cert: CertFiles = inbound(())  # PEM chain(s), or a table by server name; servercert.pem alone
+    key: CertFiles = inbound(())  # PEM keys, one per cert (same names); empty: key is in the cert
     ciphers: str | None = inbound(None)  # OpenSSL cipher string for TLS <= 1.2
     ciphersuites: str | None = inbound(None)  # TLS 1.3 cipher suites
     min_tls_version: TlsVersion = both("TLSv1.2")  # oldest protocol accepted (and offered out)
@@ -126,6 +129,7 @@ class Profile:
     remote_host_lookup: bool = inbound(True)  # TCPREMOTEHOST from PTR (false: tcpserver -H)
     remote_host_paranoid: bool = inbound(False)  # only a name that points back (tcpserver -p)
     remote_host_timeout: float = inbound(5.0)  # seconds a look-up may delay a session, at most
+    pipelining_strict: bool = inbound(True)  # 554 5.5.0 to input pipelined against RFC 2920
     # limits and timeouts
     max_connections: int = both(200)  # sessions at once on this profile
     max_per_ip: int = both(50)  # sessions at once from one client address

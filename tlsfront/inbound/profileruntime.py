@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tlsfront.auth.checkpassword import CheckpasswordVerifier
 from tlsfront.auth.verifier import Verifier
+from tlsfront.config import certtable
 from tlsfront.config.schema import Profile
 from tlsfront.inbound.backend import chosen_environment
 from tlsfront.inbound.probe import LearnedFace
@@ -26,14 +27,20 @@ from tlsfront.ops.watch import FileWatch, watch_file
 from tlsfront.qmail.tcprules import Rules
 from tlsfront.tls.certs import load_crls, load_server_credentials, stale_crls
 from tlsfront.tls.context import ServerTLS, TLSSettings
+from tlsfront.tls.sni import DEFAULT
 
 
 def tls_settings(profile: Profile) -> TLSSettings:
-    keys: list[Path | None] = list(profile.key) or [None] * len(profile.cert)
+    by_name = {
+        name: tuple(
+            load_server_credentials(cert, key) for cert, key in zip(certs, keys, strict=True)
+        )
+        for name, (certs, keys) in certtable.entries(profile.cert, profile.key).items()
+    }
+    default = by_name.pop(DEFAULT)
     return TLSSettings(
-        credentials=tuple(
-            load_server_credentials(cert, key) for cert, key in zip(profile.cert, keys, strict=True)
-        ),
+        credentials=default,
+        by_name=by_name,
         min_version=profile.min_tls_version,
         ciphers=profile.ciphers,
         ciphersuites=profile.ciphersuites,
@@ -58,7 +65,7 @@ def server_tls(profile: Profile) -> ServerTLS:
 
 
 def tls_files(profile: Profile) -> list[Path]:
-    files = [*profile.cert, *profile.key]
+    files = certtable.files(profile.cert, profile.key)
     files += [p for p in (profile.client_ca, profile.client_crl, profile.dhparams) if p]
     return files
 

@@ -38,6 +38,7 @@ class SessionLabel(enum.StrEnum):
     BACKEND_FAILED = "backend_failed"
     BACKEND_CLOSED = "backend_closed"
     PROTOCOL_ERROR = "protocol_error"
+    PIPELINING = "pipelining"  # SMTP protocol synchronization (554 5.5.0)
     REFUSED = "refused"  # turned away by a connection limit, before a session
     DENIED = "denied"  # turned away by an access rule, before a session
     SHUTDOWN = "shutdown"
@@ -60,6 +61,7 @@ SESSION_LABELS: dict[Outcome, SessionLabel] = {
     Outcome.CLIENT_LOST: SessionLabel.CLIENT_LOST,
     Outcome.CLIENT_TIMEOUT: SessionLabel.TIMEOUT,
     Outcome.PROTOCOL_ERROR: SessionLabel.PROTOCOL_ERROR,
+    Outcome.PIPELINING: SessionLabel.PIPELINING,
     Outcome.SHUTDOWN: SessionLabel.SHUTDOWN,
     Outcome.BACKEND_CLOSED: SessionLabel.BACKEND_CLOSED,
     Outcome.BACKEND_TIMEOUT: SessionLabel.BACKEND_FAILED,
@@ -102,6 +104,7 @@ class SessionRecord:
     started: float
     tls_version: str | None = None
     tls_cipher: str | None = None
+    sni: str | None = None  # the server-name entry whose certificate was sent, if a table
     cert_status: str = "none"
     relay: RelayGrant = RelayGrant.NO  # why it may relay
     messages: int = 0
@@ -160,6 +163,7 @@ class SessionRecord:
             "profile": self.profile,
             "tls_version": self.tls_version,
             "tls_cipher": self.tls_cipher,
+            "sni": self.sni,
             "cert": self.cert_status,
             "relay": self.relay.value,
             "messages": self.messages,
@@ -173,6 +177,8 @@ class SessionRecord:
 
     def line(self, now: float) -> str:
         tls = f"{self.tls_version}/{self.tls_cipher}" if self.tls_version else "none"
+        if self.sni is not None:
+            tls += f" sni={self.sni}"
         exit_status = "-" if self.backend_exit is None else str(self.backend_exit)
         return (
             f"session end: id={self.id} client={self.client.ip}:{self.client.port} "

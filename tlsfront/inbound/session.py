@@ -87,6 +87,7 @@ from tlsfront.smtp.dialogue import Carry
 from tlsfront.smtp.face import BackendFace
 from tlsfront.smtp.replies import backend_unavailable
 from tlsfront.tls.context import ServerTLS
+from tlsfront.tls.sni import server_name
 from tlsfront.tls.stream import HandshakeFailure, TLSHandshakeError, TLSInfo
 
 log = logging.getLogger("tlsfront.inbound.session")
@@ -102,8 +103,9 @@ def tls_environment(info: TLSInfo) -> dict[str, str]:
         "SSL_CIPHER_ALGKEYSIZE": str(info.alg_bits),
         "SSL_SESSION_RESUMED": "Resumed" if info.resumed else "Initial",
     }
-    if info.server_name:
-        env["SSL_TLS_SNI"] = info.server_name
+    name = server_name(info.server_name)  # a host name, or nothing at all
+    if name:
+        env["SSL_TLS_SNI"] = name
     return env
 
 
@@ -250,6 +252,7 @@ class Session:
             swallow_greeting=after_tls or carry is not None,
             face=face,
             greet=not after_tls and carry is None,
+            pipelining_strict=p.pipelining_strict,
             carry=carry,
             auth=self.verifier is not None,
             require_auth=p.require_auth,
@@ -367,6 +370,7 @@ class Session:
         info = self._tls_info = tls_stream.info()
         decision = self._decision = self.runtime.relay.decide(info)
         self.record.tls_version, self.record.tls_cipher = info.version, info.cipher
+        self.record.sni = info.cert_name
         self.record.cert_status = decision.status
         if decision.relay:
             self.record.relay = RelayGrant.CERT
@@ -392,6 +396,7 @@ class Session:
                         "profile": self.profile.name,
                         "tls_version": info.version,
                         "tls_cipher": info.cipher,
+                        "sni": info.cert_name,
                         "cert": decision.status,
                         "relay": self.record.relay.value,
                     },

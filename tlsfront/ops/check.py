@@ -10,10 +10,12 @@ import datetime
 import ipaddress
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tlsfront.config import certtable
 from tlsfront.config.errors import ConfigError
 from tlsfront.config.files import load_chosen
 from tlsfront.config.schema import Config, Profile
@@ -27,8 +29,11 @@ from tlsfront.tls.certs import (
     stale_crls,
 )
 from tlsfront.tls.context import issued_by_trusted_root, non_forward_secret
+from tlsfront.tls.sni import DEFAULT, covers, names_of
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from tlsfront.qmail.tcprules import Rules
 
 EXPIRY_WARNING = datetime.timedelta(days=21)
@@ -59,35 +64,59 @@ class Report:
 
 
 def _check_certs(profile: Profile, report: Report, now: datetime.datetime) -> None:
-    keys: list[Path | None] = list(profile.key) or [None] * len(profile.cert)
-    for cert, key in zip(profile.cert, keys, strict=True):
-        try:
-            creds = load_server_credentials(cert, key)
-        except CertError as exc:
-            report.error(f"profile {profile.name}: {exc}")
-            continue
-        leaf = creds.chain[0]
-        left = leaf.not_valid_after_utc - now
-        where = f"profile {profile.name}: {cert}"
-        if left < datetime.timedelta(0):
-            report.error(f"{where}: certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
-        elif left < EXPIRY_WARNING:
-            report.warn(f"{where}: certificate expires in {left.days} days")
-        else:
-            report.note(f"{where}: key matches, valid until {leaf.not_valid_after_utc:%Y-%m-%d}")
-        for child, parent in zip(creds.chain, creds.chain[1:], strict=False):
-            if child.issuer != parent.subject:
-                report.warn(
-                    f"{where}: chain out of order: {child.subject.rfc4514_string()} "
-                    f"is not issued by {parent.subject.rfc4514_string()}"
-                )
-        lone = len(creds.chain) == 1 and leaf.issuer != leaf.subject
-        if lone and not issued_by_trusted_root(leaf):  # a root's own leaf needs none
+    table = isinstance(profile.cert, Mapping)
+    for name, (certs, keys) in certtable.entries(profile.cert, profile.key).items():
+        for cert, key in zip(certs, keys, strict=True):
+            where = f"profile {profile.name}: {name}: {cert}" if table else None
+            leaf = _check_cert(profile, report, now, cert, key, where)
+            if leaf is None or name == DEFAULT:
+                continue
+            # a client that verifies the name it asked for must find it covered
+            where = f"profile {profile.name}: server name {name}: {cert}"
+            if covers(leaf, name):
+                report.note(f"{where}: covers {name}")
+            else:
+                its = ", ".join(names_of(leaf)) or "no name"
+                report.error(f"{where}: not valid for {name} (it is for {its})")
+
+
+def _check_cert(
+    profile: Profile,
+    report: Report,
+    now: datetime.datetime,
+    cert: Path,
+    key: Path | None,
+    where: str | None,
+) -> x509.Certificate | None:
+    """One certificate file: loads with its key, dates, chain order; its leaf."""
+    try:
+        creds = load_server_credentials(cert, key)
+    except CertError as exc:
+        report.error(f"profile {profile.name}: {exc}")
+        return None
+    leaf = creds.chain[0]
+    left = leaf.not_valid_after_utc - now
+    where = where or f"profile {profile.name}: {cert}"
+    if left < datetime.timedelta(0):
+        report.error(f"{where}: certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
+    elif left < EXPIRY_WARNING:
+        report.warn(f"{where}: certificate expires in {left.days} days")
+    else:
+        report.note(f"{where}: key matches, valid until {leaf.not_valid_after_utc:%Y-%m-%d}")
+    for child, parent in zip(creds.chain, creds.chain[1:], strict=False):
+        if child.issuer != parent.subject:
             report.warn(
-                f"{where}: no intermediate certificates in the file, and its issuer"
-                f" ({leaf.issuer.rfc4514_string()}) is not a root this host trusts;"
-                " clients may not be able to build the chain"
+                f"{where}: chain out of order: {child.subject.rfc4514_string()} "
+                f"is not issued by {parent.subject.rfc4514_string()}"
             )
+    lone = len(creds.chain) == 1 and leaf.issuer != leaf.subject
+    if lone and not issued_by_trusted_root(leaf):  # a root's own leaf needs none
+        report.warn(
+            f"{where}: no intermediate certificates in the file, and its issuer"
+            f" ({leaf.issuer.rfc4514_string()}) is not a root this host trusts;"
+            " clients may not be able to build the chain"
+        )
+    return leaf
 
 
 def _check_ciphers(profile: Profile, report: Report) -> None:

@@ -64,7 +64,9 @@ class ServerCollector(Collector):
             broken.add_metric([name], 1 if watch.error else 0)
             if server_tls is None:
                 continue
-            for creds in server_tls.settings.credentials:
+            settings = server_tls.settings
+            every = [settings.credentials, *settings.by_name.values()]  # by server name too
+            for creds in (c for credentials in every for c in credentials):
                 expires = creds.chain[0].not_valid_after_utc.timestamp()
                 expiry.add_metric([name, str(creds.cert_path)], expires)
         yield active

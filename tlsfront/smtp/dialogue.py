@@ -25,7 +25,8 @@ Three commands change how client bytes are read:
   The shell keeps reading meanwhile (`client_read_ahead`, up to
   `DATA_WAIT_BUFFER`), so that a body sent without waiting for the reply is
   seen as such, as Postfix sees input pending when its reply goes out, and
-  not run as commands.
+  not run as commands. Unless synchronization is relaxed (below), such a
+  body is refused outright.
 * In the body, `BodyScanner` finds the one true end (CRLF.CRLF) and refuses
   bare CR, bare LF and NUL rather than passing them to a lenient backend.
   tlsfront's Received header is written to the backend before the body.
@@ -64,6 +65,11 @@ EHLO, replayed to the new backend with its reply and greeting swallowed,
 and the client bytes read but not yet taken (commands pipelined behind the
 dot). RSET, MAIL and QUIT then work as after any refused message.
 
+Synchronization (`tlsfront.smtp.synchronization`): input pipelined where
+RFC 2920 forbids it (behind DATA, BDAT or QUIT; any from a HELO client)
+gets `554 5.5.0` in the place of the reply to the command it broke and ends
+the session, unless the session is `trusted` or not `pipelining_strict`.
+
 The phases and the events that move between them are one table,
 `TRANSITIONS` in `tlsfront.smtp.phases`; every change of `phase` goes
 through `_move`, which refuses a move the table does not have. A phase change that the shell
@@ -98,6 +104,7 @@ from tlsfront.smtp.phases import (
 )
 from tlsfront.smtp.reply import Reply, rewrite_ehlo
 from tlsfront.smtp.replyreader import ReplyReader
+from tlsfront.smtp.synchronization import GROUP_ENDERS, Discipline
 
 
 class _Kind(enum.Enum):
@@ -122,6 +129,7 @@ class _Pending:
     swallow: bool = False  # the fresh backend's greeting after TLS
     check: bool = False  # on demand: a greeting or HELO reply checked, never passed on
     close_after: bool = False  # a fatal local error: close once it is sent
+    desync: bool = False  # input pipelined behind it: 554 5.5.0 in its place, close
     reset_after: bool = False  # the 552 of a dropped message: a fresh backend next
 
 
@@ -186,6 +194,7 @@ class Dialogue:
         max_pipeline: int = 100,
         received: Callable[[str | None, bool], bytes] | None = None,
         swallow_greeting: bool = False,
+        pipelining_strict: bool = True,
         face: BackendFace | None = None,
         greet: bool = True,
         carry: Carry | None = None,
@@ -200,6 +209,8 @@ class Dialogue:
         `auth`: tlsfront answers AUTH itself (a verifier is configured);
         `require_auth`: MAIL needs a login first, unless `authorized` (a
         client certificate that grants relaying).
+        `pipelining_strict`: refuse input pipelined against RFC 2920 from a
+        client that is not `trusted` (tlsfront.smtp.synchronization).
         """
         self.hostname = hostname
         self.tls_offered = tls_offered
@@ -237,6 +248,10 @@ class Dialogue:
         self._require_auth = require_auth
         self._authorized = authorized
         self.auth_user = carry.auth_user if carry is not None else None
+        self._sync = Discipline(strict=pipelining_strict, trusted=lambda: self.trusted)
+        self._desync = False
+        if hello is not None:
+            self._sync.command(hello.verb, followed=False, owed=False)  # a HELO client or not
         self._sasl: sasl.ServerAuth | None = None  # an AUTH exchange in progress
         self._auth_entry: _Pending | None = None
         self.auth_due: sasl.Credentials | sasl.Refused | None = None  # the shell must conclude it
@@ -318,6 +333,7 @@ class Dialogue:
         return (
             self.phase is Phase.DATA_WAIT
             and not self._client_eof
+            and not self._desync
             and len(self._client_buffer) < DATA_WAIT_BUFFER
         )
 
@@ -331,6 +347,11 @@ class Dialogue:
         if self._client_eof:
             return None
         return "client"
+
+    @property
+    def trusted(self) -> bool:
+        """Logged in, or relaying by certificate: pipelining is not policed."""
+        return self._authorized or self.auth_user is not None
 
     @property
     def backend_wanted(self) -> bool:
@@ -359,6 +380,10 @@ class Dialogue:
             return
         if self.phase in (Phase.STARTTLS_WAIT, Phase.STARTTLS_READY, Phase.HANDSHAKE):
             self.stats.discarded_after_starttls += len(data)
+            return
+        if self._desync:
+            return  # refused already; nothing more is read
+        if self.phase is not Phase.BODY and self._arrived_early(data):
             return
         if self.phase is Phase.BODY and not self._client_buffer:
             self._process_body(data)  # the bulk of a message: no copy into the buffer
@@ -677,6 +702,10 @@ class Dialogue:
         while self._pending and self._pending[0].reply is not None:
             entry = self._pending.pop(0)
             assert entry.reply is not None
+            if entry.desync:
+                self._to_client += replies.synchronization_error().raw
+                self._close(Outcome.PIPELINING, "SMTP protocol synchronization")
+                return
             if not entry.swallow:
                 self._to_client += entry.reply.raw
             self._after_reply(entry, entry.reply)
@@ -781,8 +810,55 @@ class Dialogue:
             self._answer(_Pending(_Kind.OTHER), replies.of_error(exc))
             self._deliver()
             return
-        self._command(command)
+        why = self._sync.command(
+            command.verb, followed=bool(self._client_buffer), owed=self._owed()
+        )
+        if why is not None:
+            self._out_of_sync(why, self._client_buffer)
+            self._answer(
+                _Pending(_Kind.OTHER, command, desync=True),
+                replies.synchronization_error(),
+                close=True,
+            )
+        else:
+            self._command(command)
         self._deliver()
+
+    # ---------------------------------------------------------- synchronization
+
+    def _owed(self) -> bool:
+        """A reply to the client is still owed (not a swallowed one of a fresh backend)."""
+        return any(not p.swallow for p in self._pending)
+
+    def _arrived_early(self, data: bytes) -> bool:
+        """Client bytes outside the body: refused if a reply they should await is owed."""
+        if not self._owed():
+            return False
+        ender = verb = None
+        for p in self._pending:
+            if p.command is not None and p.command.verb in GROUP_ENDERS:
+                ender, verb = p, p.command.verb
+                break
+        why = self._sync.arrival(ender=verb, owed=True)
+        if why is None:
+            return False
+        self._out_of_sync(why, self._client_buffer + data)
+        if ender is not None:
+            ender.desync = ender.close_after = True  # its reply, when it comes, is replaced
+        else:
+            self._answer(
+                _Pending(_Kind.OTHER, desync=True), replies.synchronization_error(), close=True
+            )
+        self._deliver()
+        return True
+
+    def _out_of_sync(self, why: str, input: bytes | bytearray) -> None:
+        """Record a synchronization error; nothing more the client sent is read."""
+        self._desync = True
+        self.stats.events.append(f"{why}: {bytes(input[:40])!r}")
+        self._client_buffer.clear()
+        if self.stats.ending is None:
+            self.stats.ending = Ending(Outcome.PIPELINING, why)
 
     def _command(self, command: Command) -> None:
         verb = command.verb
@@ -865,15 +941,24 @@ class Dialogue:
         self._body = None
         self._move(Event.BODY_END)
         self._client_buffer += result.rest
+        why = self._sync.command(".", followed=bool(self._client_buffer), owed=self._owed())
+        if why is not None:  # the dot is answered; what was pipelined behind it is not
+            self._out_of_sync(why, self._client_buffer)
         if self._dropped is not None:  # answered now; a fresh backend next (RESET)
-            self._pending.append(_Pending(_Kind.DOT, reply=self._dropped, reset_after=True))
-            self._deliver()
-            return
-        if self._backend_dead is not None:
+            dot = _Pending(_Kind.DOT, reply=self._dropped, reset_after=why is None)
+            self._pending.append(dot)
+        elif self._backend_dead is not None:
             self.stats.refused += 1
             self._to_client += replies.message_lost().raw
             self._close(self._backend_dead.outcome, self._backend_dead.text)
             return
-        dot = _Pending(_Kind.DOT)
-        self._pending.append(dot)
-        self._awaiting.append(dot)
+        else:
+            dot = _Pending(_Kind.DOT)
+            self._pending.append(dot)
+            self._awaiting.append(dot)
+        if why is not None:
+            self._answer(
+                _Pending(_Kind.OTHER, desync=True), replies.synchronization_error(), close=True
+            )
+        if self._dropped is not None:
+            self._deliver()

@@ -23,6 +23,7 @@ class Outcome(enum.Enum):
     CLIENT_LOST = enum.auto()  # the client hung up in the middle of DATA
     CLIENT_TIMEOUT = enum.auto()  # the client was too slow (or stopped reading)
     PROTOCOL_ERROR = enum.auto()  # the client broke the protocol; tlsfront closed
+    PIPELINING = enum.auto()  # the client pipelined where RFC 2920 forbids it: 554 5.5.0
     SHUTDOWN = enum.auto()  # tlsfront is stopping: 421 4.3.2 at an idle point
     BACKEND_CLOSED = enum.auto()  # the backend answered 421 and closed the channel
     BACKEND_TIMEOUT = enum.auto()  # the backend did not answer in time

@@ -129,7 +129,7 @@ def tls_unavailable(text: str = TLS_UNAVAILABLE) -> Reply:
 
 
 def synchronization_error() -> Reply:
-    """Bytes sent behind DATA before its reply, when it was not 354."""
+    """Input pipelined where RFC 2920 forbids it (tlsfront.smtp.synchronization)."""
     return _reply(554, "5.5.0", "Error: SMTP protocol synchronization")
 
 

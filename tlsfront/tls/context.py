@@ -31,6 +31,13 @@ verification result lives only in the notes. Session resumption would skip
 verification and leave no result, so ``request``/``require`` profiles turn
 the session cache and tickets off. Other profiles keep tickets on.
 
+Certificates by server name (SNI): each name of `TLSSettings.by_name` gets
+a context of its own, built like the default one with that name's
+certificates. The default context's server-name callback reads the name
+the client sent, picks the entry (`tlsfront.tls.sni.choose`: exact name,
+wildcard, default), switches the connection to its context and notes the
+entry's name for the session's log line.
+
 Whether a handshake was resumed is learned from the info callback: a full
 handshake passes through the "write certificate" state, a resumed one does not.
 Profiles that cannot resume have no info callback; their handshakes are full.
@@ -40,8 +47,8 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +59,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 
 from .certs import CertError, ServerCredentials, load_ca_bundle, load_crls
+from .sni import DEFAULT, choose, server_name
 from .stream import HandshakeNotes, TLSStream
 
 __all__ = [
@@ -88,6 +96,8 @@ _FULL_HANDSHAKE_STATE = b"SSLv3/TLS write certificate"
 @dataclass(frozen=True)
 class TLSSettings:
     credentials: tuple[ServerCredentials, ...]  # one per key type (RSA, ECDSA, ...)
+    # other certificates by server name ("mail.example.org", "*.example.net")
+    by_name: Mapping[str, tuple[ServerCredentials, ...]] = field(default_factory=dict)
     # "TLSv1" .. "TLSv1.3". Below TLSv1.2 OpenSSL needs security level 0:
     # ":@SECLEVEL=0" is added to the cipher string unless it sets a level.
     min_version: str = "TLSv1.2"
@@ -258,6 +268,21 @@ class ServerTLS:
         self._context = self._build(settings)
         # Profiles that ask for a certificate never resume (see _build).
         self._always_full = settings.client_cert != "none"
+        self._by_name: dict[str, SSL.Context] = {}
+        for name, credentials in settings.by_name.items():
+            try:
+                self._by_name[name] = self._build(replace(settings, credentials=credentials))
+            except TLSConfigError as exc:
+                raise TLSConfigError(exc.setting, f"server name {name}: {exc.message}") from None
+        if self._by_name:
+            self._context.set_tlsext_servername_callback(self._choose)
+
+    def _choose(self, conn: SSL.Connection) -> None:
+        """The server-name callback: the certificates for the name the client sent."""
+        name = choose(self._by_name, server_name(conn.get_servername()))
+        _notes(conn).cert_name = name
+        if name != DEFAULT:
+            conn.set_context(self._by_name[name])
 
     @staticmethod
     def _build(settings: TLSSettings) -> SSL.Context:
@@ -338,6 +363,8 @@ class ServerTLS:
         conn = SSL.Connection(self._context, None)
         conn.set_accept_state()
         notes = HandshakeNotes(full_handshake=self._always_full)
+        if self._by_name:
+            notes.cert_name = DEFAULT  # until the server-name callback chooses
         conn.set_app_data(notes)
         return TLSStream(transport, conn, notes)
 

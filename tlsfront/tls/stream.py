@@ -133,6 +133,7 @@ class TLSInfo:
     verify_error: str | None  # first error; None when verified or no certificate
     resumed: bool
     server_name: str | None  # SNI as sent by the client (not sanitized)
+    cert_name: str | None = None  # the certificates' server-name entry, "default" or None
 
 
 # OpenSSL reason text -> our short reason
@@ -172,9 +173,10 @@ def _handshake_error(exc: SSL.Error, notes: HandshakeNotes) -> TLSHandshakeError
 class HandshakeNotes:
     """Per-connection notes the OpenSSL callbacks take during the handshake."""
 
-    __slots__ = ("full_handshake", "verify_called", "verify_error")
+    __slots__ = ("cert_name", "full_handshake", "verify_called", "verify_error")
 
     def __init__(self, full_handshake: bool) -> None:
+        self.cert_name: str | None = None  # the server-name entry chosen, if the profile has any
         self.verify_called = False
         self.verify_error: str | None = None
         self.full_handshake = full_handshake
@@ -461,6 +463,7 @@ class TLSStream(trio.abc.Stream):
             verify_error=verify_error,
             resumed=resumed,
             server_name=name.decode("ascii", "replace") if name else None,
+            cert_name=notes.cert_name,
         )
 
     # -- trio.abc.Stream -------------------------------------------------------

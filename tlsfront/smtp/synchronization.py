@@ -1,0 +1,97 @@
+"""SMTP command synchronization: which client input is pipelined too far.
+
+Theory of operation
+-------------------
+RFC 2920 lets a client that was offered PIPELINING (an EHLO reply) send a
+group of commands without waiting for each reply, but `DATA`, `BDAT` and
+`QUIT` end a group: the client must wait for their reply before it sends
+anything more, and the message content waits for the `354`. A client that
+said `HELO` was offered no PIPELINING at all and must wait for every reply.
+Input that breaks these rules is how smuggling and desynchronization
+attacks are delivered; no real mail program sends it. On a session that is
+neither authenticated nor granted relaying by its certificate (`trusted`),
+and unless the profile relaxes it (``pipelining_strict = false``), such
+input gets ``554 5.5.0 Error: SMTP protocol synchronization`` and the
+session ends, as with Postfix's ``smtpd_forbid_unauth_pipelining``.
+
+The dialogue is sans-I/O and sees no packets, so "sent without waiting" is
+defined by what it holds and when:
+
+* a command line is *followed* when client bytes are already in the
+  dialogue's buffer behind its line break at the moment the line is taken,
+  whether they came in the same `receive_client` call or an earlier one;
+* bytes *arrive early* when a `receive_client` call brings them while a
+  reply is still owed, that is, before the dialogue has put the reply into
+  its client outbox (the client cannot have read it).
+
+A violation is then:
+
+1. a `DATA`, `BDAT` or `QUIT` line that is followed, or bytes that arrive
+   early while the reply to one of these is owed: content before the `354`
+   is such bytes;
+2. from a client whose last greeting command was `HELO`: any command line
+   (the end of a message, the dot, included) that is followed, or taken
+   while a reply to an earlier command is owed, or bytes that arrive early.
+
+Bytes read in the message body are the body: they are not checked. Bytes
+behind `STARTTLS` are thrown away, as before, not refused.
+
+`Discipline` holds the rule's state for one dialogue and answers whether an
+event breaks it; the dialogue sends the reply and ends the session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+# The commands that end a pipelined group (RFC 2920 §3; BDAT: RFC 3030).
+GROUP_ENDERS = frozenset({"DATA", "BDAT", "QUIT"})
+
+
+class Discipline:
+    """Whether client input breaks command synchronization (see module doc)."""
+
+    def __init__(self, *, strict: bool = True, trusted: Callable[[], bool] = bool) -> None:
+        self.strict = strict
+        self._trusted = trusted  # logged in, or relaying by certificate, as of now
+        self.helo_client = False  # the last greeting command was HELO
+
+    @property
+    def enforced(self) -> bool:
+        return self.strict and not self._trusted()
+
+    def command(self, verb: str, *, followed: bool, owed: bool) -> str | None:
+        """A command line taken (`verb` "." for the end of a message).
+
+        `followed`: bytes wait behind it; `owed`: a reply to an earlier
+        command is still owed. Returns why it breaks the rule, or None.
+        """
+        if verb == "HELO":
+            self.helo_client = True
+        elif verb == "EHLO":
+            self.helo_client = False
+        if not self.enforced:
+            return None
+        if followed and verb in GROUP_ENDERS:
+            return f"improper command pipelining after {verb}"
+        if self.helo_client and (followed or owed):
+            name = "end of data" if verb == "." else verb
+            return f"improper command pipelining after {name} by a HELO client"
+        return None
+
+    def arrival(self, *, ender: str | None, owed: bool) -> str | None:
+        """Client bytes received outside the body.
+
+        `ender`: the group-ending command whose reply is still owed, if any;
+        `owed`: any reply is still owed. Returns why it breaks the rule.
+        """
+        if not self.enforced:
+            return None
+        if ender is not None:
+            return f"improper command pipelining after {ender}"
+        if self.helo_client and owed:
+            return "improper command pipelining by a HELO client"
+        return None
+
+
+__all__ = ["GROUP_ENDERS", "Discipline"]
