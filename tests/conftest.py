@@ -68,6 +68,6 @@ async def start_front(nursery: trio.Nursery, tmp_path: Path, tls_dir: Path) -> A
 
 @pytest.fixture
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    """tlsfront's own environment holds a stray RELAYCLIENT (THREATS row 8)."""
+    """tlsfront's own environment holds a stray RELAYCLIENT (threat `cert-open-relay`)."""
     monkeypatch.setenv("RELAYCLIENT", "")
     monkeypatch.setenv("TCPREMOTEIP", "10.66.66.66")

@@ -1,4 +1,6 @@
-"""Resource bounds under abuse (THREATS rows 14, 16, 17, 24).
+"""Resource bounds under abuse.
+
+Threats `long-lines`, `connection-flood`, `slow-clients`, `handshake-flood`.
 
 Two kinds of test. Slowloris at each stage runs a real `Session` on virtual
 time (trio's MockClock jumps to the next deadline), with in-memory streams
@@ -323,7 +325,7 @@ async def test_a_thousand_idle_connections(
 
 
 async def test_64_mib_without_a_line_end(start_front: Any, nursery: trio.Nursery) -> None:
-    """THREATS row 14: 500 5.5.2 and close at the limit; memory stays flat."""
+    """threat `long-lines`: 500 5.5.2 and close at the limit; memory stays flat."""
     front, backend = await flood_front(start_front, nursery)
     chunk = b"A" * 65536
     sent = 0
@@ -349,7 +351,7 @@ async def test_64_mib_without_a_line_end(start_front: Any, nursery: trio.Nursery
 
 
 async def test_ten_megabyte_header_line(start_front: Any, nursery: trio.Nursery) -> None:
-    """THREATS row 14 in DATA: 500 5.5.2 at the text line limit, no message."""
+    """threat `long-lines` in DATA: 500 5.5.2 at the text line limit, no message."""
     front, backend = await flood_front(start_front, nursery)
     with trio.fail_after(60), Traced() as traced:
         client = await Client.connect(front.port("smtp"))
@@ -469,7 +471,7 @@ async def test_handshake_flood_from_one_address(
     client_context: ssl.SSLContext,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """THREATS row 24: past tls_rate_limit a minute, STARTTLS gets 454 4.7.0 and the
+    """threat `handshake-flood`: past tls_rate_limit a minute, STARTTLS gets 454 4.7.0 and the
     implicit port closes before the handshake; another client sends mail meanwhile."""
     backend = await RecordingBackend().start(nursery)
     front: Front = await start_front(

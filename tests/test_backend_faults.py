@@ -1,4 +1,4 @@
-"""Broken backends (THREATS row 19): real misbehaving processes behind tlsfront.
+"""Broken backends (threat `false-acknowledgement`): real misbehaving processes behind tlsfront.
 
 Each mode of tests/support/backends/faulty.py runs as the exec backend of a running
 tlsfront. For each: the client's reply to the step that failed is a 4xx

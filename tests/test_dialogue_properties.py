@@ -11,7 +11,7 @@ STARTTLS, starts the TLS phase with a fresh dialogue, and fires timeouts.
 After every step the invariants are checked:
 
 * nothing the client sent after a STARTTLS that was accepted for processing
-  reaches the backend (THREATS rows 1-3);
+  reaches the backend (threats `starttls-injection`, `injection-after-220`, `reply-order`);
 * tlsfront produces no 2xx or 3xx of its own but the 220 to STARTTLS: every
   other one the client gets is a backend reply, byte for byte (an EHLO reply
   keeps the backend's first line and only loses or gains keywords);

@@ -12,7 +12,7 @@ from support.front import capture_backend
 
 
 async def test_starttls_with_a_broken_certificate_gets_454(tmp_path: Path) -> None:
-    """THREATS row 5: 454 4.7.0 when TLS cannot be had; mail still flows in clear."""
+    """threat `starttls-rules`: 454 4.7.0 when TLS cannot be had; mail still flows in clear."""
     broken = tmp_path / "servercert.pem"
     broken.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
     capture = tmp_path / "capture"

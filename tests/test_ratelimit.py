@@ -1,4 +1,4 @@
-"""The per-client limit on new TLS sessions, on its own (THREATS row 24)."""
+"""The per-client limit on new TLS sessions, on its own (threat `handshake-flood`)."""
 
 from __future__ import annotations
 

@@ -274,7 +274,7 @@ def test_san_only_address_is_not_a_subject_email(policy: RelayPolicy, ca: trustm
 
 
 def test_hostile_names_reach_no_environment_or_header(policy: RelayPolicy, ca: trustme.CA) -> None:
-    """THREATS row 13: a CN with CR/LF, NUL, U+2028; an address with CR/LF."""
+    """threat `bare-cr-lf-nul`: a CN with CR/LF, NUL, U+2028; an address with CR/LF."""
     evil = "x\r\nX-Evil: 1\x00\u2028y"
     leaf = issue(ca, common_name=evil, subject_emails=["a@b\r\nX-Evil: 2"], san_emails=[LISTED])
     d = policy.decide(tls_info(leaf))

@@ -1,9 +1,9 @@
 """Relay by client certificate, black-box: real clients against a running tlsfront.
 
-THREATS rows 8, 9 and 13. Every case is run on a STARTTLS and an implicit-TLS
-profile with swaks, openssl s_client and smtplib. The backend is the capture
-backend (qmail-smtpd's rules: `--rcpthost example.org`), so a RCPT to another
-domain gets qmail's 553 unless tlsfront started it with RELAYCLIENT.
+Threats `cert-open-relay`, `foreign-client-cert`, `bare-cr-lf-nul`. Every case is
+run on a STARTTLS and an implicit-TLS profile with swaks, openssl s_client and
+smtplib. The backend is the capture backend (qmail-smtpd's rules: `--rcpthost
+example.org`), so a RCPT to another domain gets qmail's 553 unless tlsfront started it with RELAYCLIENT.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory, other_ca: trustme.CA) -> Pki:
     partner = "mx.partner.example"
     pki.add("pinned", issue(None, common_name=partner, dns_names=[partner]))
     pki.add("pinned2", issue(None, common_name="mx2.partner.example"))
-    # THREATS row 13
+    # threat `bare-cr-lf-nul`
     pki.add("evil", issue(ca, common_name="x\r\nX-Evil: 1", san_emails=listed))
 
     pki.ca_file.write_bytes(ca.cert_pem.bytes())
@@ -448,7 +448,8 @@ async def test_matrix_smtplib_and_log(
 async def test_stray_relayclient_in_tlsfronts_environment(
     start_front: Any, pki: Pki, clean_environ: None
 ) -> None:
-    """THREATS row 8: tlsfront started with RELAYCLIENT= never relays an anonymous client."""
+    """Threat `cert-open-relay`: tlsfront started with RELAYCLIENT= never relays
+    an anonymous client."""
     assert os.environ["RELAYCLIENT"] == ""
     front: Front = await start_front(profiles(pki))
     port = front.port("smtp")
@@ -478,7 +479,8 @@ async def test_request_profile_gives_tls_to_an_unrelated_certificate(
     start_front: Any, other_ca: trustme.CA, tmp_path: Path, pki: Pki,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    """THREATS row 9: a sending MTA's own certificate, from a CA nobody here knows."""
+    """Threat `foreign-client-cert`: a sending MTA's own certificate, from a CA
+    nobody here knows."""
     caplog.set_level(logging.INFO, logger="tlsfront.inbound.session")
     mta = issue(other_ca, common_name="mx.sender.example", dns_names=["mx.sender.example"],
                 eku=None)  # fmt: skip
@@ -540,7 +542,7 @@ async def test_require_profile_with_a_valid_certificate(start_front: Any, pki: P
 async def test_cn_with_crlf_reaches_no_env_and_no_header(
     start_front: Any, pki: Pki, client: str
 ) -> None:
-    """THREATS row 13: client certificate CN `x\\r\\nX-Evil: 1`."""
+    """threat `bare-cr-lf-nul`: client certificate CN `x\\r\\nX-Evil: 1`."""
     front: Front = await start_front(profiles(pki))
     outcome = await CLIENTS[client](front, "smtp", pki.files("evil"))
     assert (outcome.relay, outcome.local, outcome.data) == (250, 250, 250)

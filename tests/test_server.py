@@ -97,7 +97,7 @@ async def test_starttls_session(
         b"\tby front.example.org (tlsfront) with ESMTPS\r\n\t(using TLSv1."
     )
     received, _ = body.split(b"\r\nFrom:", 1)
-    # One header, folded lines start with white space, CRLF endings (THREATS row 21).
+    # One header, folded lines start with white space, CRLF endings (threat `trace-header`).
     assert all(line.startswith(b"\t") for line in received.split(b"\r\n")[1:])
     assert b"\n" not in received.replace(b"\r\n", b"")
     assert received.count(b"Received:") == 1
@@ -170,7 +170,7 @@ async def test_connection_limit_per_ip(start_front: Any) -> None:
 
 
 async def test_plaintext_to_the_implicit_port_is_closed(start_front: Any) -> None:
-    """THREATS row 23."""
+    """threat `plaintext-on-implicit`."""
     front: Front = await start_front(TWO_PROFILES)
     with trio.fail_after(20):
         stream = await trio.open_tcp_stream("127.0.0.1", front.port("smtps"))
@@ -185,7 +185,7 @@ async def test_plaintext_to_the_implicit_port_is_closed(start_front: Any) -> Non
 
 @pytest.mark.parametrize("start", BACKEND_STARTS)
 async def test_garbage_after_starttls_feeds_no_backend(start_front: Any, start: str) -> None:
-    """THREATS row 6."""
+    """threat `handshake-failure`."""
     front: Front = await start_front(starting(STARTTLS_PROFILE, start))
     with trio.fail_after(20):
         stream = await trio.open_tcp_stream("127.0.0.1", front.port("smtp"))
@@ -232,7 +232,7 @@ async def test_backend_that_cannot_start(start_front: Any, start: str) -> None:
 async def test_injection_behind_starttls_never_reaches_a_backend(
     start_front: Any, client_context: ssl.SSLContext, injected: bytes, start: str
 ) -> None:
-    """THREATS row 1, black-box: one write, then a real handshake."""
+    """threat `starttls-injection`, black-box: one write, then a real handshake."""
     front: Front = await start_front(starting(STARTTLS_PROFILE, start))
     with trio.fail_after(20):
         tcp = await trio.open_tcp_stream("127.0.0.1", front.port("smtp"))

@@ -127,7 +127,7 @@ def test_no_starttls_once_tls_is_active(bytewise: bool) -> None:
     "behind", [b"RSET\r\n", b"MAIL FROM:<a@b>\r\n", b"EHLO x\r\n", b"RSET\r\nQUIT\r\n"]
 )
 def test_commands_pipelined_behind_starttls_are_discarded(bytewise: bool, behind: bytes) -> None:
-    """THREATS row 1: nothing injected in clear is ever executed."""
+    """threat `starttls-injection`: nothing injected in clear is ever executed."""
     h = make(bytewise).ehloed()
     h.client(b"STARTTLS\r\n" + behind)
     assert phase(h) is Phase.STARTTLS_READY
@@ -145,7 +145,7 @@ def test_commands_pipelined_behind_starttls_are_discarded(bytewise: bool, behind
 
 
 def test_replies_owed_before_starttls_go_first(bytewise: bool) -> None:
-    """THREATS row 3: NOOP's 250 is written before the 220."""
+    """threat `reply-order`: NOOP's 250 is written before the 220."""
     h = make(bytewise).ehloed()
     h.client(b"NOOP\r\nSTARTTLS\r\n")
     assert h.take() == (b"", b"NOOP\r\n")
@@ -157,7 +157,7 @@ def test_replies_owed_before_starttls_go_first(bytewise: bool) -> None:
 
 
 def test_starttls_rules(bytewise: bool) -> None:
-    """THREATS row 5."""
+    """threat `starttls-rules`."""
     h = make(bytewise).ehloed()
     h.client(b"STARTTLS now\r\n")
     assert h.take() == (b"501 5.5.4 Syntax: STARTTLS\r\n", b"")
@@ -180,7 +180,7 @@ def test_starttls_refused_when_tls_cannot_be_had(bytewise: bool) -> None:
 
 
 def test_require_tls_refuses_mail_before_starttls(bytewise: bool) -> None:
-    """THREATS row 7."""
+    """threat `starttls-stripping`."""
     h = make(bytewise, require_tls=True).greeted()
     h.client(b"EHLO c\r\n")
     h.backend(b"250-mx\r\n250-AUTH LOGIN PLAIN\r\n250 PIPELINING\r\n")
@@ -264,7 +264,7 @@ def test_body_pipelined_behind_a_refused_data_is_never_run(bytewise: bool) -> No
     ],
 )
 def test_smuggling_terminators_are_refused(bytewise: bool, body: bytes) -> None:
-    """THREATS row 11: never two messages; the backend never sees a fake end."""
+    """threat `smtp-smuggling`: never two messages; the backend never sees a fake end."""
     h = make(bytewise).ehloed()
     _to_data(h)
     h.backend(b"354 go ahead\r\n")
@@ -324,7 +324,7 @@ def test_body_line_limit_as_rfc_5321_counts_it(dot: bool, text: int) -> None:
 
 
 def test_command_line_too_long_closes_at_the_limit() -> None:
-    """THREATS row 14: 64 MiB without LF never buffers more than the limit."""
+    """threat `long-lines`: 64 MiB without LF never buffers more than the limit."""
     h = make(False).greeted()
     chunk = b"A" * 65536
     for _ in range(1024):
@@ -345,7 +345,7 @@ def test_command_of_exactly_the_limit_is_accepted(bytewise: bool) -> None:
 
 @pytest.mark.parametrize("line", [b"EHLO a\rb\r\n", b"EHLO a\0b\r\n", b"EHLO ab\n"])
 def test_bare_cr_lf_nul_in_commands(bytewise: bool, line: bytes) -> None:
-    """THREATS row 13: refused, never forwarded; the session goes on."""
+    """threat `bare-cr-lf-nul`: refused, never forwarded; the session goes on."""
     h = make(bytewise).greeted()
     h.client(line)
     assert h.take() == (b"500 5.5.2 Error: bare CR, bare LF or NUL in command line\r\n", b"")
@@ -355,7 +355,7 @@ def test_bare_cr_lf_nul_in_commands(bytewise: bool, line: bytes) -> None:
 
 @pytest.mark.parametrize("after_dot", [b"", b"250 o"])
 def test_backend_dies_after_the_dot(bytewise: bool, after_dot: bytes) -> None:
-    """THREATS row 19: 451, never 250, also after half a reply."""
+    """threat `false-acknowledgement`: 451, never 250, also after half a reply."""
     h = make(bytewise).ehloed()
     _to_data(h)
     h.backend(b"354 go ahead\r\n")
@@ -410,7 +410,7 @@ def test_garbage_from_the_backend_is_a_failure(bytewise: bool) -> None:
 
 
 def test_client_vanishes_mid_data(bytewise: bool) -> None:
-    """THREATS row 18: the backend gets EOF and never a terminator."""
+    """threat `client-vanishes`: the backend gets EOF and never a terminator."""
     h = make(bytewise).ehloed()
     _to_data(h)
     h.backend(b"354 go ahead\r\n")
@@ -435,7 +435,7 @@ def test_client_eof_waits_for_owed_replies(bytewise: bool) -> None:
 
 
 def test_size_limits(bytewise: bool) -> None:
-    """THREATS row 15."""
+    """threat `oversized-message`."""
     h = make(bytewise, max_message_size=100).greeted()
     h.client(b"EHLO c\r\n")
     h.backend(EHLO_REPLY)

@@ -5,7 +5,7 @@ sink, recording). Relay permission travels by the address tlsfront uses: a
 second backend port whose tcprules grant RELAYCLIENT (`relay_backend_connect`),
 or a second source address (`relay_source_address`). Also `tlsfront check`
 on the classic mistake, a backend whose rules trust every local connection
-(THREATS row 10).
+(threat `env-spoofing`).
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ async def test_relay_source_address(start_front: Any, tmp_path: Path, ca: trustm
 async def test_backend_rules_trusting_loopback_make_an_open_relay(
     start_front: Any, tmp_path: Path
 ) -> None:
-    """THREATS row 10: what `tlsfront check` warns about, shown happening."""
+    """threat `env-spoofing`: what `tlsfront check` warns about, shown happening."""
     capture = tmp_path / "backend"
     rules = tmp_path / "tcp.smtp"
     rules.write_text('127.:allow,RELAYCLIENT=""\n:allow\n')

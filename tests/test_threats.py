@@ -1,33 +1,35 @@
-"""THREATS.md, row by row, black-box against a running tlsfront on loopback.
+"""The threats of docs/security.md, black-box against a running tlsfront on loopback.
 
-Each test is named after its row and asserts both what the client sees and
+Each test is named after its threat and asserts both what the client sees and
 what the backend received. Two kinds of backend: the capture backend
 (tests/support/backends/capture.py, the qmail-smtpd stand-in, exec'd per session and
 recording its stdin, environment and messages) where qmail's own behaviour
 matters, and `RecordingBackend` (a TCP backend in this process) for the
-rows tested with their bytes split at every position (1-3, 11, 12): there,
+threats tested with their bytes split at every position (`starttls-injection`,
+`injection-after-220`, `reply-order`, `smtp-smuggling`, `pipelining-desync`): there,
 hundreds of sessions need no process start-ups, and `send_split` makes sure
 tlsfront has acted on the first write before the second one is sent.
 
-Rows tested elsewhere (not repeated here):
+Threats tested elsewhere (not repeated here):
 
-- 1 (one write, then TLS, exec backend): test_server.py
+- `starttls-injection` (one write, then TLS, exec backend): test_server.py
   test_injection_behind_starttls_never_reaches_a_backend
-- 6: test_server.py test_garbage_after_starttls_feeds_no_backend (plaintext
+- `handshake-failure`: test_server.py test_garbage_after_starttls_feeds_no_backend (plaintext
   and garbage after 220), test_timeouts.py test_starttls_without_a_client_hello
   (half a ClientHello, then silence), test_tls.py test_garbage_instead_of_client_hello
-- 7: test_server.py test_require_tls
-- 11-14, the dialogue core byte by byte: test_smtp_dialogue.py
-- 14, 64 MiB without a line end and a 10 MB header line: test_abuse.py
+- `starttls-stripping`: test_server.py test_require_tls
+- `smtp-smuggling`, `pipelining-desync`, `bare-cr-lf-nul`, `long-lines`, the
+  dialogue core byte by byte: test_smtp_dialogue.py
+- `long-lines`, 64 MiB without a line end and a 10 MB header line: test_abuse.py
   test_64_mib_without_a_line_end, test_ten_megabyte_header_line
-- 16 (per address): test_server.py test_connection_limit_per_ip
-- 17: test_timeouts.py (idle, trickled command, slow body, no ClientHello),
+- `connection-flood` (per address): test_server.py test_connection_limit_per_ip
+- `slow-clients`: test_timeouts.py (idle, trickled command, slow body, no ClientHello),
   test_abuse.py (slowloris at every stage, a client that never reads)
-- 19: test_backend_faults.py (every faulty.py mode), test_timeouts.py
+- `false-acknowledgement`: test_backend_faults.py (every faulty.py mode), test_timeouts.py
   test_slow_backend_at_the_dot
-- 20: test_tls_audit.py
-- 23: test_server.py test_plaintext_to_the_implicit_port_is_closed
-- 24: test_abuse.py test_handshake_flood_from_one_address
+- `weak-tls`: test_tls_audit.py
+- `plaintext-on-implicit`: test_server.py test_plaintext_to_the_implicit_port_is_closed
+- `handshake-flood`: test_abuse.py test_handshake_flood_from_one_address
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ INJECTIONS = [b"RSET\r\n", b"MAIL FROM:<a@b>\r\n", b"EHLO x\r\n"]
 
 
 @pytest.mark.parametrize("injected", INJECTIONS)
-async def test_row_01_injection_behind_starttls_at_every_split(
+async def test_injection_behind_starttls_at_every_split(
     start_front: Any,
     recorder: RecordingBackend,
     client_context: ssl.SSLContext,
@@ -175,7 +177,7 @@ async def test_row_01_injection_behind_starttls_at_every_split(
     assert all(injected not in c.received for c in recorder.conversations)
 
 
-async def test_row_01_injection_behind_a_refused_starttls_at_every_split(
+async def test_injection_behind_a_refused_starttls_at_every_split(
     start_front: Any, recorder: RecordingBackend, client_context: ssl.SSLContext
 ) -> None:
     """STARTTLS refused with 454 (here: over tls_rate_limit) and a command
@@ -209,7 +211,7 @@ async def test_row_01_injection_behind_a_refused_starttls_at_every_split(
 
 
 @pytest.mark.parametrize("injected", INJECTIONS)
-async def test_row_02_plaintext_between_the_220_and_the_client_hello(
+async def test_plaintext_between_the_220_and_the_client_hello(
     start_front: Any, recorder: RecordingBackend, injected: bytes
 ) -> None:
     """`STARTTLS\\r\\n` (split anywhere), the 220, then a command (split anywhere)
@@ -237,7 +239,7 @@ async def test_row_02_plaintext_between_the_220_and_the_client_hello(
     assert all(c.received == b"" for c in recorder.conversations)
 
 
-async def test_row_03_replies_owed_before_the_220_go_first(
+async def test_replies_owed_before_the_220_go_first(
     start_front: Any, recorder: RecordingBackend, client_context: ssl.SSLContext
 ) -> None:
     """`NOOP\\r\\nSTARTTLS\\r\\n` split at every position: `250` then `220`, nothing
@@ -295,7 +297,7 @@ async def up_to_354(front: Front) -> Client:
 
 
 @pytest.mark.parametrize("fake_end", SMUGGLING, ids=repr)
-async def test_row_11_smuggling_at_every_split(
+async def test_smuggling_at_every_split(
     start_front: Any, recorder: RecordingBackend, fake_end: bytes
 ) -> None:
     """A body with a fake end of data and a second message behind it, split at
@@ -326,7 +328,7 @@ async def test_row_11_smuggling_at_every_split(
 
 
 @pytest.mark.parametrize("fake_end", SMUGGLING, ids=repr)
-async def test_row_11_smuggling_into_a_qmail_backend(
+async def test_smuggling_into_a_qmail_backend(
     start_front: Any, fake_end: bytes, log: SessionLog
 ) -> None:
     """The same in one write, to the qmail-smtpd stand-in: nothing delivered."""
@@ -353,7 +355,7 @@ async def test_row_11_smuggling_into_a_qmail_backend(
 BODY_WITH_COMMANDS = b"Subject: p\r\n\r\nRSET\r\nMAIL FROM:<evil@example.net>\r\n.\r\n"
 
 
-async def test_row_12_body_pipelined_behind_data_at_every_split(
+async def test_body_pipelined_behind_data_at_every_split(
     start_front: Any, recorder: RecordingBackend
 ) -> None:
     """Envelope, DATA and a body that looks like commands in one go, split at
@@ -391,7 +393,7 @@ REFUSED_ENVELOPE = b"HELO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@elsewhere
 DESYNC = b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
 
 
-async def test_row_12_body_behind_a_refused_data_at_every_split(
+async def test_body_behind_a_refused_data_at_every_split(
     start_front: Any, recorder: RecordingBackend
 ) -> None:
     """DATA that fails (no valid recipient) with a body pipelined behind it:
@@ -430,7 +432,7 @@ async def test_row_12_body_behind_a_refused_data_at_every_split(
 
 
 @pytest.mark.parametrize("accept", [True, False])
-async def test_row_12_body_sent_before_the_backend_answers_data(
+async def test_body_sent_before_the_backend_answers_data(
     start_front: Any, nursery: trio.Nursery, accept: bool
 ) -> None:
     """The body comes while the backend still thinks about DATA. Accepted: it is
@@ -466,7 +468,7 @@ async def test_row_12_body_sent_before_the_backend_answers_data(
 # Rows 4, 5: STARTTLS state and rules
 
 
-async def test_row_04_nothing_from_before_tls_survives(
+async def test_nothing_from_before_tls_survives(
     start_front: Any, client_context: ssl.SSLContext, clean_environ: None, log: SessionLog
 ) -> None:
     """EHLO and MAIL in clear, STARTTLS, then RCPT without a new MAIL: qmail's
@@ -501,7 +503,7 @@ async def test_row_04_nothing_from_before_tls_survives(
     assert b"Received: from after.example ([127.0.0.1])\r\n" in tls["messages"][0]
 
 
-async def test_row_05_starttls_rules(
+async def test_starttls_rules(
     start_front: Any, recorder: RecordingBackend, client_context: ssl.SSLContext
 ) -> None:
     """501 with arguments, 554 once TLS is up, advertised once and only before
@@ -543,7 +545,7 @@ backend_start = "connect"
     assert all(b"STARTTLS" not in c.received for c in recorder.conversations)
 
 
-async def test_row_05_starttls_when_the_certificate_cannot_load(tmp_path: Path) -> None:
+async def test_starttls_when_the_certificate_cannot_load(tmp_path: Path) -> None:
     """`tlsfront inetd` with a certificate that is not there: 454 4.7.0, and the
     session goes on in clear."""
     capture = tmp_path / "capture"
@@ -659,7 +661,7 @@ async def relay_attempt(front: Front, context: ssl.SSLContext) -> bytes:
 
 
 @pytest.mark.parametrize("case", RELAY_CASES)
-async def test_row_08_only_a_valid_listed_certificate_relays(
+async def test_only_a_valid_listed_certificate_relays(
     start_front: Any,
     tmp_path: Path,
     ca: trustme.CA,
@@ -693,7 +695,7 @@ async def test_row_08_only_a_valid_listed_certificate_relays(
     assert tls["env"]["TCPREMOTEIP"] == "127.0.0.1"
 
 
-async def test_row_09_a_certificate_from_an_unknown_ca_does_not_break_tls(
+async def test_a_certificate_from_an_unknown_ca_does_not_break_tls(
     start_front: Any,
     tmp_path: Path,
     ca: trustme.CA,
@@ -718,7 +720,7 @@ async def test_row_09_a_certificate_from_an_unknown_ca_does_not_break_tls(
     assert "cert=Untrusted relay=no" in log.ends[0]
 
 
-async def test_row_10_the_backend_sees_the_real_client(
+async def test_the_backend_sees_the_real_client(
     start_front: Any, clean_environ: None, log: SessionLog
 ) -> None:
     """tlsfront runs with TCPREMOTEIP=10.66.66.66 and RELAYCLIENT= in its own
@@ -797,7 +799,7 @@ async def tcpserver_backend(nursery: trio.Nursery, tmp_path: Path) -> int:
     return int(port)
 
 
-async def test_row_10_tcp_backend_that_lets_localhost_relay(
+async def test_tcp_backend_that_lets_localhost_relay(
     start_front: Any, nursery: trio.Nursery, tmp_path: Path, tls_dir: Path, clean_environ: None
 ) -> None:
     """A qmail-smtpd under tcpserver with `127.:allow,RELAYCLIENT=""`: tlsfront
@@ -878,9 +880,7 @@ BAD_COMMAND = b"500 5.5.2 Error: bare CR, bare LF or NUL in command line\r\n"
 @pytest.mark.parametrize(
     "line", [b"EHLO a\rb\r\n", b"EHLO a\0b\r\n", b"EHLO ab\n", b"MAIL FROM:<a@b>\n"]
 )
-async def test_row_13_bare_cr_lf_nul_in_commands(
-    start_front: Any, line: bytes, log: SessionLog
-) -> None:
+async def test_bare_cr_lf_nul_in_commands(start_front: Any, line: bytes, log: SessionLog) -> None:
     """qmail would split at LF and stop at NUL: tlsfront refuses the line with
     500 and passes nothing of it on; the session goes on."""
     front: Front = await start_front(EXEC_PROFILE)
@@ -899,7 +899,7 @@ async def test_row_13_bare_cr_lf_nul_in_commands(
     assert session["stdin"] == b"MAIL FROM:<a@b>\r\nQUIT\r\n"
 
 
-async def test_row_13_hostile_certificate_name_adds_no_header(
+async def test_hostile_certificate_name_adds_no_header(
     start_front: Any, tmp_path: Path, ca: trustme.CA, log: SessionLog
 ) -> None:
     """A client certificate whose CN is `x\\r\\nX-Evil: 1`: the Received header
@@ -931,7 +931,7 @@ async def test_row_13_hostile_certificate_name_adds_no_header(
     assert not any(line.startswith("X-Evil") for line in "\n".join(log.lines).splitlines())
 
 
-async def test_row_15_oversized_message(start_front: Any, log: SessionLog) -> None:
+async def test_oversized_message(start_front: Any, log: SessionLog) -> None:
     """Above max_message_size: 552 for a SIZE= that says so, 552 for a body that
     turns out so; nothing queued, and the session goes on with a fresh backend."""
     front: Front = await start_front(EXEC_PROFILE + "max_message_size = 1000\n")
@@ -997,9 +997,7 @@ backend_connect = "{recorder.address}"
         await stream.aclose()
 
 
-async def test_row_16_one_more_than_the_total_limit(
-    start_front: Any, recorder: RecordingBackend
-) -> None:
+async def test_one_more_than_the_total_limit(start_front: Any, recorder: RecordingBackend) -> None:
     """max_connections, from four addresses: the one too many gets 421 4.7.0,
     the others go on. (The per-address limit: test_server.py.)"""
     front: Front = await start_front(
@@ -1030,7 +1028,7 @@ async def test_row_16_one_more_than_the_total_limit(
 # Rows 18, 21, 22: the end of a message, its trace header, extensions
 
 
-async def test_row_18_client_vanishes_mid_data(start_front: Any, log: SessionLog) -> None:
+async def test_client_vanishes_mid_data(start_front: Any, log: SessionLog) -> None:
     """Half a body, then the connection closes: the backend sees its input end
     without a final dot, and nothing is queued."""
     front: Front = await start_front(EXEC_PROFILE)
@@ -1055,7 +1053,7 @@ async def test_row_18_client_vanishes_mid_data(start_front: Any, log: SessionLog
 
 
 @pytest.mark.parametrize("tls", [True, False])
-async def test_row_21_one_well_formed_trace_header(
+async def test_one_well_formed_trace_header(
     start_front: Any, client_context: ssl.SSLContext, log: SessionLog, tls: bool
 ) -> None:
     """The first bytes the backend receives after 354: one new Received header
@@ -1098,7 +1096,7 @@ async def test_row_21_one_well_formed_trace_header(
         assert b"\tby front.example.org (tlsfront) with ESMTP;\r\n" in ours
 
 
-async def test_row_22_nothing_advertised_the_backend_cannot_honour(
+async def test_nothing_advertised_the_backend_cannot_honour(
     start_front: Any, nursery: trio.Nursery
 ) -> None:
     """A backend that offers more than tlsfront can carry: CHUNKING, BINARYMIME,

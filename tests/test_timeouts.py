@@ -1,4 +1,4 @@
-"""Timeouts on virtual time (THREATS rows 17 and 19).
+"""Timeouts on virtual time (threats `slow-clients`, `false-acknowledgement`).
 
 The client is an in-memory stream and the backend an in-process qmail-like
 responder, so trio's MockClock can jump: a real process or socket would let
@@ -176,7 +176,7 @@ async def test_slow_body_is_cut_by_the_minimum_data_rate(
 async def test_starttls_without_a_client_hello(
     autojump_clock: trio.testing.MockClock, tls_dir: Path, nursery: trio.Nursery
 ) -> None:
-    """THREATS rows 6 and 17: the handshake has its own, shorter, timeout."""
+    """threats `handshake-failure`, `slow-clients`: the handshake has its own, shorter, timeout."""
     client, backend = await run_session(nursery, profile(tls_dir, "starttls"))
     assert await client.receive_some() == GREETING
     await client.send_all(b"STARTTLS\r\n")
@@ -192,7 +192,7 @@ async def test_starttls_without_a_client_hello(
 async def test_slow_backend_at_the_dot(
     autojump_clock: trio.testing.MockClock, tls_dir: Path, nursery: trio.Nursery, delay: float
 ) -> None:
-    """THREATS row 19: a 250 only from the backend, a 451 when it is too slow."""
+    """threat `false-acknowledgement`: a 250 only from the backend, a 451 when it is too slow."""
     client, _ = await run_session(nursery, profile(tls_dir), dot_delay=delay)
     await client.send_all(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
     replies = b""

@@ -1,4 +1,4 @@
-"""The TLS audit (THREATS row 20): testssl.sh and sslscan against the defaults.
+"""The TLS audit (threat `weak-tls`): testssl.sh and sslscan against the defaults.
 
 tlsfront runs with the default TLS settings (no `min_tls_version`, no
 `ciphers`) on a STARTTLS and an implicit-TLS profile, with an RSA and an
@@ -147,7 +147,7 @@ def by_id(findings: list[dict[str, str]]) -> dict[str, str]:
 
 
 @pytest.mark.timeout(300)
-async def test_row_20_testssl_and_sslscan_find_nothing_with_the_defaults(
+async def test_testssl_and_sslscan_find_nothing_with_the_defaults(
     start_front: Any, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     front, ca = await start_audited(start_front, nursery, tmp_path)
@@ -264,7 +264,7 @@ async def handshake(port: int, context: ssl.SSLContext) -> str | None:
         "tls1.0",
     ],
 )
-async def test_row_20_default_protocols_and_ciphers(
+async def test_default_protocols_and_ciphers(
     start_front: Any,
     nursery: trio.Nursery,
     tmp_path: Path,
@@ -320,7 +320,7 @@ TLS10, TLS11, TLS12 = 0x0301, 0x0302, 0x0303
     ],
     ids=["rsa-kx-gcm", "ecdhe-cbc", "dhe", "tls1.1", "tls1.0", "legacy-tls1.1", "legacy-tls1.0"],
 )
-def test_row_20_the_refused_offers_are_really_made(
+def test_the_refused_offers_are_really_made(
     version: ssl.TLSVersion, ciphers: str, hello_version: int, suites: set[int]
 ) -> None:
     """The positive control of the refusals above: this OpenSSL's client does
@@ -352,7 +352,7 @@ ciphers = "ECDHE+AES:@SECLEVEL=0"
     ],
     ids=["tls1.0", "tls1.1", "tls1.2"],
 )
-async def test_row_20_minimum_version_holds_with_older_ciphers(
+async def test_minimum_version_holds_with_older_ciphers(
     start_front: Any,
     nursery: trio.Nursery,
     tmp_path: Path,
@@ -372,7 +372,7 @@ async def test_row_20_minimum_version_holds_with_older_ciphers(
     assert negotiated == ("ECDHE-RSA-AES128-SHA" if accepted else None)
 
 
-def test_row_20_no_renegotiation_no_compression(tmp_path: Path) -> None:
+def test_no_renegotiation_no_compression(tmp_path: Path) -> None:
     """The options behind "no renegotiation, no compression".
 
     Neither shows in a scan here: OpenSSL 3 refuses client-initiated

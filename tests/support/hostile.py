@@ -5,7 +5,7 @@ waiting for replies unless asked) and reads whole replies, so a test can
 pipeline, split writes and inject. `RecordingBackend` is a qmail-like SMTP
 server on loopback that tlsfront reaches through `backend_connect`; it keeps
 every byte each connection received and, unlike qmail, also notices the
-lenient end-of-data forms (THREATS row 11), so a test can prove none of them
+lenient end-of-data forms (threat `smtp-smuggling`), so a test can prove none of them
 ever reached it. It runs in the test's own process: hundreds of sessions cost
 no process start-ups.
 """

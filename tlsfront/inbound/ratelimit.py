@@ -1,4 +1,4 @@
-"""A per-client limit on new TLS sessions (THREATS row 24).
+"""A per-client limit on new TLS sessions (threat `handshake-flood`).
 
 Theory of operation
 -------------------

@@ -257,7 +257,7 @@ def check_tcp_backend(
     own_rules: Rules | None,
     backend_rules: Path | None = None,
 ) -> None:
-    """THREATS row 10: a TCP backend that lets every session tlsfront forwards relay.
+    """threat `env-spoofing`: a TCP backend that lets every session tlsfront forwards relay.
 
     `backend_rules` is the tcprules source of the backend's own tcpserver.
     Without it, the profile's own `rules` stand in: they are tlsfront's rules,

@@ -51,7 +51,7 @@ def parse_command(line: bytes) -> Command:
 
     A line must end in CRLF and hold no other CR, LF or NUL: qmail splits on
     LF and stops at NUL, so letting either through would make tlsfront and
-    the backend read different commands (THREATS rows 11 and 13).
+    the backend read different commands (threats `smtp-smuggling`, `bare-cr-lf-nul`).
     """
     if not line.endswith(b"\r\n"):
         raise bad_characters()
