@@ -3,7 +3,8 @@
 Threats `cert-open-relay`, `foreign-client-cert`, `bare-cr-lf-nul`. Every case is
 run on a STARTTLS and an implicit-TLS profile with swaks, openssl s_client and
 smtplib. The backend is the capture backend (qmail-smtpd's rules: `--rcpthost
-example.org`), so a RCPT to another domain gets qmail's 553 unless tlsfront started it with RELAYCLIENT.
+example.org`), so a RCPT to another domain gets qmail's 553 unless tlsfront
+started it with RELAYCLIENT.
 """
 
 from __future__ import annotations
