@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -73,7 +74,9 @@ class _Recording:
         assert self.digest is not None
         record = {"id": self.id, "sha256": self.digest.hexdigest(), "size": self.size}
         record["pid"] = os.getpid()
-        name = f"{os.getpid()}-{self.number}.json"
+        # pid and a random part: pids wrap around in a long soak, and a record
+        # written over by a later process would read as a lost message
+        name = f"{os.getpid()}-{self.number}-{secrets.token_hex(8)}.json"
         tmp = self.queue / ("." + name)
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.queue / name)
