@@ -11,16 +11,18 @@ socket, a clock or a process, so every edge case is a short test.
 Replies must reach the client in the order of its commands, also when
 commands are pipelined (RFC 2920) and some are answered by tlsfront itself
 (a `530` on a TLS-only port, a `502` for BDAT). So each command the client
-sends becomes a `Pending` entry in one queue. A command for the backend is
+sends becomes a `Pending` entry (`tlsfront.smtp.pending`) in one queue. A command for the backend is
 written to the backend outbox and waits for the backend's next reply; a
 command tlsfront answers gets its reply at once. Replies leave the queue from
 the head only, when they are there: the order is kept by construction. The
-backend's greeting is the reply to the first, virtual, entry.
+backend's greeting is the reply to the first, virtual, entry. The
+backend's replies, its EHLO rewritten, and its failures are handled in
+`tlsfront.smtp.backendside`.
 
 Three commands change how client bytes are read:
 
 * `DATA` holds the client's bytes until the backend answers. Only the
-  backend's `354` starts the body (THREATS row 12); any other reply with
+  backend's `354` starts the body; any other reply with
   client bytes already waiting behind `DATA` is a synchronization error.
   The shell keeps reading meanwhile (`client_read_ahead`, up to
   `DATA_WAIT_BUFFER`), so that a body sent without waiting for the reply is
@@ -30,8 +32,8 @@ Three commands change how client bytes are read:
 * In the body (`tlsfront.smtp.message`), `BodyScanner` finds the one true
   end (CRLF.CRLF) and refuses bare CR, bare LF and NUL rather than passing
   them to a lenient backend. tlsfront's Received header goes first.
-* `STARTTLS` (tlsfront's own) throws away every byte pipelined behind it
-  (THREATS rows 1-3), waits until every reply owed before it has gone out,
+* `STARTTLS` (tlsfront's own, `tlsfront.smtp.starttls`) throws away every
+  byte pipelined behind it, waits until every reply owed before it has gone out,
   then sets `phase` to `STARTTLS_READY`. The shell answers `220` through
   `starttls_accept()` (or `454` through `starttls_refuse()` when TLS cannot
   be had), and does the handshake. After TLS the shell builds a new
@@ -39,9 +41,11 @@ Three commands change how client bytes are read:
   survives.
 
 The backend on demand (`tlsfront.smtp.ondemand`): given the backend's
-face, the dialogue starts without a backend and answers what it can
-itself; the first command that needs the backend is held until one runs
-and has accepted the client's HELO or EHLO.
+face, the dialogue starts without a backend (`backend` is `ABSENT`) and
+answers the greeting, EHLO, HELO, NOOP, RSET and QUIT itself; the first
+command that needs the backend is held (`backend_wanted`) until one runs
+and has accepted the client's HELO or EHLO, or it gets the backend's
+refusal.
 
 tlsfront's own AUTH (`tlsfront.smtp.authexchange`) reads the client's
 response lines in `Phase.AUTH` and waits for the shell's verdict
@@ -57,16 +61,16 @@ EHLO, replayed to the new backend with its reply and greeting swallowed,
 and the client bytes read but not yet taken (commands pipelined behind the
 dot). RSET, MAIL and QUIT then work as after any refused message.
 
-Synchronization (`tlsfront.smtp.synchronization`): input pipelined where
+Synchronization (`tlsfront.smtp.synchronization`, its rules and their
+checks on this queue): input pipelined where
 RFC 2920 forbids it (behind DATA, BDAT or QUIT; any from a HELO client)
 gets `554 5.5.0` in the place of the reply to the command it broke and ends
 the session, unless the session is `trusted` or not `pipelining_strict`.
 
-The reply queue's entries are `tlsfront.smtp.pending.Pending`.
 The phases and the events that move between them are one table,
 `TRANSITIONS` in `tlsfront.smtp.phases`; every change of `phase` goes
-through `_move`, which refuses a move the table does not have. A phase change that the shell
-must act on is visible in `phase`, `client_wants_data`, `client_read_ahead`,
+through `_move`, which refuses a move the table does not have. A phase
+change that the shell must act on is visible in `phase`, `client_wants_data`, `client_read_ahead`,
 `waiting_for` and `backend_should_close`.
 """
 
@@ -79,7 +83,7 @@ from dataclasses import dataclass
 # reply type, so either side may be imported first.
 from tlsfront.auth import replies as auth_replies
 from tlsfront.auth import sasl
-from tlsfront.smtp import replies
+from tlsfront.smtp import backendside, replies, starttls, synchronization
 from tlsfront.smtp.authexchange import AuthExchange
 from tlsfront.smtp.body import BodyScanner
 from tlsfront.smtp.command import Command, parse_command, take_line
@@ -98,9 +102,9 @@ from tlsfront.smtp.phases import (
     Phase,
     Side,
 )
-from tlsfront.smtp.reply import Reply, rewrite_ehlo
+from tlsfront.smtp.reply import Reply
 from tlsfront.smtp.replyreader import ReplyReader
-from tlsfront.smtp.synchronization import GROUP_ENDERS, Discipline
+from tlsfront.smtp.synchronization import Discipline
 
 
 @dataclass(frozen=True)
@@ -112,18 +116,11 @@ class Carry:
     auth_user: str | None = None  # who logged in (tlsfront's own AUTH)
 
 
-# Keywords tlsfront never passes on from the backend's EHLO reply: STARTTLS
-# is tlsfront's own, and the others would let a client speak to the backend
-# in a way this dialogue does not follow (BDAT chunks) or could abuse
-# (XCLIENT/XFORWARD overwrite the client's identity at the backend).
-DROPPED_KEYWORDS = frozenset({"STARTTLS", "CHUNKING", "BINARYMIME", "XCLIENT", "XFORWARD"})
 REFUSED_VERBS = frozenset({"BDAT", "XCLIENT", "XFORWARD"})
 # How much a client may send behind DATA before the backend's reply: read
 # and held, it is the start of the body after a 354, a synchronization error
 # after anything else.
 DATA_WAIT_BUFFER = 65536
-# What a client may do before TLS on a port that requires it (RFC 3207 §4).
-ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
 _FORWARDED_KINDS = {
     "EHLO": Kind.EHLO,
     "HELO": Kind.HELO,
@@ -335,7 +332,7 @@ class Dialogue:
             return
         if self._desync:
             return  # refused already; nothing more is read
-        if self.phase is not Phase.BODY and self._arrived_early(data):
+        if self.phase is not Phase.BODY and synchronization.arrived_early(self, data):
             return
         if self.phase is Phase.BODY and not self._client_buffer:
             process_body(self, data)  # the bulk of a message: no copy into the buffer
@@ -345,31 +342,7 @@ class Dialogue:
 
     def receive_backend(self, data: bytes) -> None:
         """Bytes read from the backend; b"" when it closed its output."""
-        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._dropped is not None:
-            return  # the old backend is being shut down; nothing it says counts
-        if self.backend is BackendState.REFUSED:
-            return  # it refused the session and is being shut down
-        if not data:
-            self.backend_failed(Outcome.BACKEND_EXITED, "backend closed the connection")
-            return
-        try:
-            found = self._replies.feed(data)
-        except ProtocolError as exc:
-            self.backend_failed(Outcome.BACKEND_PROTOCOL, f"Backend failure: {exc.text}")
-            return
-        for reply in found:
-            self._on_backend_reply(reply)
-            if self.closing:
-                return
-        if self._replies.failure is not None:
-            self.backend_failed(
-                Outcome.BACKEND_PROTOCOL, f"Backend failure: {self._replies.failure.text}"
-            )
-            return
-        self._process_client()
-        if self._client_eof and self.phase is Phase.BODY:
-            # The client closed while DATA was pending and sent no end of data.
-            self._close(Outcome.CLIENT_LOST, "client closed the connection during DATA")
+        backendside.receive(self, data)
 
     def timeout(self, side: Side) -> None:
         """The shell's timer for `waiting_for` ran out."""
@@ -381,41 +354,7 @@ class Dialogue:
 
     def backend_failed(self, outcome: Outcome, why: str) -> None:
         """The backend died, hung or spoke nonsense: 4xx to the client, never 250."""
-        if self.phase in (Phase.CLOSING, Phase.HANDSHAKE) or self._backend_dead is not None:
-            return
-        if self.backend is BackendState.REFUSED:
-            return  # its refusal stands; it is being shut down
-        if self._dropped is not None:
-            return  # its input was closed on purpose: a fresh one comes (RESET)
-        self._backend_dead = Ending(outcome, why)
-        self.backend_should_close = True
-        self.stats.events.append(why)
-        if self.stats.ending is None:
-            self.stats.ending = self._backend_dead  # the cause, not the 4xx it becomes, for the log
-        if self.phase is Phase.BODY:
-            # The client is still sending the body and not reading: answer
-            # at its end of data, which _process_body waits for.
-            return
-        for p in self._pending:
-            if p.reply is None:
-                if p.kind is Kind.DOT:
-                    p.reply = replies.message_lost()
-                    self.stats.refused += 1
-                else:
-                    p.reply = replies.backend_gone(self.hostname, in_reply=True)
-                p.close_after = True
-                break
-        else:
-            if not self._pending:
-                self._pending.append(
-                    Pending(
-                        Kind.OTHER,
-                        reply=replies.backend_gone(self.hostname, in_reply=False),
-                        close_after=True,
-                    )
-                )
-        self._awaiting.clear()
-        self._deliver()
+        backendside.failed(self, outcome, why)
 
     # ------------------------------------------------------ backend on demand
 
@@ -447,20 +386,11 @@ class Dialogue:
 
     def starttls_accept(self) -> None:
         """Answer 220; the shell then sends it and does the handshake."""
-        if self.phase is not Phase.STARTTLS_READY:
-            raise replies.starttls_not_pending()
-        self._pending.pop(0)
-        self._to_client += replies.ready_for_tls().raw
-        self._move(Event.TLS_ACCEPTED)
-        self.backend_should_close = True
+        starttls.accept(self)
 
     def starttls_refuse(self, text: str = replies.TLS_UNAVAILABLE) -> None:
         """TLS cannot be had now (no certificate, a rate limit): 454, go on."""
-        if self.phase is not Phase.STARTTLS_READY:
-            raise replies.starttls_not_pending()
-        self._pending.pop(0)
-        self._to_client += replies.tls_unavailable(text).raw
-        self._move(Event.TLS_REFUSED)
+        starttls.refuse(self, text)
 
     # ---------------------------------------------------------------- shutdown
 
@@ -511,34 +441,6 @@ class Dialogue:
         entry.reply = reply
         entry.close_after = close
         self._pending.append(entry)
-
-    def _on_backend_reply(self, reply: Reply) -> None:
-        if not self._awaiting:
-            # Unsolicited (a backend's timeout notice before it exits): the
-            # backend's word, passed on as it is.
-            self._to_client += reply.raw
-            return
-        entry = self._awaiting.pop(0)
-        if entry.check:
-            self._demand.checked(entry, reply)
-            return
-        if entry.kind is Kind.EHLO:
-            reply = self._rewrite_ehlo(reply)
-        entry.reply = reply
-        self._deliver()
-
-    def _rewrite_ehlo(self, reply: Reply) -> Reply:
-        drop = set(DROPPED_KEYWORDS)
-        if self._auth or (self.require_tls and not self.tls_active):
-            drop.add("AUTH")  # tlsfront's own; no passwords in clear where TLS is required
-        add = []
-        if self._auth and self.tls_active:
-            add.append("AUTH " + " ".join(sasl.MECHANISMS))
-        if self._max_message_size:
-            add.append(f"SIZE {self._max_message_size}")
-        if self.tls_offered and not self.tls_active:
-            add.append("STARTTLS")
-        return rewrite_ehlo(reply, drop=drop, add=add)
 
     def _deliver(self) -> None:
         """Send every reply at the head of the queue that is there."""
@@ -639,10 +541,10 @@ class Dialogue:
             self._deliver()
             return
         why = self._sync.command(
-            command.verb, followed=bool(self._client_buffer), owed=self._owed()
+            command.verb, followed=bool(self._client_buffer), owed=synchronization.owed(self)
         )
         if why is not None:
-            self._out_of_sync(why, self._client_buffer)
+            synchronization.out_of_sync(self, why, self._client_buffer)
             self._answer(
                 Pending(Kind.OTHER, command, desync=True),
                 replies.synchronization_error(),
@@ -652,49 +554,13 @@ class Dialogue:
             self._command(command)
         self._deliver()
 
-    # ---------------------------------------------------------- synchronization
-
-    def _owed(self) -> bool:
-        """A reply to the client is still owed (not a swallowed one of a fresh backend)."""
-        return any(not p.swallow for p in self._pending)
-
-    def _arrived_early(self, data: bytes) -> bool:
-        """Client bytes outside the body: refused if a reply they should await is owed."""
-        if not self._owed():
-            return False
-        ender = verb = None
-        for p in self._pending:
-            if p.command is not None and p.command.verb in GROUP_ENDERS:
-                ender, verb = p, p.command.verb
-                break
-        why = self._sync.arrival(ender=verb, owed=True)
-        if why is None:
-            return False
-        self._out_of_sync(why, self._client_buffer + data)
-        if ender is not None:
-            ender.desync = ender.close_after = True  # its reply, when it comes, is replaced
-        else:
-            self._answer(
-                Pending(Kind.OTHER, desync=True), replies.synchronization_error(), close=True
-            )
-        self._deliver()
-        return True
-
-    def _out_of_sync(self, why: str, input: bytes | bytearray) -> None:
-        """Record a synchronization error; nothing more the client sent is read."""
-        self._desync = True
-        self.stats.events.append(f"{why}: {bytes(input[:40])!r}")
-        self._client_buffer.clear()
-        if self.stats.ending is None:
-            self.stats.ending = Ending(Outcome.PIPELINING, why)
-
     def _command(self, command: Command) -> None:
         verb = command.verb
         entry = Pending(Kind.OTHER, command)
-        if self.require_tls and not self.tls_active and verb not in ALLOWED_BEFORE_TLS:
+        if self.require_tls and not self.tls_active and verb not in starttls.ALLOWED_BEFORE_TLS:
             self._answer(entry, replies.starttls_first())
         elif verb == "STARTTLS":
-            self._starttls(entry, command)
+            starttls.starttls_read(self, entry, command)
         elif verb == "AUTH" and self._auth:
             self._authx.start(entry, command)
         elif verb == "MAIL" and self._require_auth and not (self.auth_user or self._authorized):
@@ -721,20 +587,3 @@ class Dialogue:
     def _too_big(self, command: Command) -> bool:
         size = command.size_param
         return bool(self._max_message_size and size is not None and size > self._max_message_size)
-
-    def _starttls(self, entry: Pending, command: Command) -> None:
-        if command.args:
-            self._answer(entry, replies.starttls_syntax())
-        elif self.tls_active:
-            self._answer(entry, replies.tls_already_active())
-        elif not self.tls_offered:
-            self._answer(entry, replies.not_implemented())
-        else:
-            entry.kind = Kind.STARTTLS
-            self._pending.append(entry)
-            discarded = len(self._client_buffer)
-            if discarded:
-                self.stats.discarded_after_starttls += discarded
-                self.stats.events.append(f"discarded {discarded} bytes pipelined after STARTTLS")
-            self._client_buffer.clear()
-            self._move(Event.STARTTLS_READ)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tlsfront.smtp import replies
+from tlsfront.smtp import replies, synchronization
 from tlsfront.smtp.body import BodyScanner
 from tlsfront.smtp.errors import RemoteProtocolError
 from tlsfront.smtp.outcome import Outcome
@@ -81,9 +81,9 @@ def process_body(d: Dialogue, data: bytes | None = None) -> None:
     d._body = None
     d._move(Event.BODY_END)
     d._client_buffer += result.rest
-    why = d._sync.command(".", followed=bool(d._client_buffer), owed=d._owed())
+    why = d._sync.command(".", followed=bool(d._client_buffer), owed=synchronization.owed(d))
     if why is not None:  # the dot is answered; what was pipelined behind it is not
-        d._out_of_sync(why, d._client_buffer)
+        synchronization.out_of_sync(d, why, d._client_buffer)
     if d._dropped is not None:  # answered now; a fresh backend next (RESET)
         dot = Pending(Kind.DOT, reply=d._dropped, reset_after=why is None)
         d._pending.append(dot)

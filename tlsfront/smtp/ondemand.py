@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tlsfront.smtp import replies
+from tlsfront.smtp import backendside, replies
 from tlsfront.smtp.command import Command
 from tlsfront.smtp.face import BackendFace
 from tlsfront.smtp.pending import Kind, Pending
@@ -113,7 +113,7 @@ class BackendOnDemand:
         verb = command.verb
         if verb == "EHLO":
             entry.kind = Kind.EHLO
-            d._answer(entry, d._rewrite_ehlo(self.face.ehlo))
+            d._answer(entry, backendside.advertised(d, self.face.ehlo))
         elif verb == "HELO":
             entry.kind = Kind.HELO
             d._answer(entry, self.face.helo)
