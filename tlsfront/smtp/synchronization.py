@@ -38,11 +38,22 @@ behind `STARTTLS` are thrown away, as before, not refused.
 
 `Discipline` holds the rule's state for one dialogue and answers whether an
 event breaks it; the dialogue sends the reply and ends the session.
+
+`Discipline` holds the rules; `owed`, `arrived_early` and `out_of_sync`
+apply them to one `Dialogue`'s reply queue.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tlsfront.smtp import replies
+from tlsfront.smtp.outcome import Ending, Outcome
+from tlsfront.smtp.pending import Kind, Pending
+
+if TYPE_CHECKING:
+    from tlsfront.smtp.dialogue import Dialogue
 
 # The commands that end a pipelined group (RFC 2920 §3; BDAT: RFC 3030).
 GROUP_ENDERS = frozenset({"DATA", "BDAT", "QUIT"})
@@ -95,3 +106,38 @@ class Discipline:
 
 
 __all__ = ["GROUP_ENDERS", "Discipline"]
+
+
+def owed(d: Dialogue) -> bool:
+    """A reply to the client is still owed (not a swallowed one of a fresh backend)."""
+    return any(not p.swallow for p in d._pending)
+
+
+def arrived_early(d: Dialogue, data: bytes) -> bool:
+    """Client bytes outside the body: refused if a reply they should await is owed."""
+    if not owed(d):
+        return False
+    ender = verb = None
+    for p in d._pending:
+        if p.command is not None and p.command.verb in GROUP_ENDERS:
+            ender, verb = p, p.command.verb
+            break
+    why = d._sync.arrival(ender=verb, owed=True)
+    if why is None:
+        return False
+    out_of_sync(d, why, d._client_buffer + data)
+    if ender is not None:
+        ender.desync = ender.close_after = True  # its reply, when it comes, is replaced
+    else:
+        d._answer(Pending(Kind.OTHER, desync=True), replies.synchronization_error(), close=True)
+    d._deliver()
+    return True
+
+
+def out_of_sync(d: Dialogue, why: str, input: bytes | bytearray) -> None:
+    """Record a synchronization error; nothing more the client sent is read."""
+    d._desync = True
+    d.stats.events.append(f"{why}: {bytes(input[:40])!r}")
+    d._client_buffer.clear()
+    if d.stats.ending is None:
+        d.stats.ending = Ending(Outcome.PIPELINING, why)
