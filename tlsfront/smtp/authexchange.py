@@ -36,14 +36,12 @@ if TYPE_CHECKING:
 class AuthExchange:
     """The AUTH exchange in progress, if any, of one dialogue (see module doc)."""
 
-    def __init__(self, dialogue: Dialogue) -> None:
-        self._d = dialogue
+    def __init__(self) -> None:
         self._server: sasl.ServerAuth | None = None  # an exchange in progress
         self._entry: Pending | None = None
         self.due: sasl.Credentials | sasl.Refused | None = None  # the shell must conclude it
 
-    def start(self, entry: Pending, command: Command) -> None:
-        d = self._d
+    def start(self, d: Dialogue, entry: Pending, command: Command) -> None:
         entry.kind = Kind.AUTH
         if not d.tls_active:
             d._answer(entry, auth_replies.STARTTLS_FIRST)
@@ -54,10 +52,9 @@ class AuthExchange:
         else:
             self._server = sasl.ServerAuth(command.args.decode("utf-8", "replace"))
             d._move(Event.AUTH_READ)
-            self._step(entry, self._server.start())
+            self._step(d, entry, self._server.start())
 
-    def _step(self, entry: Pending, step: sasl.Step) -> None:
-        d = self._d
+    def _step(self, d: Dialogue, entry: Pending, step: sasl.Step) -> None:
         if isinstance(step, sasl.Challenge):
             d._answer(entry, step.reply)  # a 334; the next line is the response
             self._entry = Pending(Kind.AUTH)
@@ -66,34 +63,32 @@ class AuthExchange:
         self._entry = entry
         self.due = step
 
-    def line(self) -> bool:
+    def line(self, d: Dialogue) -> bool:
         """One response line of the exchange; False until a whole line is there."""
-        d = self._d
         buffer = d._client_buffer
         end = buffer.find(b"\n", 0, sasl.MAX_LINE)
         if end < 0:
             if len(buffer) >= sasl.MAX_LINE:
                 buffer.clear()
-                self._conclude(auth_replies.LINE_TOO_LONG)
+                self._conclude(d, auth_replies.LINE_TOO_LONG)
             return False
         line = bytes(buffer[: end + 1])
         del buffer[: end + 1]
         entry, exchange = self._entry, self._server
         assert entry is not None
         assert exchange is not None
-        self._step(entry, exchange.receive(line.rstrip(b"\r\n")))
+        self._step(d, entry, exchange.receive(line.rstrip(b"\r\n")))
         d._deliver()
         return True
 
-    def concluded(self, reply: Reply, user: str | None, close: bool) -> None:
+    def concluded(self, d: Dialogue, reply: Reply, user: str | None, close: bool) -> None:
         """The shell's verdict on `due`."""
         self.due = None
         if user is not None:
-            self._d.auth_user = user
-        self._conclude(reply, close)
+            d.auth_user = user
+        self._conclude(d, reply, close)
 
-    def _conclude(self, reply: Reply, close: bool = False) -> None:
-        d = self._d
+    def _conclude(self, d: Dialogue, reply: Reply, close: bool = False) -> None:
         entry = self._entry
         assert entry is not None
         if entry not in d._pending:

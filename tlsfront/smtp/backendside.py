@@ -112,7 +112,7 @@ def on_reply(d: Dialogue, reply: Reply) -> None:
         return
     entry = d._awaiting.pop(0)
     if entry.check:
-        d._demand.checked(entry, reply)
+        d._demand.checked(d, entry, reply)
         return
     if entry.kind is Kind.EHLO:
         reply = advertised(d, reply)

@@ -192,18 +192,18 @@ class Dialogue:
         self._dropped: Reply | None = None  # the 552 owed for a message refused mid-body
         self._hello: Command | None = None  # the client's last accepted HELO/EHLO
         self.backend_should_close = False
-        self._ondemand = None if face is None else BackendOnDemand(self, face)
+        self._ondemand = None if face is None else BackendOnDemand(face)
         self.backend_ehlo: Reply | None = None  # its reply to the client's EHLO, on demand
         hello = carry.hello if carry is not None else None
         self._auth = auth
         self._require_auth = require_auth
         self._authorized = authorized
         self.auth_user = carry.auth_user if carry is not None else None
-        self._sync = Discipline(strict=pipelining_strict, trusted=lambda: self.trusted)
+        self._sync = Discipline(strict=pipelining_strict)
         self._desync = False
         if hello is not None:
             self._sync.command(hello.verb, followed=False, owed=False)  # a HELO client or not
-        self._authx = AuthExchange(self)
+        self._authx = AuthExchange()
         self._in_transaction = False
         if face is None:
             self.backend = BackendState.READY
@@ -360,11 +360,11 @@ class Dialogue:
 
     def backend_started(self) -> None:
         """The shell started the backend that `backend_wanted` asked for."""
-        self._demand.started()
+        self._demand.started(self)
 
     def backend_unavailable(self) -> None:
         """The backend could not be started: 421 to the held command, and close."""
-        self._demand.unavailable()
+        self._demand.unavailable(self)
 
     @property
     def _demand(self) -> BackendOnDemand:
@@ -380,7 +380,7 @@ class Dialogue:
 
     def auth_concluded(self, reply: Reply, user: str | None, close: bool) -> None:
         """The shell's verdict on `auth_due` (`AuthGate.conclude`)."""
-        self._authx.concluded(reply, user, close)
+        self._authx.concluded(self, reply, user, close)
 
     # ---------------------------------------------------------------- STARTTLS
 
@@ -501,7 +501,7 @@ class Dialogue:
     def _process_client(self) -> None:
         while self._client_buffer and self.phase in (Phase.COMMAND, Phase.BODY, Phase.AUTH):
             if self.phase is Phase.AUTH:
-                if self.auth_due is not None or not self._authx.line():
+                if self.auth_due is not None or not self._authx.line(self):
                     return
                 continue
             if self.backend in (BackendState.WANTED, BackendState.CHECKING):
@@ -541,7 +541,10 @@ class Dialogue:
             self._deliver()
             return
         why = self._sync.command(
-            command.verb, followed=bool(self._client_buffer), owed=synchronization.owed(self)
+            command.verb,
+            followed=bool(self._client_buffer),
+            owed=synchronization.owed(self),
+            trusted=self.trusted,
         )
         if why is not None:
             synchronization.out_of_sync(self, why, self._client_buffer)
@@ -562,7 +565,7 @@ class Dialogue:
         elif verb == "STARTTLS":
             starttls.starttls_read(self, entry, command)
         elif verb == "AUTH" and self._auth:
-            self._authx.start(entry, command)
+            self._authx.start(self, entry, command)
         elif verb == "MAIL" and self._require_auth and not (self.auth_user or self._authorized):
             self._answer(entry, auth_replies.REQUIRED)
         elif verb in REFUSED_VERBS:
@@ -570,7 +573,7 @@ class Dialogue:
         elif verb == "MAIL" and self._too_big(command):
             self._answer(entry, replies.size_exceeded())
         elif self.backend is not BackendState.READY and verb in OWNED_VERBS:
-            self._demand.answer(entry, command)
+            self._demand.answer(self, entry, command)
         elif self.backend is BackendState.REFUSED:
             refusal = self._demand.refusal
             assert refusal is not None
@@ -578,7 +581,7 @@ class Dialogue:
         else:
             entry.kind = _FORWARDED_KINDS.get(verb, Kind.OTHER)
             if self.backend is BackendState.ABSENT:
-                self._demand.hold(entry)
+                self._demand.hold(self, entry)
                 return
             self._forward(entry)
             if entry.kind is Kind.DATA:

@@ -81,7 +81,9 @@ def process_body(d: Dialogue, data: bytes | None = None) -> None:
     d._body = None
     d._move(Event.BODY_END)
     d._client_buffer += result.rest
-    why = d._sync.command(".", followed=bool(d._client_buffer), owed=synchronization.owed(d))
+    why = d._sync.command(
+        ".", followed=bool(d._client_buffer), owed=synchronization.owed(d), trusted=d.trusted
+    )
     if why is not None:  # the dot is answered; what was pipelined behind it is not
         synchronization.out_of_sync(d, why, d._client_buffer)
     if d._dropped is not None:  # answered now; a fresh backend next (RESET)

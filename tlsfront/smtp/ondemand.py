@@ -16,7 +16,9 @@ needs the backend, gets that very reply, and a 421 closes the session; no
 command ever reaches a refusing backend.
 
 `BackendOnDemand` holds that state for one `Dialogue` and works on its
-reply queue; it does no I/O.
+reply queue, which each method is given (it keeps no reference to the
+dialogue, so a finished session is freed by reference counting alone, with
+no cycle for the garbage collector to find); it does no I/O.
 """
 
 from __future__ import annotations
@@ -40,28 +42,24 @@ OWNED_VERBS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT"})
 class BackendOnDemand:
     """The held command, and the backend's refusal, of one dialogue (see module doc)."""
 
-    def __init__(self, dialogue: Dialogue, face: BackendFace) -> None:
-        self._d = dialogue
+    def __init__(self, face: BackendFace) -> None:
         self.face = face
         self.held: Pending | None = None  # the command that wants the backend
         self.refusal: Reply | None = None
 
-    def hold(self, entry: Pending) -> None:
+    def hold(self, d: Dialogue, entry: Pending) -> None:
         """The first command that needs the backend: answered once it runs."""
-        d = self._d
         d._pending.append(entry)
         self.held = entry
         d._backend_move(BackendEvent.NEEDED)
 
-    def started(self) -> None:
-        d = self._d
+    def started(self, d: Dialogue) -> None:
         if d.backend is not BackendState.WANTED:
             raise replies.no_backend_wanted()
         d._backend_move(BackendEvent.STARTED)
         d._awaiting.append(Pending(Kind.GREETING, swallow=True, check=True))
 
-    def unavailable(self) -> None:
-        d = self._d
+    def unavailable(self, d: Dialogue) -> None:
         held = self.held
         if d.backend is not BackendState.WANTED or held is None:
             raise replies.no_backend_wanted()
@@ -71,11 +69,10 @@ class BackendOnDemand:
         held.close_after = True
         d._deliver()
 
-    def checked(self, entry: Pending, reply: Reply) -> None:
+    def checked(self, d: Dialogue, entry: Pending, reply: Reply) -> None:
         """The backend's greeting or HELO reply, on demand: go on, or refuse."""
-        d = self._d
         if not 200 <= reply.code < 300:
-            self._refuse(reply)
+            self._refuse(d, reply)
             return
         hello = d._hello
         if entry.kind is Kind.GREETING and hello is not None:
@@ -92,9 +89,8 @@ class BackendOnDemand:
         if held.kind is Kind.DATA:
             d._move(Event.DATA_SENT)
 
-    def _refuse(self, reply: Reply) -> None:
+    def _refuse(self, d: Dialogue, reply: Reply) -> None:
         """The backend refused the session: its reply answers the held command."""
-        d = self._d
         held = self.held
         assert held is not None
         self.held = None
@@ -107,9 +103,8 @@ class BackendOnDemand:
         held.reply = reply
         d._deliver()
 
-    def answer(self, entry: Pending, command: Command) -> None:
+    def answer(self, d: Dialogue, entry: Pending, command: Command) -> None:
         """A command tlsfront answers itself while no backend runs."""
-        d = self._d
         verb = command.verb
         if verb == "EHLO":
             entry.kind = Kind.EHLO

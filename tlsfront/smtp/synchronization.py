@@ -45,7 +45,6 @@ apply them to one `Dialogue`'s reply queue.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tlsfront.smtp import replies
@@ -62,26 +61,25 @@ GROUP_ENDERS = frozenset({"DATA", "BDAT", "QUIT"})
 class Discipline:
     """Whether client input breaks command synchronization (see module doc)."""
 
-    def __init__(self, *, strict: bool = True, trusted: Callable[[], bool] = bool) -> None:
+    def __init__(self, *, strict: bool = True) -> None:
         self.strict = strict
-        self._trusted = trusted  # logged in, or relaying by certificate, as of now
         self.helo_client = False  # the last greeting command was HELO
 
-    @property
-    def enforced(self) -> bool:
-        return self.strict and not self._trusted()
-
-    def command(self, verb: str, *, followed: bool, owed: bool) -> str | None:
+    def command(
+        self, verb: str, *, followed: bool, owed: bool, trusted: bool = False
+    ) -> str | None:
         """A command line taken (`verb` "." for the end of a message).
 
         `followed`: bytes wait behind it; `owed`: a reply to an earlier
-        command is still owed. Returns why it breaks the rule, or None.
+        command is still owed; `trusted`: the client is logged in, or relays
+        by its certificate (the rule is not enforced on it). Returns why it
+        breaks the rule, or None.
         """
         if verb == "HELO":
             self.helo_client = True
         elif verb == "EHLO":
             self.helo_client = False
-        if not self.enforced:
+        if trusted or not self.strict:
             return None
         if followed and verb in GROUP_ENDERS:
             return f"improper command pipelining after {verb}"
@@ -90,13 +88,13 @@ class Discipline:
             return f"improper command pipelining after {name} by a HELO client"
         return None
 
-    def arrival(self, *, ender: str | None, owed: bool) -> str | None:
+    def arrival(self, *, ender: str | None, owed: bool, trusted: bool = False) -> str | None:
         """Client bytes received outside the body.
 
         `ender`: the group-ending command whose reply is still owed, if any;
         `owed`: any reply is still owed. Returns why it breaks the rule.
         """
-        if not self.enforced:
+        if trusted or not self.strict:
             return None
         if ender is not None:
             return f"improper command pipelining after {ender}"
@@ -122,7 +120,7 @@ def arrived_early(d: Dialogue, data: bytes) -> bool:
         if p.command is not None and p.command.verb in GROUP_ENDERS:
             ender, verb = p, p.command.verb
             break
-    why = d._sync.arrival(ender=verb, owed=True)
+    why = d._sync.arrival(ender=verb, owed=True, trusted=d.trusted)
     if why is None:
         return False
     out_of_sync(d, why, d._client_buffer + data)

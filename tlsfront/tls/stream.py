@@ -265,7 +265,9 @@ class TLSStream(trio.abc.Stream):
         self._notes = notes
         self._state = StreamState.HANDSHAKE
         self._handshake_lock: trio.Lock | None = trio.Lock()  # dropped once the handshake is done
-        self._handshake_failed: TLSHandshakeError | None = None
+        # why it failed, kept without the exception (whose traceback would tie
+        # this stream into a reference cycle through its own frames)
+        self._handshake_failed: tuple[HandshakeFailure, str | None] | None = None
         self._info: TLSInfo | None = None  # made when the handshake completes
         self._outgoing: list[bytes] = []
         self._flushing = False  # a task is sending the outgoing queue
@@ -377,19 +379,18 @@ class TLSStream(trio.abc.Stream):
             if self._info is not None:
                 return
             if self._handshake_failed is not None:
-                failed = self._handshake_failed
-                raise TLSHandshakeError(failed.kind, failed.detail)
+                raise TLSHandshakeError(*self._handshake_failed)
             if self._state is StreamState.CLOSED:
                 raise trio.ClosedResourceError("TLS stream was closed")
             try:
                 await self._handshake()
             except TLSHandshakeError as exc:
-                self._handshake_failed = exc
+                self._handshake_failed = (exc.kind, exc.detail)
                 self._on(_Event.HANDSHAKE_FAILED)
                 raise
             except trio.BrokenResourceError as exc:
                 error = TLSHandshakeError(_F.CONNECTION_LOST, str(exc) or None)
-                self._handshake_failed = error
+                self._handshake_failed = (error.kind, error.detail)
                 self._on(_Event.HANDSHAKE_FAILED)
                 raise error from exc
             self._info = self._make_info()
