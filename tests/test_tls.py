@@ -139,12 +139,14 @@ class OneByteAtATime(trio.abc.Stream):
         self.inner = inner
         self.one = one
         self.asked: list[int | None] = []
+        self.sent: list[bytes] = []
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         self.asked.append(max_bytes)
         return bytes(await self.inner.receive_some(1 if self.one else max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent.append(bytes(data))
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -380,6 +382,7 @@ async def test_tls13_info(ca: trustme.CA, creds: ServerCredentials) -> None:
 
 
 async def test_tls12_client(ca: trustme.CA, creds: ServerCredentials) -> None:
+    # the client waits for the server's Finished: it is sent at once, not with data
     server = ServerTLS(TLSSettings(credentials=(creds,)))
     cctx = client_context(ca, max_version=ssl.TLSVersion.TLSv1_2)
     stream, client, error = await handshake(server, cctx)
@@ -389,6 +392,28 @@ async def test_tls12_client(ca: trustme.CA, creds: ServerCredentials) -> None:
     assert info.cipher.startswith("ECDHE-ECDSA-")
     assert "GCM" in info.cipher or "CHACHA20" in info.cipher
     assert info.cipher == client.cipher()[0]
+
+
+async def test_tls13_tickets_leave_with_the_first_reply(
+    ca: trustme.CA, creds: ServerCredentials
+) -> None:
+    """TLS 1.3: the server's flight, then its session tickets with its first reply, in
+    one send (as for implicit TLS's greeting; a command that comes with the client's
+    Finished is answered the same way)."""
+    client_transport, server_transport = trio.testing.memory_stream_pair()
+    recorder = OneByteAtATime(server_transport, one=False)
+    stream = ServerTLS(TLSSettings(credentials=(creds,))).wrap(recorder)
+    client = trio.SSLStream(client_transport, client_context(ca), server_hostname="localhost")
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.do_handshake)
+            await client.do_handshake()
+        assert stream.info().version == "TLSv1.3"
+        assert len(recorder.sent) == 1  # ServerHello ... Finished; no tickets yet
+        await stream.send_all(b"220 mx.example ESMTP\r\n")
+        assert await client.receive_some() == b"220 mx.example ESMTP\r\n"
+    assert len(recorder.sent) == 2
+    assert len(recorder.sent[1]) > 200  # the tickets (hundreds of bytes) with the greeting
 
 
 def legacy_client(ca: trustme.CA, version: ssl.TLSVersion) -> ssl.SSLContext:

@@ -138,6 +138,7 @@ class TLSInfo:
 
 # OpenSSL reason text -> our short reason
 _F = HandshakeFailure
+_TLS1_3 = 0x0304  # the protocol version number of TLS 1.3 (RFC 8446)
 _HANDSHAKE_REASONS = (
     ("wrong version number", _F.NOT_TLS),
     ("http request", _F.NOT_TLS),
@@ -417,7 +418,12 @@ class TLSStream(trio.abc.Stream):
                     await self._flush()
                 raise error from None
             break
-        await self._flush()  # our Finished / TLS 1.3 session tickets
+        if conn.get_protocol_version() < _TLS1_3:
+            await self._flush()  # our Finished: the client waits for it
+        # TLS 1.3's session tickets wait for the next send, or go out before
+        # the next wait for the peer (`receive_some`), whichever comes first:
+        # the client's first command usually comes with its Finished, so
+        # the tickets leave with the reply to it, in one send instead of two.
 
     async def _ensure_handshake(self) -> None:
         try:
