@@ -260,7 +260,7 @@ def _openssl_error(text: str) -> SSL.Error:
 
 @given(st.text(min_size=1))
 def test_any_openssl_error_text_yields_a_bounded_label(text: str) -> None:
-    error = _handshake_error(_openssl_error(text), HandshakeNotes(True))
+    error = _handshake_error(_openssl_error(text), HandshakeNotes())
     assert error.kind in HandshakeFailure
     r = record()
     r.tls_failure = error.kind
@@ -270,10 +270,10 @@ def test_any_openssl_error_text_yields_a_bounded_label(text: str) -> None:
 
 def test_an_unknown_openssl_error_keeps_its_words_for_the_log_only() -> None:
     text = "a failure no release of OpenSSL has named yet"
-    error = _handshake_error(_openssl_error(text), HandshakeNotes(True))
+    error = _handshake_error(_openssl_error(text), HandshakeNotes())
     assert error.kind is HandshakeFailure.OTHER
     assert (error.reason, str(error)) == (text, text)  # the log's words
-    known = _handshake_error(_openssl_error("no shared cipher"), HandshakeNotes(True))
+    known = _handshake_error(_openssl_error("no shared cipher"), HandshakeNotes())
     assert (known.kind, known.reason) == (HandshakeFailure.NO_SHARED_CIPHER, "no shared cipher")
 
     profile = "unknown-openssl-error"

@@ -90,7 +90,6 @@ _VERSIONS = {
 # pyOpenSSL's contexts allow SSL_write to return after one record; not
 # exported by name (the value is fixed by OpenSSL's API).
 _MODE_ENABLE_PARTIAL_WRITE = 0x1
-_FULL_HANDSHAKE_STATE = b"SSLv3/TLS write certificate"
 
 
 @dataclass(frozen=True)
@@ -173,11 +172,6 @@ def _notes(conn: SSL.Connection) -> HandshakeNotes:
     data = conn.get_app_data()
     assert isinstance(data, HandshakeNotes)
     return data
-
-
-def _info_callback(conn: SSL.Connection, where: int, ret: int) -> None:
-    if where & SSL.SSL_CB_LOOP and conn.get_state_string() == _FULL_HANDSHAKE_STATE:
-        _notes(conn).full_handshake = True
 
 
 def _make_verify_callback(
@@ -266,8 +260,6 @@ class ServerTLS:
     def __init__(self, settings: TLSSettings) -> None:
         self.settings = settings
         self._context = self._build(settings)
-        # Profiles that ask for a certificate never resume (see _build).
-        self._always_full = settings.client_cert != "none"
         self._by_name: dict[str, SSL.Context] = {}
         for name, credentials in settings.by_name.items():
             try:
@@ -348,9 +340,6 @@ class ServerTLS:
         if asks_cert:
             _configure_client_auth(ctx, settings)
         ctx.set_session_id(_session_id_context(settings))
-        if not asks_cert:
-            # ~20 calls into Python per handshake: only where it can resume.
-            ctx.set_info_callback(_info_callback)
         # Free a connection's read and write buffers (about 34 KB) while it
         # idles: most of a mail server's connections wait for the next command.
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
@@ -362,7 +351,7 @@ class ServerTLS:
     def wrap(self, transport: trio.abc.Stream) -> TLSStream:
         conn = SSL.Connection(self._context, None)
         conn.set_accept_state()
-        notes = HandshakeNotes(full_handshake=self._always_full)
+        notes = HandshakeNotes()
         if self._by_name:
             notes.cert_name = DEFAULT  # until the server-name callback chooses
         conn.set_app_data(notes)

@@ -70,6 +70,7 @@ from dataclasses import dataclass
 import trio
 from cryptography import x509
 from OpenSSL import SSL
+from OpenSSL._util import lib as _openssl
 
 from tlsfront.net.conflict import ConflictDetector
 
@@ -138,6 +139,10 @@ class TLSInfo:
 
 # OpenSSL reason text -> our short reason
 _F = HandshakeFailure
+# Whether the handshake resumed a session: one call after it, where an info
+# callback (pyOpenSSL has no method for this) cost ~20 calls into Python per
+# handshake. The binding is cryptography's own, which pyOpenSSL exposes.
+_session_reused = _openssl.SSL_session_reused
 _TLS1_3 = 0x0304  # the protocol version number of TLS 1.3 (RFC 8446)
 _HANDSHAKE_REASONS = (
     ("wrong version number", _F.NOT_TLS),
@@ -174,13 +179,12 @@ def _handshake_error(exc: SSL.Error, notes: HandshakeNotes) -> TLSHandshakeError
 class HandshakeNotes:
     """Per-connection notes the OpenSSL callbacks take during the handshake."""
 
-    __slots__ = ("cert_name", "full_handshake", "verify_called", "verify_error")
+    __slots__ = ("cert_name", "verify_called", "verify_error")
 
-    def __init__(self, full_handshake: bool) -> None:
+    def __init__(self) -> None:
         self.cert_name: str | None = None  # the server-name entry chosen, if the profile has any
         self.verify_called = False
         self.verify_error: str | None = None
-        self.full_handshake = full_handshake
 
 
 # ----------------------------------------------------------------------------
@@ -442,7 +446,7 @@ class TLSStream(trio.abc.Stream):
         notes = self._notes
         cipher = conn.get_cipher_name() or ""
         bits = conn.get_cipher_bits() or 0
-        resumed = not notes.full_handshake
+        resumed = bool(_session_reused(conn._ssl))
         unparsable = False
         try:
             peer = conn.get_peer_certificate(as_cryptography=True)
