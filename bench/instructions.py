@@ -37,6 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import objects
 from bench.loadgen import Spec
 from bench.targets import HERE, Sink, Target, start_nginx, start_sink, start_tlsfront, versions
 from tlsfront.tls.certs import make_self_signed
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     modes = [m for m in args.modes.split(",") if m]
     rows: list[tuple[str, str, float, int]] = []
+    parts: dict[tuple[str, str], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="tlsfront-instr-") as tmp:
         directory = Path(tmp)
         cert, key = directory / "cert.pem", directory / "key.pem"
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.concurrency,
                         )
                         rows.append((name, mode, per_session, sessions))
+                        parts[name, mode] = objects.breakdown(out, sessions + args.concurrency / 2)
                         mb = args.size * args.messages / 1e6
                         print(
                             f"{name:9} {mode:9} {per_session / 1e6:6.2f} M instructions/session "
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                     target.stop()
         finally:
             sink.proc.stop()
-    report = markdown(rows)
+    report = markdown(rows) + "\n" + "\n".join(objects.markdown(parts))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "instructions.md").write_text(report)
     print(report)
