@@ -190,6 +190,7 @@ class Dialogue:
         self._body: BodyScanner | None = None
         self._backend_dead: Ending | None = None
         self._dropped: Reply | None = None  # the 552 owed for a message refused mid-body
+        self._trace_header = b""  # the Received header, sent with the body's first bytes
         self._hello: Command | None = None  # the client's last accepted HELO/EHLO
         self.backend_should_close = False
         self._ondemand = None if face is None else BackendOnDemand(face)

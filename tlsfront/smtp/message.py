@@ -5,7 +5,9 @@ client bytes already waiting behind DATA is a synchronization error, since
 reading a body as commands would run it. In the body, `BodyScanner` finds
 the one true end (CRLF.CRLF) and refuses bare CR, bare LF and NUL rather
 than passing them to a lenient backend; tlsfront's Received header is
-written to the backend before the body.
+written to the backend before the body, with its first bytes (one write
+to the backend where it would otherwise take two, since the client sends
+the body only after the 354 has reached it).
 
 A message over `max_message_size` is refused without ending the session:
 the backend's input is closed at once without an end of data, the rest of
@@ -40,7 +42,7 @@ def after_data(d: Dialogue, reply: Reply) -> None:
         d._move(Event.GO_AHEAD)
         d._body = BodyScanner(d._max_text_line, d._max_message_size)
         if d._received is not None:
-            d._send_backend(d._received(d.stats.helo, d._esmtp))
+            d._trace_header = d._received(d.stats.helo, d._esmtp)
         return
     d._move(Event.DATA_REFUSED)
     if d._client_buffer:
@@ -74,7 +76,10 @@ def process_body(d: Dialogue, data: bytes | None = None) -> None:
             d._close(Outcome.PROTOCOL_ERROR, exc.text)
             return
     d.stats.body_bytes += len(result.forward)
-    if d._backend_dead is None:
+    if d._backend_dead is None and (result.forward or result.done):
+        if d._trace_header:
+            d._send_backend(d._trace_header)
+            d._trace_header = b""
         d._send_backend(result.forward)
     if not result.done:
         return
