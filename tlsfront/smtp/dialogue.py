@@ -134,6 +134,48 @@ _FORWARDED_KINDS = {
 class Dialogue:
     """One client talking to one backend through tlsfront (see module doc)."""
 
+    # One per session, held for as long as it lasts: no per-instance dict
+    # (about 1 kB less per idle session).
+    __slots__ = (
+        "_auth",
+        "_authorized",
+        "_authx",
+        "_awaiting",
+        "_backend_dead",
+        "_body",
+        "_client_buffer",
+        "_client_eof",
+        "_desync",
+        "_dropped",
+        "_esmtp",
+        "_hello",
+        "_in_transaction",
+        "_max_command_line",
+        "_max_message_size",
+        "_max_pipeline",
+        "_max_text_line",
+        "_ondemand",
+        "_pending",
+        "_received",
+        "_replies",
+        "_require_auth",
+        "_sync",
+        "_to_backend",
+        "_to_backend_size",
+        "_to_client",
+        "_trace_header",
+        "auth_user",
+        "backend",
+        "backend_ehlo",
+        "backend_should_close",
+        "hostname",
+        "phase",
+        "require_tls",
+        "stats",
+        "tls_active",
+        "tls_offered",
+    )
+
     def __init__(
         self,
         *,
