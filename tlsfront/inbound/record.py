@@ -95,7 +95,7 @@ def handshake_label(failure: HandshakeFailure) -> str:
     return failure.value
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionRecord:
     """What the end-of-session log line reports, and the counters count."""
 

@@ -143,7 +143,7 @@ CRL_FAULTS = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RelayDecision:
     relay: bool
     status: str  # Anonymous, Untrusted, Trusted or Verified (see the module doc)

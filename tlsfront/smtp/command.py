@@ -14,7 +14,7 @@ from tlsfront.smtp.replies import bad_characters, bad_path, line_too_long
 _SIZE_PARAM = re.compile(rb"(?:^|\s)SIZE=(\d{1,20})(?:\s|$)", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Command:
     """One command line. `verb` is upper-cased; `raw` keeps the exact bytes."""
 

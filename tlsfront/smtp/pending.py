@@ -31,7 +31,7 @@ class Kind(enum.Enum):
     OTHER = enum.auto()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Pending:
     kind: Kind
     command: Command | None = None
@@ -43,7 +43,7 @@ class Pending:
     reset_after: bool = False  # the 552 of a dropped message: a fresh backend next
 
 
-@dataclass
+@dataclass(slots=True)
 class DialogueStats:
     commands: int = 0  # command lines read from the client
     messages: int = 0  # messages the backend accepted (2xx after the dot)

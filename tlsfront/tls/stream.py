@@ -122,7 +122,7 @@ class TLSHandshakeError(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TLSInfo:
     version: str  # "TLSv1.3"
     cipher: str  # OpenSSL name, e.g. "TLS_AES_256_GCM_SHA384"
