@@ -36,7 +36,7 @@ async def test_the_program_gets_its_three_descriptors_and_no_other(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A descriptor tlsfront inherited open across exec is closed by the first start."""
-    monkeypatch.setattr(spawn, "_sealed_in", None)  # as in a fresh process
+    monkeypatch.setattr(spawn, "_sealed", False)  # as in a fresh process
     kept_read, kept_write = os.pipe()
     os.set_inheritable(kept_write, True)  # what a careless parent might leave us
     script = (

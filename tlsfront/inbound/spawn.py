@@ -188,13 +188,21 @@ def find_program(name: str, env: Mapping[str, str]) -> str:
     raise OSError(code, os.strerror(code), name)
 
 
-_sealed_in: int | None = None  # the pid that sealed its descriptors
+_sealed = False  # whether this process has sealed its descriptors
+
+
+def _forget_seal() -> None:
+    global _sealed
+    _sealed = False
+
+
+os.register_at_fork(after_in_child=_forget_seal)  # a worker looks at its own once
 
 
 def seal_descriptors() -> None:
     """Make every descriptor above 2 close-on-exec, once per process (module doc)."""
-    global _sealed_in
-    if _sealed_in == os.getpid():
+    global _sealed
+    if _sealed:
         return
     try:
         fds = [int(entry) for entry in os.listdir("/proc/self/fd")]
@@ -204,7 +212,7 @@ def seal_descriptors() -> None:
         if fd > 2:
             with contextlib.suppress(OSError):  # the listing's own descriptor, gone by now
                 os.set_inheritable(fd, False)
-    _sealed_in = os.getpid()
+    _sealed = True
 
 
 def runs_as(account: Account) -> bool:
