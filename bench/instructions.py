@@ -3,6 +3,7 @@
     python -m bench.instructions [--modes starttls,implicit] [--seconds 10] [--out DIR]
                                  [--size BYTES] [--messages N] [--targets tlsfront,nginx]
                                  [--concurrency N]
+                                 [--backend tcp|exec]
 
 CPU time per session is what the targets are judged by, but on a small or
 shared machine it moves by tens of percent from one run to the next.
@@ -17,6 +18,12 @@ Instructions / sessions is the figure (the sessions in flight at the end are
 counted as half each). Above concurrency 1 the count includes what grows
 with the number of sessions held at once: the garbage collector's passes
 over them, and fewer scheduler passes per session as events come in batches.
+
+`--backend exec` runs tlsfront alone with the exec backend
+(`perl bench/smtpd.pl`, a process per session with mail) instead of the
+TCP sink: the programs run outside callgrind, so the count is what
+tlsfront itself pays per session for starting, feeding and reaping one
+(mode `plain` too, without TLS).
 
 What it does not see: the kernel's work (system calls, TCP on loopback),
 which is a larger share of nginx's time than of tlsfront's, so the ratio
@@ -39,7 +46,16 @@ from pathlib import Path
 
 from bench import objects
 from bench.loadgen import Spec
-from bench.targets import HERE, Sink, Target, start_nginx, start_sink, start_tlsfront, versions
+from bench.targets import (
+    HERE,
+    SMTPD,
+    Sink,
+    Target,
+    start_nginx,
+    start_sink,
+    start_tlsfront,
+    versions,
+)
 from tlsfront.tls.certs import make_self_signed
 
 CALLGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
@@ -115,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=1, help="messages per session")
     parser.add_argument("--targets", default="tlsfront,nginx")
     parser.add_argument("--concurrency", type=int, default=1, help="sessions at once")
+    parser.add_argument(
+        "--backend",
+        choices=("tcp", "exec"),
+        default="tcp",
+        help="tlsfront's backend: the TCP sink, or perl bench/smtpd.pl per session (tlsfront only)",
+    )
     args = parser.parse_args(argv)
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
@@ -129,11 +151,24 @@ def main(argv: list[str] | None = None) -> int:
         cpus = os.sched_getaffinity(0)  # counts do not depend on where it runs
         sink: Sink = start_sink(directory, cpus)
         try:
-            for name in [t for t in args.targets.split(",") if t in ("tlsfront", "nginx")]:
+            names = [t for t in args.targets.split(",") if t in ("tlsfront", "nginx")]
+            if args.backend == "exec":
+                names = [t for t in names if t == "tlsfront"]
+            for name in names:
                 out = directory / f"{name}.callgrind"
                 wrap = [*CALLGRIND, f"--callgrind-out-file={out}"]
-                if name == "tlsfront":
+                if name == "tlsfront" and args.backend == "exec":
                     target: Target | None = start_tlsfront(
+                        directory,
+                        cpus,
+                        cert,
+                        key,
+                        backend=["perl", str(SMTPD)],
+                        modes=tuple(modes),
+                        wrap=wrap,
+                    )
+                elif name == "tlsfront":
+                    target = start_tlsfront(
                         directory,
                         cpus,
                         cert,
@@ -148,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name}: not installed, skipped", file=sys.stderr)
                     continue
                 try:
-                    for mode in modes:
+                    for mode in [m for m in modes if m in target.ports]:
                         for old in glob.glob(str(out) + "*"):
                             Path(old).unlink()
                         per_session, sessions = count(
@@ -173,20 +208,24 @@ def main(argv: list[str] | None = None) -> int:
                     target.stop()
         finally:
             sink.proc.stop()
-    report = markdown(rows) + "\n" + "\n".join(objects.markdown(parts))
+    report = markdown(rows, args.backend) + "\n" + "\n".join(objects.markdown(parts))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "instructions.md").write_text(report)
     print(report)
     return 0
 
 
-def markdown(rows: list[tuple[str, str, float, int]]) -> str:
+def markdown(rows: list[tuple[str, str, float, int]], backend: str = "tcp") -> str:
     v = versions()
     openssl = v.get("pyOpenSSL's OpenSSL", "?")
     lines = [
         "# Instructions per session (callgrind, user space)",
         "",
         f"- tlsfront's OpenSSL: {openssl}; nginx: {v.get('nginx', 'not run')}",
+    ]
+    if backend == "exec":
+        lines.append("- tlsfront's backend: perl bench/smtpd.pl per session (not counted)")
+    lines += [
         "",
         "| mode | tlsfront | nginx | ratio tlsfront/nginx |",
         "|---|---|---|---|",

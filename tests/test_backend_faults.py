@@ -29,11 +29,13 @@ import pytest
 import trio
 import trio.testing
 from support.front import FAULTY, Front, toml_str
-from support.hostile import Client, SessionLog, code, session_log, task_count
+from support.hostile import Client, SessionLog, code, session_log
 
 import tlsfront.inbound.backend
 from tlsfront.inbound.backend import ExecBackend
 from tlsfront.inbound.session import Session
+from tlsfront.inbound.spawn import Child
+from tlsfront.inbound.stderr import READER_TASK, StderrLog
 from tlsfront.net.netstream import NetStream, PipeStream
 from tlsfront.smtp import Dialogue
 
@@ -197,6 +199,19 @@ AT_CONNECT = {
 }
 
 
+def task_count() -> int:
+    """Every task of this trio run but the one stderr reader, which the first
+    backend starts and which stays for the rest of the run."""
+
+    def walk(task: trio.lowlevel.Task) -> int:
+        own = task.name != READER_TASK
+        return own + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return walk(root)
+
+
 def expected(mode: str, start: str) -> tuple[list[bytes], str]:
     return (AT_CONNECT if start == "connect" else EXPECTED)[mode]
 
@@ -280,7 +295,16 @@ async def test_slow_backend_within_the_timeout_is_waited_for(
     assert "messages=1" in log.ends[0]
 
 
-SESSION_TYPES = (Session, Dialogue, ExecBackend, subprocess.Popen, NetStream, PipeStream)
+SESSION_TYPES = (
+    Session,
+    Dialogue,
+    ExecBackend,
+    Child,
+    StderrLog,
+    subprocess.Popen,
+    NetStream,
+    PipeStream,
+)
 ROUNDS = 5
 
 
@@ -346,7 +370,8 @@ async def test_faults_do_not_leak_memory(
             tracemalloc.stop()
     assert task_count() == baseline
     assert census() == objects
-    assert objects["Session"] == objects["Dialogue"] == objects["Process"] == 0
+    assert objects["Session"] == objects["Dialogue"] == objects["Child"] == 0
+    assert objects["StderrLog"] == 0
     sessions = ROUNDS * len(LEAK_MODES)
     # A session holds a dialogue, 64 KiB read buffers, a process and two streams.
     assert (after - before) / sessions < 4096, after - before

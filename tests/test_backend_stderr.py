@@ -27,11 +27,8 @@ async def test_lines_partial_lines_and_the_end(caplog: pytest.LogCaptureFixture)
     script = 'printf "one\\ntw" >&2; sleep 0.2; printf "o\\r\\n\\n" >&2; printf "last" >&2'
     with trio.fail_after(20):
         backend = await ExecBackend.start(["/bin/sh", "-c", script], {"PATH": "/bin:/usr/bin"})
-        backend.stderr.session = "77.1"
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(backend.stderr.run)
-            assert await backend.wait() == 0
-            nursery.cancel_scope.cancel()
+        backend.stderr.watch("77.1")
+        assert await backend.wait() == 0
         await backend.aclose()  # reads what is left, the line without a newline too
     records = backend_lines(caplog)
     pid = backend.process.pid
@@ -49,10 +46,8 @@ async def test_a_flood_is_cut(caplog: pytest.LogCaptureFixture) -> None:
     )
     with trio.fail_after(20):
         backend = await ExecBackend.start(["/bin/sh", "-c", script], {"PATH": "/bin:/usr/bin"})
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(backend.stderr.run)
-            await backend.wait()
-            nursery.cancel_scope.cancel()
+        backend.stderr.watch("-")
+        await backend.wait()
         await backend.aclose()
     messages = [r.getMessage() for r in backend_lines(caplog)]
     assert len(messages) == stderr.MAX_LINES + 1

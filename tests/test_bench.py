@@ -134,6 +134,10 @@ def test_instruction_report() -> None:
     assert "| starttls | 9.00 M | 3.00 M | 3.00 |" in text
     text = markdown([("tlsfront", "implicit", 8.0e6, 40)])
     assert "| implicit | 8.00 M | - | - |" in text
+    assert "smtpd.pl" not in text
+    text = markdown([("tlsfront", "plain", 4.5e6, 90)], "exec")
+    assert "| plain | 4.50 M | - | - |" in text
+    assert "- tlsfront's backend: perl bench/smtpd.pl per session (not counted)" in text
 
 
 def test_inetd_bench_smoke(tmp_path: Path) -> None:

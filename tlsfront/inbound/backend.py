@@ -14,24 +14,24 @@ tcpserver's rules saw the real client.
 The program runs as the profile's `user`/`group` with no supplementary
 groups. When tlsfront already runs as exactly that account (its workers
 drop to it after start-up, tlsfront.ops.privileges) nothing changes at the
-start and CPython keeps starting it with vfork; otherwise Popen switches
-the account in the child before the exec (setgroups, setgid, setuid, as
-setuidgid does), which makes CPython fork instead of vfork.
+start and it is started by posix_spawn (tlsfront.inbound.spawn); otherwise
+Popen switches the account in the child before the exec (setgroups,
+setgid, setuid, as setuidgid does).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
 from tlsfront.config.account import Account, resolve_account
 from tlsfront.config.checks import is_owned
 from tlsfront.config.schema import Profile
+from tlsfront.inbound.spawn import Child, spawn
 from tlsfront.inbound.stderr import StderrLog
 from tlsfront.net.address import Address, is_ip, split_host_port
 from tlsfront.net.netstream import NetStream, PipeStream
@@ -106,17 +106,16 @@ def ucspi_environment(
 class ExecBackend:
     """A backend program connected by pipes, like tcpserver runs qmail-smtpd.
 
-    Started by a plain `subprocess.Popen` in the event loop's own thread:
-    CPython forks with vfork (unless it must switch the account), so the
-    loop pauses only until the exec (well under a millisecond), where
-    `trio.lowlevel.open_process` pays a thread hand-off per program. The
-    pipes are `PipeStream`s, and the exit is awaited through a pidfd, as
-    trio does.
+    Started in the event loop's own thread (tlsfront.inbound.spawn: the
+    child borrows tlsfront's memory until it execs, so the loop pauses well
+    under a millisecond), where `trio.lowlevel.open_process` pays a thread
+    hand-off per program. The pipes are `PipeStream`s, and the exit is
+    awaited through a pidfd, as trio does.
     """
 
     def __init__(
         self,
-        process: subprocess.Popen[bytes],
+        process: Child,
         stdin: PipeStream,
         stdout: PipeStream,
         stderr: StderrLog,
@@ -134,22 +133,11 @@ class ExecBackend:
     async def start(
         cls, argv: Sequence[str], env: Mapping[str, str], account: Account | None = None
     ) -> ExecBackend:
-        child_in, to_child = os.pipe()  # both ends close-on-exec; Popen dups the child's
+        child_in, to_child = os.pipe()  # both ends close-on-exec; the child's are dup'd
         from_child, child_out = os.pipe()
         errors, child_err = os.pipe()
-        switch: dict[str, Any] = {}
-        if account is not None and os.geteuid() == 0 and not runs_as(account):
-            switch = {"user": account.uid, "group": account.gid, "extra_groups": []}
         try:
-            process = subprocess.Popen(  # noqa: ASYNC220 (vfork: see the class doc)
-                list(argv),
-                stdin=child_in,
-                stdout=child_out,
-                stderr=child_err,
-                env=dict(env),
-                close_fds=True,
-                **switch,
-            )
+            process = spawn(argv, env, (child_in, child_out, child_err), account)
         except OSError as exc:
             for fd in (to_child, from_child, errors):
                 os.close(fd)
@@ -157,7 +145,9 @@ class ExecBackend:
         finally:
             for fd in (child_in, child_out, child_err):
                 os.close(fd)
-        await trio.lowlevel.checkpoint()
+        # No checkpoint: the start never waits, and a pass through the
+        # scheduler costs a session at concurrency 1 about as much as the
+        # spawn itself.
         stderr = StderrLog(errors, process.pid)
         return cls(process, PipeStream(to_child), PipeStream(from_child), stderr)
 
@@ -169,35 +159,37 @@ class ExecBackend:
         await self._stdin.send_all(data)
 
     async def send_eof(self) -> None:
+        self._close_input()  # closing a pipe never waits (no checkpoint, as in start)
+
+    def _close_input(self) -> None:
         if not self._eof_sent:
             self._eof_sent = True
-            await self._stdin.aclose()
+            self._stdin.close()
 
     async def wait(self) -> int:
         """Wait for the program to exit; its status (negative: killed by that signal)."""
-        if self.process.poll() is None:
-            pidfd = os.pidfd_open(self.process.pid)  # valid even once it is a zombie
-            try:
-                await trio.lowlevel.wait_readable(pidfd)
-            finally:
-                os.close(pidfd)
-        return self.process.wait()
+        return await self.process.wait()
 
     async def aclose(self) -> int | None:
         """Close its input, give it EXIT_GRACE to exit, then kill it.
 
-        Returns the exit status (negative: killed by that signal).
+        Returns the exit status (negative: killed by that signal). A program
+        that has already exited (it answered QUIT) is reaped without a pass
+        through the scheduler; otherwise the wait is shielded from the
+        session's cancellation, bounded by EXIT_GRACE alone.
         """
-        with trio.CancelScope(shield=True):
-            await self.send_eof()
-            with trio.move_on_after(EXIT_GRACE):
-                await self.wait()
-            if self.process.poll() is None:
-                self.process.kill()
-                await self.wait()
-            await self._stdout.aclose()
-            self.stderr.drain()
-        return self.process.returncode
+        self._close_input()
+        process = self.process
+        if process.poll() is None:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + EXIT_GRACE):
+                await process.wait()
+            if process.poll() is None:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+        self._stdout.close()
+        self.stderr.drain()
+        return process.returncode
 
 
 class TCPBackend:
@@ -254,18 +246,6 @@ class Backend(Protocol):
 
 
 BackendStarter = Callable[[Profile, Mapping[str, str], bool], Awaitable[Backend]]
-
-
-def runs_as(account: Account) -> bool:
-    """Whether this process has exactly `account`'s credentials and group set."""
-    if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) != (
-        account.uid,
-        account.uid,
-        account.gid,
-        account.gid,
-    ):
-        return False
-    return set(os.getgroups()) <= {account.gid}
 
 
 def backend_account(profile: Profile) -> Account | None:

@@ -164,8 +164,7 @@ class PhaseTasks:
         assert nursery is not None
         nursery.start_soon(self.backend_reader)
         if isinstance(backend, ExecBackend):
-            backend.stderr.session = self.s.record.id
-            nursery.start_soon(backend.stderr.run)
+            backend.stderr.watch(self.s.record.id)
 
     async def backend_reader(self) -> None:
         d = self.d

@@ -146,7 +146,7 @@ async def probe(
             why = str(exc)
         else:
             if isinstance(backend, ExecBackend):
-                backend.stderr.session = "probe"  # what it writes names the probe
+                backend.stderr.watch("probe")  # what it writes names the probe
             try:
                 await _converse(backend, conversation)
             except ProbeFailed as exc:

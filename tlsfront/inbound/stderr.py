@@ -16,12 +16,26 @@ dropped; an over-long line is cut at `MAX_LINE` characters. What is still
 in the pipe when the backend has exited is read without waiting (`drain`):
 a grandchild that keeps the pipe open (a daemon started by the chain)
 never holds the session.
+
+Theory of operation
+-------------------
+Most backends never write to standard error, yet a reader task per backend
+cost every session a task's start, its registration with the event loop
+and its cancellation at the end. Instead one task per trio run (a system
+task, started with the first backend) reads the stderr pipes of all of
+them: each pipe is registered in an epoll set of that reader's own
+(`watch`: one system call), the task waits on that set's descriptor, and
+when it is readable reads one chunk from each pipe that has data, then
+waits again, so a flooding backend cannot starve the sessions. A pipe
+leaves the set at its end (the backend exited, and no grandchild holds it)
+or when its session drains it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 
 import trio
 
@@ -37,12 +51,15 @@ _DATA, _EMPTY, _END = object(), object(), object()
 class StderrLog:
     """The read end of one backend's stderr pipe (owned, non-blocking)."""
 
+    __slots__ = ("_dropped", "_fd", "_held", "_logged", "_watched", "pid", "session")
+
     def __init__(self, fd: int, pid: int) -> None:
         os.set_blocking(fd, False)
         self._fd: int | None = fd
         self._held = b""
         self._logged = 0
         self._dropped = 0
+        self._watched: _Reader | None = None
         self.pid = pid
         self.session = "-"  # the session's id, set by the session that started it
 
@@ -50,15 +67,17 @@ class StderrLog:
     def prefix(self) -> str:
         return f"backend pid {self.pid} session {self.session}"
 
-    async def run(self) -> None:
-        """Log lines as they come, until the pipe's end (or cancellation)."""
-        while self._fd is not None:
-            try:
-                await trio.lowlevel.wait_readable(self._fd)
-            except trio.ClosedResourceError:
-                return
-            if self._read() is _END:
-                return
+    def watch(self, session: str) -> None:
+        """Log its lines as they come from now on, naming `session`."""
+        self.session = session
+        if self._fd is not None and self._watched is None:
+            self._watched = _reader()
+            self._watched.add(self._fd, self)
+
+    def readable(self) -> None:
+        """The reader saw data (or the end) in the pipe: take one chunk."""
+        if self._read() is _END:
+            self.close()
 
     def drain(self) -> None:
         """Log what the pipe holds now, and the last incomplete line; then close it."""
@@ -72,7 +91,9 @@ class StderrLog:
     def close(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
-            trio.lowlevel.notify_closing(fd)
+            if self._watched is not None:
+                self._watched.remove(fd)
+                self._watched = None
             os.close(fd)
         if self._dropped:
             log.log(LEVEL, "%s: %d more line(s) not logged", self.prefix, self._dropped)
@@ -115,4 +136,56 @@ class StderrLog:
         log.log(LEVEL, "%s: %s", self.prefix, line)
 
 
-__all__ = ["LEVEL", "MAX_LINE", "MAX_LINES", "StderrLog"]
+class _Reader:
+    """The one task of a trio run that reads every watched stderr pipe."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()  # close-on-exec, as everything Python opens
+        self._logs: dict[int, StderrLog] = {}
+
+    def add(self, fd: int, stderr: StderrLog) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._logs[fd] = stderr
+
+    def remove(self, fd: int) -> None:
+        if self._logs.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def _read(self, fd: int) -> None:
+        stderr = self._logs.get(fd)
+        if stderr is None:
+            return
+        try:
+            stderr.readable()
+        except Exception:  # a system task must not fail: drop that pipe
+            log.exception("%s: reading its stderr failed", stderr.prefix)
+            stderr.close()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._epoll)
+                for fd, _ in self._epoll.poll(0):
+                    self._read(fd)  # a helper: no local keeps a backend's log while waiting
+        finally:
+            for stderr in list(self._logs.values()):
+                stderr.close()
+            self._epoll.close()
+
+
+READER_TASK = "backend stderr reader"  # the task's name
+_READER: trio.lowlevel.RunVar[_Reader] = trio.lowlevel.RunVar("tlsfront_stderr_reader")
+
+
+def _reader() -> _Reader:
+    """This trio run's reader, started by the first backend that needs it."""
+    try:
+        return _READER.get()
+    except LookupError:
+        reader = _Reader()
+        _READER.set(reader)
+        trio.lowlevel.spawn_system_task(reader.run, name=READER_TASK)
+        return reader
+
+
+__all__ = ["LEVEL", "MAX_LINE", "MAX_LINES", "READER_TASK", "StderrLog"]
