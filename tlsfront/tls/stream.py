@@ -380,7 +380,13 @@ class TLSStream(trio.abc.Stream):
         if lock is None:  # done
             await trio.lowlevel.checkpoint()
             return
-        async with lock:
+        # Uncontended, as it nearly always is, taken without a pass through
+        # the scheduler (`Lock.acquire` always makes one).
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             if self._info is not None:
                 return
             if self._handshake_failed is not None:
@@ -401,6 +407,8 @@ class TLSStream(trio.abc.Stream):
             self._info = self._make_info()
             self._on(_Event.HANDSHAKE_DONE)
             self._handshake_lock = None
+        finally:
+            lock.release()
 
     async def _handshake(self) -> None:
         conn = self._conn
