@@ -145,3 +145,38 @@ async def test_connect_refused_is_an_oserror() -> None:
     sock.close()  # nothing listens there now
     with trio.fail_after(5), pytest.raises(ConnectionRefusedError):
         await NetStream.connect("127.0.0.1", port)
+
+
+async def test_receive_into_fills_the_buffer_says_eof_and_still_yields() -> None:
+    """Into a caller's buffer, as receive_some: the count, 0 at EOF, a yield per read."""
+    a, b = await pair()
+    buffer = bytearray(1000)
+    ticks = 0
+
+    async def other() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(5):
+        await a.send_all(b"EHLO x\r\n")
+        assert await b.receive_into(buffer) == 8
+        assert buffer[:8] == b"EHLO x\r\n"
+        await a.send_all(b"y" * 200_000)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            got = 0
+            while got < 200_000:
+                n = await b.receive_into(buffer)  # always ready: 200 reads
+                assert n
+                assert buffer[:n] == b"y" * n
+                got += n
+            nursery.cancel_scope.cancel()
+        assert ticks >= 150
+        await a.send_eof()
+        assert await b.receive_into(buffer) == 0
+    await b.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await b.receive_into(buffer)
+    await a.aclose()

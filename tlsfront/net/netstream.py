@@ -119,6 +119,41 @@ class _TryFirst:
         finally:
             conflict.held = False
 
+    async def receive_into(self, buffer: bytearray) -> int:
+        """`receive_some` into `buffer`: the bytes read, 0 at EOF.
+
+        For large reads (the TLS stream's in bulk): `receive_some` makes a
+        bytes object of the size asked for each time, and one of more than
+        128 KiB is an mmap and a munmap, read or not.
+        """
+        conflict = self._receive_conflict
+        if conflict.held:
+            raise conflict.busy()
+        conflict.held = True
+        try:
+            self._check_open()
+            waited = False
+            while True:
+                try:
+                    n = self._read_into(buffer)
+                except BlockingIOError:
+                    n = -1  # wait below (see receive_some)
+                except OSError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                if n < 0:
+                    await trio.lowlevel.wait_readable(self._handle)
+                    self._check_open()
+                    waited = True
+                    continue
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()  # fairness (module doc)
+                return n
+        finally:
+            conflict.held = False
+
+    def _read_into(self, buffer: bytearray) -> int:
+        raise NotImplementedError
+
     def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
@@ -178,6 +213,9 @@ class NetStream(_TryFirst, trio.abc.HalfCloseableStream):
     def _read(self, size: int) -> bytes:
         return self.socket.recv(size)
 
+    def _read_into(self, buffer: bytearray) -> int:
+        return self.socket.recv_into(buffer)
+
     def _write(self, data: bytes | bytearray | memoryview) -> int:
         return self.socket.send(data)
 
@@ -209,6 +247,9 @@ class PipeStream(_TryFirst, trio.abc.SendStream, trio.abc.ReceiveStream):
 
     def _read(self, size: int) -> bytes:
         return os.read(self.fd, size)
+
+    def _read_into(self, buffer: bytearray) -> int:
+        return os.readv(self.fd, [buffer])
 
     def _write(self, data: bytes | bytearray | memoryview) -> int:
         return os.write(self.fd, data)
