@@ -82,11 +82,11 @@ class Reader:
 
     `take` hands it what the transport read; `decrypt` returns the plaintext
     OpenSSL can give from it. `drained`: OpenSSL has nothing more to give
-    until more ciphertext comes (nothing is left to feed it).
+    until more ciphertext comes (everything taken has been fed).
     """
 
     # One per TLS session: no per-instance dict.
-    __slots__ = ("_conn", "_rbio", "_ssl", "drained", "unfed")
+    __slots__ = ("_address", "_conn", "_fed", "_rbio", "_size", "_ssl", "_taken", "drained")
 
     def __init__(self, conn: SSL.Connection) -> None:
         self._conn = conn
@@ -95,28 +95,30 @@ class Reader:
         direct = use_bindings and ssl is not None and rbio is not None
         self._ssl: Any = ssl if direct else None
         self._rbio: Any = rbio if direct else None
-        # Read from the transport, not yet fed. The handshake may have left
-        # records in OpenSSL, so the first `decrypt` asks before anything.
-        self.unfed: memoryview | None = None
+        # Read from the transport (its address for BIO_write), and how much
+        # of it is fed. The handshake may have left records in OpenSSL, so
+        # the first `decrypt` asks before anything.
+        self._taken: bytes | bytearray | None = None
+        self._size = 0
+        self._address: Any = None
+        self._fed = 0
         self.drained = False
 
-    def take(self, ciphertext: memoryview) -> None:
-        """Ciphertext read from the transport; `decrypt` feeds it as it goes.
+    def take(self, ciphertext: bytes | bytearray, size: int) -> None:
+        """The first `size` bytes of `ciphertext` are read from the transport;
+        `decrypt` feeds them as it goes. Only when `drained`: what was taken
+        before has all been fed.
 
-        Only when `drained`: what was taken before has all been fed.
+        (A bytes or bytearray, not a view of one: the address BIO_write is
+        given holds the buffer, and a memoryview in a reference cycle could
+        be released by the garbage collector before that address.)
         """
-        self.unfed = ciphertext
+        self._taken = ciphertext
+        self._size = size
+        self._fed = 0
+        if self._ssl is not None:
+            self._address = _from_buffer(ciphertext)
         self.drained = False
-
-    def _feed(self) -> None:
-        unfed = self.unfed
-        assert unfed is not None
-        piece = unfed[:FEED]
-        if self._rbio is not None:
-            _BIO_write(self._rbio, _from_buffer(piece), len(piece))
-        else:
-            self._conn.bio_write(piece)
-        self.unfed = unfed[FEED:] if len(unfed) > FEED else None
 
     def decrypt(self, max_bytes: int) -> tuple[bytes, SSL.Error | None]:
         """The plaintext OpenSSL can give now, up to `max_bytes` (and `RECEIVE`).
@@ -127,13 +129,19 @@ class Reader:
         it; nothing more is fed after it.
         """
         limit = min(max_bytes, RECEIVE)
+        taken = self._taken
+        size = self._size
+        fed = self._fed
         got = 0
+        error = None
         try:
             ssl = self._ssl
             if ssl is not None:
-                address = _plain.address
+                output = _plain.address
+                rbio = self._rbio
+                address = self._address
                 while got < limit:
-                    n = _SSL_read(ssl, address + got, limit - got)
+                    n = _SSL_read(ssl, output + got, limit - got)
                     if n > 0:
                         got += n
                         continue
@@ -141,10 +149,12 @@ class Reader:
                         # Let pyOpenSSL say what it is, with its exception.
                         self._conn.recv(1)
                         raise SSL.Error("SSL_read failed")  # pragma: no cover
-                    if self.unfed is None:
+                    if fed >= size:
                         self.drained = True
                         break
-                    self._feed()
+                    n = min(FEED, size - fed)
+                    _BIO_write(rbio, address + fed, n)
+                    fed += n
             else:
                 view = _plain.view
                 recv_into = self._conn.recv_into
@@ -152,11 +162,18 @@ class Reader:
                     try:
                         got += recv_into(view[got:limit])
                     except SSL.WantReadError:
-                        if self.unfed is None:
+                        if fed >= size:
                             self.drained = True
                             break
-                        self._feed()
+                        assert taken is not None
+                        piece = min(FEED, size - fed)
+                        self._conn.bio_write(memoryview(taken)[fed : fed + piece])
+                        fed += piece
         except SSL.Error as exc:
-            self.unfed = None
-            return bytes(_plain.view[:got]), exc
-        return bytes(_plain.view[:got]), None
+            error = exc
+            fed = size  # nothing more is fed after an error
+        if fed >= size:
+            self._taken = self._address = None
+            fed = self._size = 0
+        self._fed = fed
+        return bytes(_plain.view[:got]), error

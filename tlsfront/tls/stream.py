@@ -514,36 +514,37 @@ class TLSStream(trio.abc.Stream):
                 if self._outgoing:
                     with contextlib.suppress(trio.BrokenResourceError):
                         await self._flush(wait=False)
-                ciphertext = await self._receive_ciphertext()
+                ciphertext, size = await self._receive_ciphertext()
                 awaited = True
-                if not ciphertext:
+                if not size:
                     self._on(_Event.PEER_EOF)
                     break
-                reader.take(ciphertext)
+                reader.take(ciphertext, size)
             if not awaited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return b""
         finally:
             conflict.held = False
 
-    async def _receive_ciphertext(self) -> memoryview:
+    async def _receive_ciphertext(self) -> tuple[bytes | bytearray, int]:
         """One transport read, into ``_bulk`` while a large message flows."""
         bulk = self._bulk
         try:
             if bulk is None:
-                ciphertext = memoryview(await self.transport_stream.receive_some(_CHUNK))
+                data: bytes | bytearray = await self.transport_stream.receive_some(_CHUNK)
+                size = len(data)
             else:
                 assert self._receive_into is not None
-                ciphertext = memoryview(bulk)[: await self._receive_into(bulk)]
+                data, size = bulk, await self._receive_into(bulk)
         except trio.ClosedResourceError:
             if self._state is StreamState.CLOSED:
                 raise
             raise trio.BrokenResourceError("transport closed") from None
-        if len(ciphertext) < _CHUNK:
-            self._bulk = None  # (what was read is still held by the view)
+        if size < _CHUNK:
+            self._bulk = None  # (the reader holds what was read, until it is fed)
         elif bulk is None and self._receive_into is not None:
             self._bulk = bytearray(RECEIVE)
-        return ciphertext
+        return data, size
 
     def _decrypt(self, max_bytes: int) -> bytes | None:
         """All the plaintext OpenSSL can give now, up to `max_bytes`; b"" if none.
