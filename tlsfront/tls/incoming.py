@@ -153,7 +153,8 @@ class Reader:
                         self.drained = True
                         break
                     n = min(FEED, size - fed)
-                    _BIO_write(rbio, address + fed, n)
+                    if _BIO_write(rbio, address + fed, n) != n:  # out of memory
+                        raise SSL.Error("BIO_write failed")
                     fed += n
             else:
                 view = _plain.view
