@@ -303,9 +303,9 @@ class ReadRecorder(trio.abc.Stream):
         self.reads.append(("some", len(data)))
         return data
 
-    async def receive_into(self, buffer: bytearray) -> int:
-        n = await self.inner.receive_into(buffer)
-        self.reads.append(("into", n))
+    def receive_now(self, buffer: bytearray) -> int | None:
+        n = self.inner.receive_now(buffer)
+        self.reads.append(("now", -1 if n is None else n))
         return n
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -321,9 +321,10 @@ class ReadRecorder(trio.abc.Stream):
 async def test_bulk_reads_go_into_a_buffer_that_goes_at_the_first_short_read(
     ca: trustme.CA, creds: ServerCredentials, engine: str
 ) -> None:
-    """A full 64 KiB read starts bulk reads (256 KiB into the stream's own buffer,
-    handed out as large chunks); the first short read ends them, so an idle
-    session holds no such buffer."""
+    """A full 64 KiB read starts bulk reads (what the kernel holds, up to 256 KiB,
+    into the stream's own buffer, handed out as large chunks); once the
+    kernel holds nothing the buffer goes and the stream waits with a plain
+    read, so a waiting session holds no such buffer."""
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
     with trio.fail_after(TIMEOUT):
@@ -354,12 +355,27 @@ async def test_bulk_reads_go_into_a_buffer_that_goes_at_the_first_short_read(
         for line in (b"QUIT\r\n", b"NOOP\r\n"):
             await client.send_all(line)
             assert await stream.receive_some() == line
+        # A session that waits for its peer holds no bulk buffer.
+        waited: list[bytes] = []
+
+        async def read() -> None:
+            waited.append(await stream.receive_some())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert stream._bulk is None
+            await client.send_all(b"RSET\r\n")
+        assert waited == [b"RSET\r\n"]
     assert max(chunks) > 65536
-    bulk = [n for how, n in recorder.reads if how == "into"]
-    assert bulk
+    bulk = [n for how, n in recorder.reads if how == "now"]
+    assert max(bulk) > 65536
     assert max(bulk) <= incoming.RECEIVE
-    assert recorder.reads[-1][0] == "some"  # the buffer is gone
-    assert stream._bulk is None
+    # Each wait is a plain read, after the kernel was found empty (-1).
+    for before, (how, _) in zip(recorder.reads, recorder.reads[1:], strict=False):
+        if how == "some" and before[0] == "now":
+            assert before[1] == -1
+    assert recorder.reads[-1][0] == "some"
     await client_net.aclose()
     await stream.aclose()
 

@@ -119,37 +119,24 @@ class _TryFirst:
         finally:
             conflict.held = False
 
-    async def receive_into(self, buffer: bytearray) -> int:
-        """`receive_some` into `buffer`: the bytes read, 0 at EOF.
+    def receive_now(self, buffer: bytearray) -> int | None:
+        """What the kernel holds now, read into `buffer`: the bytes read, 0 at
+        EOF, None when it holds nothing (a read would wait).
 
-        For large reads (the TLS stream's in bulk): `receive_some` makes a
-        bytes object of the size asked for each time, and one of more than
-        128 KiB is an mmap and a munmap, read or not.
+        Never waits and never yields: the caller takes its checkpoints (the
+        TLS stream's bulk reads, which read a large message at hand without
+        a bytes object of the buffer's size each time, and wait with
+        `receive_some` once it is not).
         """
-        conflict = self._receive_conflict
-        if conflict.held:
-            raise conflict.busy()
-        conflict.held = True
+        if self._receive_conflict.held:
+            raise self._receive_conflict.busy()
+        self._check_open()
         try:
-            self._check_open()
-            waited = False
-            while True:
-                try:
-                    n = self._read_into(buffer)
-                except BlockingIOError:
-                    n = -1  # wait below (see receive_some)
-                except OSError as exc:
-                    raise trio.BrokenResourceError(str(exc)) from exc
-                if n < 0:
-                    await trio.lowlevel.wait_readable(self._handle)
-                    self._check_open()
-                    waited = True
-                    continue
-                if not waited:
-                    await trio.lowlevel.cancel_shielded_checkpoint()  # fairness (module doc)
-                return n
-        finally:
-            conflict.held = False
+            return self._read_into(buffer)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
 
     def _read_into(self, buffer: bytearray) -> int:
         raise NotImplementedError

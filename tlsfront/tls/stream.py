@@ -44,10 +44,11 @@ dropped once it is done) and afterwards by `receive_some`, which hands it to
 its `Reader` (`tlsfront.tls.incoming`): record after record, everything
 OpenSSL can give up to max_bytes in one chunk, not one 16 KB record per
 call. A transport read of 64 KiB that comes back full says a large message
-is flowing: the next reads go, 256 KiB at a time, into a buffer of the
-stream's own (``_bulk``, read into with the transport's `receive_into`),
-which goes again at the first read that comes back short, before the
-session idles. A TLS error behind good records is raised by the call after
+is flowing: the next reads take what the kernel holds, up to 256 KiB at a
+time, into a buffer of the stream's own (``_bulk``, with the transport's
+`receive_now`, which never waits). When the kernel has nothing, the buffer
+goes and the stream waits with a plain 64 KiB read: a session never waits,
+idle or not, holding it. A TLS error behind good records is raised by the call after
 the one that returns them. Renegotiation is disabled, so writing never
 needs to read.
 
@@ -67,7 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -86,7 +87,7 @@ __all__ = [
     "TLSStream",
 ]
 
-_CHUNK = 65536  # bytes per transport read (but in bulk, see _bulk) and per SSL_write
+_CHUNK = 65536  # bytes per transport read that may wait (see _bulk) and per SSL_write
 # Bytes per read of OpenSSL's outgoing BIO: one SSL_write of a chunk, with
 # its record overhead, comes out in one read.
 _PULL = _CHUNK + 8192
@@ -254,7 +255,7 @@ class TLSStream(trio.abc.Stream):
         "_outgoing",
         "_reader",
         "_receive_conflict",
-        "_receive_into",
+        "_receive_now",
         "_send_conflict",
         "_state",
         "transport_stream",
@@ -275,10 +276,10 @@ class TLSStream(trio.abc.Stream):
         self._flush_done: trio.Event | None = None  # made only when a second sender waits
         self._error: trio.BrokenResourceError | None = None  # TLS error behind returned data
         self._reader = Reader(conn)
-        # Bulk reads: the transport's `receive_into`, if it has one, and the
+        # Bulk reads: the transport's `receive_now`, if it has one, and the
         # buffer it reads into while a large message flows (see the module doc).
-        self._receive_into: Callable[[bytearray], Awaitable[int]] | None = getattr(
-            transport, "receive_into", None
+        self._receive_now: Callable[[bytearray], int | None] | None = getattr(
+            transport, "receive_now", None
         )
         self._bulk: bytearray | None = None
         self._receive_conflict = ConflictDetector("another task is already receiving")
@@ -514,8 +515,14 @@ class TLSStream(trio.abc.Stream):
                 if self._outgoing:
                     with contextlib.suppress(trio.BrokenResourceError):
                         await self._flush(wait=False)
-                ciphertext, size = await self._receive_ciphertext()
-                awaited = True
+                bulk = self._bulk
+                size = None if bulk is None else self._receive_at_hand(bulk)
+                ciphertext: bytes | bytearray
+                if bulk is not None and size is not None:
+                    ciphertext = bulk
+                else:
+                    ciphertext, size = await self._receive_ciphertext()
+                    awaited = True
                 if not size:
                     self._on(_Event.PEER_EOF)
                     break
@@ -526,25 +533,31 @@ class TLSStream(trio.abc.Stream):
         finally:
             conflict.held = False
 
-    async def _receive_ciphertext(self) -> tuple[bytes | bytearray, int]:
-        """One transport read, into ``_bulk`` while a large message flows."""
-        bulk = self._bulk
+    def _receive_at_hand(self, bulk: bytearray) -> int | None:
+        """What the kernel holds now, into ``_bulk``; None (and the buffer
+        goes) when it holds nothing."""
+        assert self._receive_now is not None
         try:
-            if bulk is None:
-                data: bytes | bytearray = await self.transport_stream.receive_some(_CHUNK)
-                size = len(data)
-            else:
-                assert self._receive_into is not None
-                data, size = bulk, await self._receive_into(bulk)
+            size = self._receive_now(bulk)
         except trio.ClosedResourceError:
             if self._state is StreamState.CLOSED:
                 raise
             raise trio.BrokenResourceError("transport closed") from None
-        if size < _CHUNK:
-            self._bulk = None  # (the reader holds what was read, until it is fed)
-        elif bulk is None and self._receive_into is not None:
+        if size is None:
+            self._bulk = None
+        return size
+
+    async def _receive_ciphertext(self) -> tuple[bytes | bytearray, int]:
+        """One transport read, which may wait; a full one starts bulk reads."""
+        try:
+            data = await self.transport_stream.receive_some(_CHUNK)
+        except trio.ClosedResourceError:
+            if self._state is StreamState.CLOSED:
+                raise
+            raise trio.BrokenResourceError("transport closed") from None
+        if len(data) >= _CHUNK and self._receive_now is not None:
             self._bulk = bytearray(RECEIVE)
-        return data, size
+        return data, len(data)
 
     def _decrypt(self, max_bytes: int) -> bytes | None:
         """All the plaintext OpenSSL can give now, up to `max_bytes`; b"" if none.
