@@ -145,3 +145,33 @@ async def test_connect_refused_is_an_oserror() -> None:
     sock.close()  # nothing listens there now
     with trio.fail_after(5), pytest.raises(ConnectionRefusedError):
         await NetStream.connect("127.0.0.1", port)
+
+
+async def test_receive_now_takes_what_is_there_without_waiting() -> None:
+    """Into a caller's buffer: the count, None when nothing is there, 0 at EOF."""
+    a, b = await pair()
+    buffer = bytearray(1000)
+    with trio.fail_after(5):
+        assert b.receive_now(buffer) is None  # nothing yet: no wait
+        await a.send_all(b"EHLO x\r\n")
+        await trio.lowlevel.wait_readable(b.socket)
+        assert b.receive_now(buffer) == 8
+        assert buffer[:8] == b"EHLO x\r\n"
+        await a.send_all(b"y" * 200_000)
+        got = 0
+        while got < 200_000:
+            n = b.receive_now(buffer)
+            if n is None:
+                await trio.lowlevel.wait_readable(b.socket)
+                continue
+            assert n
+            assert buffer[:n] == b"y" * n
+            got += n
+        assert b.receive_now(buffer) is None
+        await a.send_eof()
+        await trio.lowlevel.wait_readable(b.socket)
+        assert b.receive_now(buffer) == 0
+    await b.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        b.receive_now(buffer)
+    await a.aclose()

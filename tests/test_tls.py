@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import warnings
@@ -29,6 +30,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from support.tls_certs import DAY, NOW, Issued, crl_pem, from_trustme, issue, make_crl
 
 import tlsfront
+from tlsfront.net.netstream import NetStream
+from tlsfront.tls import incoming
 from tlsfront.tls.certs import ServerCredentials, load_server_credentials
 from tlsfront.tls.context import ServerTLS, TLSConfigError, TLSSettings
 from tlsfront.tls.stream import StreamState, TLSHandshakeError, TLSStream
@@ -59,6 +62,16 @@ def creds(tmp_path: Path, server_cert: Issued) -> ServerCredentials:
     path = tmp_path / "servercert.pem"
     path.write_bytes(server_cert.key_pem + server_cert.cert_pem)
     return load_server_credentials(path, None)
+
+
+@pytest.fixture(params=["bindings", "public"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Records read through OpenSSL's bindings directly, or through pyOpenSSL's public calls."""
+    if request.param == "public":
+        monkeypatch.setattr(incoming, "use_bindings", False)
+    else:
+        assert incoming.use_bindings  # the bindings are there: the fast path is tested
+    return str(request.param)
 
 
 @pytest.fixture
@@ -232,14 +245,16 @@ async def client_roundtrip(port: int, cctx: ssl.SSLContext, total: int) -> tuple
 # -- data transfer -------------------------------------------------------------------
 
 
-async def test_echo_both_directions_concurrently(ca: trustme.CA, creds: ServerCredentials) -> None:
+async def test_echo_both_directions_concurrently(
+    ca: trustme.CA, creds: ServerCredentials, engine: str
+) -> None:
     server = ServerTLS(TLSSettings(credentials=(creds,)))
     async with loopback_server(server, echo) as port:
         sent, received = await client_roundtrip(port, client_context(ca), 300_000)
     assert sent == received
 
 
-async def test_large_transfer_intact(ca: trustme.CA, creds: ServerCredentials) -> None:
+async def test_large_transfer_intact(ca: trustme.CA, creds: ServerCredentials, engine: str) -> None:
     server = ServerTLS(TLSSettings(credentials=(creds,)))
     async with loopback_server(server, echo) as port:
         sent, received = await client_roundtrip(port, client_context(ca), 8 * 1024 * 1024)
@@ -278,8 +293,97 @@ async def test_transport_reads_are_bounded(ca: trustme.CA, creds: ServerCredenti
     assert all(n is not None and n <= 65536 for n in recorder.asked)
 
 
+class ReadRecorder(trio.abc.Stream):
+    """A socket stream that records which read each transport read was, and its size."""
+
+    def __init__(self, inner: NetStream) -> None:
+        self.inner = inner
+        self.reads: list[tuple[str, int]] = []
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        self.reads.append(("some", len(data)))
+        return data
+
+    def receive_now(self, buffer: bytearray) -> int | None:
+        n = self.inner.receive_now(buffer)
+        self.reads.append(("now", -1 if n is None else n))
+        return n
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_bulk_reads_go_into_a_buffer_that_goes_at_the_first_short_read(
+    ca: trustme.CA, creds: ServerCredentials, engine: str
+) -> None:
+    """A full 64 KiB read starts bulk reads (what the kernel holds, up to 256 KiB,
+    into the stream's own buffer, handed out as large chunks); once the
+    kernel holds nothing the buffer goes and the stream waits with a plain
+    read, so a waiting session holds no such buffer."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    with trio.fail_after(TIMEOUT):
+        client_net = await NetStream.connect("127.0.0.1", port)
+        recorder = ReadRecorder(NetStream.adopt(await listener.accept()))
+    await listener.aclose()
+    # Room for more than 64 KiB in flight, whatever the kernel's autotuning does.
+    recorder.inner.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    client_net.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    stream = ServerTLS(TLSSettings(credentials=(creds,))).wrap(recorder)
+    assert (stream._reader._ssl is None) == (engine == "public")
+    client = trio.SSLStream(client_net, client_context(ca), server_hostname="localhost")
+    blob = os.urandom(4 * 1024 * 1024)
+    chunks: list[int] = []
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            await stream.do_handshake()
+        got = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, blob)
+            await trio.testing.wait_all_tasks_blocked()  # the socket buffers are full
+            while len(got) < len(blob):
+                data = await stream.receive_some()
+                chunks.append(len(data))
+                got += data
+        assert got == blob
+        for line in (b"QUIT\r\n", b"NOOP\r\n"):
+            await client.send_all(line)
+            assert await stream.receive_some() == line
+        # A session that waits for its peer holds no bulk buffer.
+        waited: list[bytes] = []
+
+        async def read() -> None:
+            waited.append(await stream.receive_some())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert stream._bulk is None
+            await client.send_all(b"RSET\r\n")
+        assert waited == [b"RSET\r\n"]
+    assert max(chunks) > 65536
+    bulk = [n for how, n in recorder.reads if how == "now"]
+    assert max(bulk) > 65536
+    assert max(bulk) <= incoming.RECEIVE
+    # Each wait is a plain read, after the kernel was found empty (-1).
+    for before, (how, _) in zip(recorder.reads, recorder.reads[1:], strict=False):
+        if how == "some" and before[0] == "now":
+            assert before[1] == -1
+    assert recorder.reads[-1][0] == "some"
+    await client_net.aclose()
+    await stream.aclose()
+
+
 async def test_receive_returns_every_record_at_hand(
-    ca: trustme.CA, creds: ServerCredentials
+    ca: trustme.CA, creds: ServerCredentials, engine: str
 ) -> None:
     """One transport read holding several records is one chunk, up to max_bytes."""
     server = ServerTLS(TLSSettings(credentials=(creds,)))
@@ -321,7 +425,7 @@ class Capture(trio.abc.Stream):
 
 
 async def test_tls_error_comes_after_the_records_before_it(
-    ca: trustme.CA, creds: ServerCredentials
+    ca: trustme.CA, creds: ServerCredentials, engine: str
 ) -> None:
     """A forged record behind good ones: the good data first, then BrokenResourceError."""
     client_transport, server_transport = trio.testing.memory_stream_pair()
@@ -863,7 +967,9 @@ async def test_no_resumption_on_a_request_profile(
 # -- stream semantics -------------------------------------------------------------------------
 
 
-async def test_close_notify_both_ways(ca: trustme.CA, creds: ServerCredentials) -> None:
+async def test_close_notify_both_ways(
+    ca: trustme.CA, creds: ServerCredentials, engine: str
+) -> None:
     server = ServerTLS(TLSSettings(credentials=(creds,)))
     stream, client, _ = await handshake(server, client_context(ca))
     with trio.fail_after(TIMEOUT):

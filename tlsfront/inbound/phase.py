@@ -19,7 +19,7 @@ from tlsfront.smtp import Dialogue, Outcome, Phase
 if TYPE_CHECKING:
     from tlsfront.inbound.session import Session
 
-READ_SIZE = 65536
+READ_SIZE = 65536  # the backend's reads; the client's are its stream's own size
 HIGH_WATER = 256 * 1024
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -126,7 +126,9 @@ class PhaseTasks:
                     return
                 await self.changed.wait_until(self._may_read_client)
             try:
-                data = bytes(await self.client.receive_some(READ_SIZE))
+                # No size: each stream reads what suits it (a socket 64 KiB,
+                # the TLS stream up to 256 KiB of a large message at hand).
+                data = bytes(await self.client.receive_some())
             except STREAM_ERRORS:
                 data = b""
             self.last_client_read = self.now()

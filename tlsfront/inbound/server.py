@@ -46,6 +46,7 @@ from tlsfront.net.address import Address, split_host_port
 from tlsfront.net.netstream import NetStream
 from tlsfront.net.proxyproto import accept_proxied
 from tlsfront.ops import counters
+from tlsfront.ops.allocator import keep_large_buffers
 from tlsfront.qmail.tcprules import Rules
 from tlsfront.smtp import replies
 
@@ -409,6 +410,7 @@ class Server:
         `acceptors`: more sources of sessions, e.g. the handoff socket's
         (tlsfront.inbound.handoff), stopped with the listeners.
         """
+        keep_large_buffers()  # large messages reuse their pages (see the module)
         opened: dict[str, list[trio.SocketListener]] = {}
         try:
             for name, server in self.profiles.items():

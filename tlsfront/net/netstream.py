@@ -128,6 +128,28 @@ class _TryFirst:
         finally:
             conflict.held = False
 
+    def receive_now(self, buffer: bytearray) -> int | None:
+        """What the kernel holds now, read into `buffer`: the bytes read, 0 at
+        EOF, None when it holds nothing (a read would wait).
+
+        Never waits and never yields: the caller takes its checkpoints (the
+        TLS stream's bulk reads, which read a large message at hand without
+        a bytes object of the buffer's size each time, and wait with
+        `receive_some` once it is not).
+        """
+        if self._receive_conflict.held:
+            raise self._receive_conflict.busy()
+        self._check_open()
+        try:
+            return self._read_into(buffer)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+    def _read_into(self, buffer: bytearray) -> int:
+        raise NotImplementedError
+
     def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
@@ -187,6 +209,9 @@ class NetStream(_TryFirst, trio.abc.HalfCloseableStream):
     def _read(self, size: int) -> bytes:
         return self.socket.recv(size)
 
+    def _read_into(self, buffer: bytearray) -> int:
+        return self.socket.recv_into(buffer)
+
     def _write(self, data: bytes | bytearray | memoryview) -> int:
         return self.socket.send(data)
 
@@ -219,6 +244,9 @@ class PipeStream(_TryFirst, trio.abc.SendStream, trio.abc.ReceiveStream):
 
     def _read(self, size: int) -> bytes:
         return os.read(self.fd, size)
+
+    def _read_into(self, buffer: bytearray) -> int:
+        return os.readv(self.fd, [buffer])
 
     def _write(self, data: bytes | bytearray | memoryview) -> int:
         return os.write(self.fd, data)

@@ -40,14 +40,17 @@ it (``_flush_done``, an Event made only then). `send_all` encrypts 64 KiB per
 SSL_write (partial writes off) and sends the result in one transport send.
 
 Incoming ciphertext is read only by the handshake (under ``_handshake_lock``,
-dropped once it is done) and afterwards by `receive_some`, at most 64 KiB per
-transport read, fed to OpenSSL a record's worth at a time (`_feed`: memory
-BIOs never shrink). `receive_some` hands out all the plaintext OpenSSL can
-give, up to max_bytes, not one 16 KB record per call; ``_drained`` remembers
-that OpenSSL has nothing more, so the next call goes straight to the
-transport. A TLS error behind good records is raised by the call after the
-one that returns them. Renegotiation is disabled, so writing never needs to
-read.
+dropped once it is done) and afterwards by `receive_some`, which hands it to
+its `Reader` (`tlsfront.tls.incoming`): record after record, everything
+OpenSSL can give up to max_bytes in one chunk, not one 16 KB record per
+call. A transport read of 64 KiB that comes back full says a large message
+is flowing: the next reads take what the kernel holds, up to 256 KiB at a
+time, into a buffer of the stream's own (``_bulk``, with the transport's
+`receive_now`, which never waits). When the kernel has nothing, the buffer
+goes and the stream waits with a plain 64 KiB read: a session never waits,
+idle or not, holding it. A TLS error behind good records is raised by the call after
+the one that returns them. Renegotiation is disabled, so writing never
+needs to read.
 
 `aclose` sends close_notify when the stream can still send (OPEN or
 PEER_CLOSED, no send in progress), so a client that reads the last reply
@@ -65,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -73,6 +77,7 @@ from OpenSSL import SSL
 from OpenSSL._util import lib as _openssl
 
 from tlsfront.net.conflict import ConflictDetector
+from tlsfront.tls.incoming import RECEIVE, Reader
 
 __all__ = [
     "HandshakeFailure",
@@ -83,9 +88,7 @@ __all__ = [
     "TLSStream",
 ]
 
-_CHUNK = 65536  # bytes per transport read and per SSL_write
-_RECORD = 16384  # the most plaintext one SSL_read returns (a TLS record)
-_FEED = _RECORD + 512  # ciphertext per write into OpenSSL's incoming BIO (see _feed)
+_CHUNK = 65536  # bytes per transport read that may wait (see _bulk) and per SSL_write
 # Bytes per read of OpenSSL's outgoing BIO: one SSL_write of a chunk, with
 # its record overhead, comes out in one read.
 _PULL = _CHUNK + 8192
@@ -245,8 +248,8 @@ class TLSStream(trio.abc.Stream):
 
     # Thousands of these idle at once: no per-instance dict.
     __slots__ = (
+        "_bulk",
         "_conn",
-        "_drained",
         "_error",
         "_flush_done",
         "_flushing",
@@ -255,10 +258,11 @@ class TLSStream(trio.abc.Stream):
         "_info",
         "_notes",
         "_outgoing",
+        "_reader",
         "_receive_conflict",
+        "_receive_now",
         "_send_conflict",
         "_state",
-        "_unfed",
         "transport_stream",
     )
 
@@ -278,8 +282,13 @@ class TLSStream(trio.abc.Stream):
         self._flushing = False  # a task is sending the outgoing queue
         self._flush_done: trio.Event | None = None  # made only when a second sender waits
         self._error: trio.BrokenResourceError | None = None  # TLS error behind returned data
-        self._unfed: memoryview | None = None  # read from the transport, not yet fed
-        self._drained = False  # recv said WantRead since the last bio_write, nothing unfed
+        self._reader = Reader(conn)
+        # Bulk reads: the transport's `receive_now`, if it has one, and the
+        # buffer it reads into while a large message flows (see the module doc).
+        self._receive_now: Callable[[bytearray], int | None] | None = getattr(
+            transport, "receive_now", None
+        )
+        self._bulk: bytearray | None = None
         self._receive_conflict = ConflictDetector("another task is already receiving")
         self._send_conflict = ConflictDetector("another task is already sending")
 
@@ -489,7 +498,7 @@ class TLSStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is None:
-            max_bytes = _CHUNK
+            max_bytes = RECEIVE
         elif max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         conflict = self._receive_conflict
@@ -509,8 +518,9 @@ class TLSStream(trio.abc.Stream):
                     self._raise_unusable()
             # A transport read is a checkpoint; without one, take a checkpoint.
             awaited = False
+            reader = self._reader
             while True:
-                if not self._drained:
+                if not reader.drained:
                     data = self._decrypt(max_bytes)
                     if data is None:
                         break  # close_notify
@@ -524,75 +534,69 @@ class TLSStream(trio.abc.Stream):
                 if self._outgoing:
                     with contextlib.suppress(trio.BrokenResourceError):
                         await self._flush(wait=False)
-                try:
-                    ciphertext = await self.transport_stream.receive_some(_CHUNK)
-                except trio.ClosedResourceError:
-                    if self._state is StreamState.CLOSED:
-                        raise
-                    raise trio.BrokenResourceError("transport closed") from None
-                awaited = True
-                if not ciphertext:
+                bulk = self._bulk
+                size = None if bulk is None else self._receive_at_hand(bulk)
+                ciphertext: bytes | bytearray
+                if bulk is not None and size is not None:
+                    ciphertext = bulk
+                else:
+                    ciphertext, size = await self._receive_ciphertext()
+                    awaited = True
+                if not size:
                     self._on(_Event.PEER_EOF)
                     break
-                self._unfed = memoryview(ciphertext)
-                self._feed()
-                self._drained = False
+                reader.take(ciphertext, size)
             if not awaited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return b""
         finally:
             conflict.held = False
 
-    def _feed(self) -> None:
-        """Give OpenSSL the next slice of the ciphertext read from the transport.
+    def _receive_at_hand(self, bulk: bytearray) -> int | None:
+        """What the kernel holds now, into ``_bulk``; None (and the buffer
+        goes) when it holds nothing."""
+        assert self._receive_now is not None
+        try:
+            size = self._receive_now(bulk)
+        except trio.ClosedResourceError:
+            if self._state is StreamState.CLOSED:
+                raise
+            raise trio.BrokenResourceError("transport closed") from None
+        if size is None:
+            self._bulk = None
+        return size
 
-        A memory BIO keeps the largest size it ever held: fed whole 64 KiB
-        transport reads, each connection would keep ~85 kB after its first
-        large message. Slices of about a record, each fed once OpenSSL has
-        taken the last one, keep that near 20 kB.
-        """
-        unfed = self._unfed
-        assert unfed is not None
-        self._conn.bio_write(unfed[:_FEED])
-        self._unfed = unfed[_FEED:] if len(unfed) > _FEED else None
+    async def _receive_ciphertext(self) -> tuple[bytes | bytearray, int]:
+        """One transport read, which may wait; a full one starts bulk reads."""
+        try:
+            data = await self.transport_stream.receive_some(_CHUNK)
+        except trio.ClosedResourceError:
+            if self._state is StreamState.CLOSED:
+                raise
+            raise trio.BrokenResourceError("transport closed") from None
+        if len(data) >= _CHUNK and self._receive_now is not None:
+            self._bulk = bytearray(RECEIVE)
+        return data, len(data)
 
     def _decrypt(self, max_bytes: int) -> bytes | None:
         """All the plaintext OpenSSL can give now, up to `max_bytes`; b"" if none.
 
         None: close_notify came, and no data before it (data before it is
         returned first; the stream has moved on, so the next call ends).
-
-        SSL_read returns one record at a time: take them all, so that a
-        64 KiB transport read is one chunk for the caller, not four.
         """
-        recv = self._conn.recv
-        pieces: list[bytes] = []
-        try:
-            while max_bytes:
-                try:
-                    data = recv(min(max_bytes, _RECORD))
-                except SSL.WantReadError:
-                    if self._unfed is None:
-                        self._drained = True
-                        break
-                    self._feed()
-                    continue
-                pieces.append(data)
-                max_bytes -= len(data)
-        except SSL.ZeroReturnError:  # close_notify
+        data, exc = self._reader.decrypt(max_bytes)
+        if exc is None:
+            return data
+        if isinstance(exc, SSL.ZeroReturnError):  # close_notify
             self._on(_Event.PEER_EOF)
-            if not pieces:
-                return None
-        except SSL.Error as exc:
-            self._on(_Event.TLS_ERROR)
-            if not pieces:
-                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-            # Hand out what came before the error; the next call raises it.
-            self._error = trio.BrokenResourceError(f"TLS error: {exc}")
-            self._error.__cause__ = exc
-        if len(pieces) == 1:
-            return pieces[0]
-        return b"".join(pieces)
+            return data or None
+        self._on(_Event.TLS_ERROR)
+        if not data:
+            raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+        # Hand out what came before the error; the next call raises it.
+        self._error = trio.BrokenResourceError(f"TLS error: {exc}")
+        self._error.__cause__ = exc
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         conflict = self._send_conflict
