@@ -372,14 +372,17 @@ async def test_ten_megabyte_header_line(start_front: Any, nursery: trio.Nursery)
     assert reply == b"500 5.5.2 Error: message line too long\r\n"
     (conv,) = backend.conversations
     assert conv.messages == []
-    # tlsfront's Received header went ahead; of the line, at most what came
-    # before the read that broke the limit followed it, and no end of data
-    assert conv.partial is not None
-    assert conv.partial.startswith(b"Received: from c ([127.0.0.1])\r\n")
-    line = conv.partial.rpartition(b"\r\n")[2]
+    # of the line, at most what came before the read that broke the limit
+    # reached the backend, behind tlsfront's Received header (which goes
+    # with the body's first bytes: none at all when the first read broke
+    # it), and no end of data
+    partial = conv.partial or b""
+    if partial:
+        assert partial.startswith(b"Received: from c ([127.0.0.1])\r\n")
+    line = partial.rpartition(b"\r\n")[2]
     assert b"Subject: x".startswith(line[:10])
     assert len(line) < 1000
-    assert b"\r\n.\r\n" not in conv.partial
+    assert b"\r\n.\r\n" not in partial
     assert peak < 1 << 20, peak
 
 

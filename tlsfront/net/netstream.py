@@ -141,11 +141,14 @@ class _TryFirst:
             raise self._receive_conflict.busy()
         self._check_open()
         try:
-            return self._read_into(buffer)
+            count = self._read_into(buffer)
         except BlockingIOError:
+            self._drained = True
             return None
         except OSError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
+        self._drained = count < len(buffer)
+        return count
 
     def _read_into(self, buffer: bytearray) -> int:
         raise NotImplementedError
