@@ -18,30 +18,11 @@ from typing import Any
 import pytest
 import trio
 from support.front import Front
-from support.hostile import SessionLog, session_log
+from support.hostile import SessionLog
 from support.ucspi import Lines
+from test_ondemand import IMPLICIT, LIMIT, PROFILE, log, mail, plain, starttls
 
-LIMIT = 30
-
-PROFILES = """
-[profile.smtp]
-listen = ["127.0.0.1:0"]
-tls = "starttls"
-cert = {cert}
-backend = {backend}
-
-[profile.smtps]
-listen = ["127.0.0.1:0"]
-tls = "implicit"
-cert = {cert}
-backend = {backend}
-"""
-
-
-@pytest.fixture
-def log() -> Iterator[SessionLog]:
-    with session_log() as handler:
-        yield handler
+__all__ = ["log"]  # the fixture, from test_ondemand
 
 
 @pytest.fixture
@@ -72,31 +53,22 @@ def cyclic_tlsfront_objects() -> list[str]:
 
 
 async def starttls_session_with_mail(front: Front, context: ssl.SSLContext) -> None:
-    stream = await trio.open_tcp_stream("127.0.0.1", front.port("smtp"))
-    lines = Lines(stream)
+    _, lines = await plain(front)
     assert (await lines.reply()).startswith(b"220 ")
     assert b"STARTTLS" in await lines.command(b"EHLO client.example")
-    assert (await lines.command(b"STARTTLS")).startswith(b"220 ")
-    tls = trio.SSLStream(stream, context, server_hostname="localhost")
-    await tls.do_handshake()
-    lines = Lines(tls)
-    assert (await lines.command(b"EHLO client.example")).startswith(b"250")
-    assert (await lines.command(b"MAIL FROM:<a@example.net>")).startswith(b"250")
-    assert (await lines.command(b"RCPT TO:<b@example.org>")).startswith(b"250")
-    assert (await lines.command(b"DATA")).startswith(b"354")
-    assert (await lines.command(b"Subject: t\r\n\r\nhi\r\n.")).startswith(b"250")
-    assert (await lines.command(b"QUIT")).startswith(b"221 ")
-    await tls.aclose()
+    tls = await starttls(lines, context)
+    await mail(tls)
+    assert (await tls.command(b"QUIT")).startswith(b"221 ")
+    await tls.stream.aclose()
 
 
 async def implicit_session_without_mail(front: Front, context: ssl.SSLContext) -> None:
     tcp = await trio.open_tcp_stream("127.0.0.1", front.port("smtps"))
-    tls = trio.SSLStream(tcp, context, server_hostname="localhost")
-    lines = Lines(tls)
+    lines = Lines(trio.SSLStream(tcp, context, server_hostname="localhost"))
     assert (await lines.reply()).startswith(b"220 ")
     assert (await lines.command(b"EHLO scanner.example")).startswith(b"250")
     assert (await lines.command(b"QUIT")).startswith(b"221 ")
-    await tls.aclose()
+    await lines.stream.aclose()
 
 
 async def failed_handshakes(front: Front) -> None:
@@ -115,7 +87,7 @@ async def failed_handshakes(front: Front) -> None:
 async def test_finished_sessions_leave_no_reference_cycles(
     start_front: Any, client_context: ssl.SSLContext, log: SessionLog, collector_off: None
 ) -> None:
-    front: Front = await start_front(PROFILES)
+    front: Front = await start_front(PROFILE + IMPLICIT)
     with trio.fail_after(LIMIT):
         await starttls_session_with_mail(front, client_context)
         await implicit_session_without_mail(front, client_context)
