@@ -19,9 +19,10 @@ SSL_get_error's return value rather than from an exception. Every record
 is decrypted into one plaintext buffer per thread, at its end, and the
 caller gets one bytes object: one copy, however many records. Only the
 rare outcomes (close_notify, a TLS error) go through pyOpenSSL, which
-raises its usual exceptions for them. Where the bindings are missing, the
-Reader uses pyOpenSSL's public `recv_into` and `bio_write`, with the same
-results, more slowly.
+raises its usual exceptions for them. The Reader can also work through
+pyOpenSSL's public `recv_into` and `bio_write` (`use_bindings = False`),
+with the same results, more slowly: the tests run both, the public path as
+the reference for the fast one.
 
 The plaintext buffer is shared by every stream of the thread (trio runs a
 server's sessions in one thread): it holds plaintext only between the
@@ -40,6 +41,8 @@ import threading
 from typing import Any
 
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 
 __all__ = ["FEED", "RECEIVE", "Reader", "use_bindings"]
 
@@ -47,22 +50,15 @@ RECEIVE = 256 * 1024  # the most plaintext one `decrypt` returns
 RECORD = 16384  # the most plaintext one TLS record holds
 FEED = RECORD + 512  # ciphertext per write into OpenSSL's incoming BIO
 
-try:
-    from OpenSSL._util import ffi as _ffi
-    from OpenSSL._util import lib as _lib
-
-    _SSL_read: Any = _lib.SSL_read
-    _SSL_get_error: Any = _lib.SSL_get_error
-    _BIO_write: Any = _lib.BIO_write
-    _from_buffer: Any = _ffi.from_buffer
-    _WANT_READ: int = _lib.SSL_ERROR_WANT_READ
-    _HAVE_BINDINGS = True
-except (ImportError, AttributeError):  # pragma: no cover - pyOpenSSL without them
-    _HAVE_BINDINGS = False
+_SSL_read: Any = _lib.SSL_read
+_SSL_get_error: Any = _lib.SSL_get_error
+_BIO_write: Any = _lib.BIO_write
+_from_buffer: Any = _ffi.from_buffer
+_WANT_READ: int = _lib.SSL_ERROR_WANT_READ
 
 # Whether new Readers call OpenSSL through the bindings (the tests turn it
 # off to run the public path too).
-use_bindings = _HAVE_BINDINGS
+use_bindings = True
 
 
 class _Plain(threading.local):
@@ -71,7 +67,7 @@ class _Plain(threading.local):
     def __init__(self) -> None:
         self.buffer = bytearray(RECEIVE)
         self.view = memoryview(self.buffer)
-        self.address: Any = _from_buffer(self.buffer) if _HAVE_BINDINGS else None
+        self.address: Any = _from_buffer(self.buffer)
 
 
 _plain = _Plain()
